@@ -1,0 +1,139 @@
+"""ImageClassifier: the LightningModule that trains any plain nn.Module mapping images to logits.
+
+It owns what is about training, not about the network: the loss, the metrics, the optimiser and
+its schedule. The network stays a plain ``torch.nn.Module`` under ``self.net``.
+"""
+
+import warnings
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+Optimizer = Literal["sgd", "adamw"]
+Scheduler = Literal["none", "cosine", "onecycle", "step"]
+STAGES = ("train", "val", "test")
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy classification of images with any ``net``.
+
+    Args:
+        net: a plain module mapping (N, C, H, W) images to (N, num_classes) logits; from the CLI
+            give ``class_path`` and ``init_args``, e.g. ``project.models.LeNet``.
+        num_classes: number of classes; the CLI links it from the data module.
+        optimizer: ``sgd`` (with ``momentum``, ``nesterov``) or ``adamw`` (with ``betas``).
+        lr: peak learning rate. ``weight_decay``: applied to weights only, never to biases or
+            normalisation parameters (any parameter with fewer than two dimensions).
+        scheduler: ``none``, ``cosine`` (per step, to zero), ``onecycle`` (per step, peak ``lr``)
+            or ``step`` (per epoch: multiply by ``gamma`` every ``step_size`` epochs).
+        label_smoothing: passed to the cross-entropy loss during training (evaluation uses 0).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int = 10,
+        optimizer: Optimizer = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 5e-4,
+        scheduler: Scheduler = "cosine",
+        step_size: int = 30,
+        gamma: float = 0.1,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}.")
+        if weight_decay < 0:
+            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be at least 2, got {num_classes}.")
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
+        with warnings.catch_warnings():
+            # From the CLI the net arrives as its config (class_path + init_args), which is what
+            # load_from_checkpoint needs; built in Python it is a module object, which we drop
+            # from the hyperparameters (its weights are in the state_dict anyway).
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        if isinstance(self.hparams.get("net"), nn.Module):
+            self.remove_ignored_hparams(["net"])
+        self.net = net
+        self.num_classes = num_classes
+        topk = {"acc": MulticlassAccuracy(num_classes, top_k=1)}
+        if num_classes > 5:
+            topk["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5)
+        # One collection per stage: metric state must never mix train and validation batches.
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_metrics": MetricCollection({k: m.clone() for k, m in topk.items()}, prefix=f"{stage}/") for stage in STAGES}
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(logits.detach(), labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
+        # Logging the Metric objects lets torchmetrics aggregate over the epoch and across processes.
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(images).float().softmax(dim=-1)
+        return {"preds": probs.argmax(dim=-1), "probs": probs}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weights get weight decay; biases and normalisation parameters (ndim < 2) do not."""
+        decay, no_decay = [], []
+        for param in self.net.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.parameter_groups()
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        if hp.scheduler == "none":
+            return optimizer
+        if hp.scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.step_size, gamma=hp.gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

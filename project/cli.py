@@ -1,0 +1,156 @@
+"""The command line: LightningCLI with argument links, the run-directory policy and our defaults.
+
+``python -m project fit -c experiments/lenet.yaml`` builds a CIFAR10DataModule, an
+ImageClassifier around the configured plain net, and a Trainer whose every output (resolved
+config, checkpoints, metrics.csv, net.pt, wandb files) lands in one run directory of its own.
+"""
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+from project.callbacks import ExportNet
+from project.classifier import ImageClassifier
+from project.data import CIFAR10DataModule
+
+#: Set by the process that chose the run directory, so the processes Lightning launches for
+#: DDP (which re-run this command line) write into the same one. Users may set it themselves.
+RUN_DIR_ENV = "PROJECT_RUN_DIR"
+LOGGERS_WITH_SAVE_DIR = ("CSVLogger", "WandbLogger", "TensorBoardLogger")
+
+
+def new_run_name() -> str:
+    """A sortable, collision-free directory name: local time plus random hex."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def choose_run_dir(root: Path, name: str, explicit: str | None, resume_last: bool) -> Path:
+    """Where this run writes; see the README's "Run directories" for the policy."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    experiment = root / name
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job_id and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        # Stable across requeues of the same job, so a requeued job finds its own checkpoints.
+        return experiment / (f"slurm-{job_id}" + (f"_{task}" if task else ""))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        run_id = os.environ["TORCHELASTIC_RUN_ID"]
+        if run_id == "none":
+            raise ValueError(
+                "Under torchrun every rank must agree on the run directory: pass torchrun --rdzv-id=<unique id> "
+                f"or give --run_dir (or set {RUN_DIR_ENV})."
+            )
+        return experiment / f"torchrun-{run_id}"
+    if resume_last:
+        newest = newest_run_with_last_checkpoint(experiment)
+        if newest is not None:
+            return newest
+    return experiment / new_run_name()
+
+
+def newest_run_with_last_checkpoint(experiment: Path) -> Path | None:
+    candidates = [p.parent.parent for p in experiment.glob("*/checkpoints/last*.ckpt")]
+    return max(candidates, key=lambda p: (p / "checkpoints").stat().st_mtime, default=None)
+
+
+def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
+    """``<run>`` when ``ckpt_path`` is ``<run>/checkpoints/<file>.ckpt`` written by this template."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        return None
+    path = Path(ckpt_path)
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent
+    return None
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml``; a resumed run adds ``config-<time>.yaml`` beside it
+    instead of failing or overwriting the original."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log_dir = trainer.log_dir
+        if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
+            self.config_filename = f"config-{new_run_name()}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
+class ProjectCLI(LightningCLI):
+    """LightningCLI for ImageClassifier + CIFAR10DataModule with one directory per run."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        self.run_dir: Path | None = None
+        super().__init__(ImageClassifier, CIFAR10DataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--name", type=str | None, default=None,
+                            help="Experiment name: runs go to <trainer.default_root_dir>/<name>/. "
+                                 "Default: the stem of the last --config file.")
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="Write into this directory instead of a new one (to resume a fit).")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}",
+            "checkpoint.auto_insert_metric_name": False,
+            "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+            "trainer.default_root_dir": "runs",
+        })
+        parser.add_lightning_class_args(ExportNet, "export")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("name") is None:
+            sources = config.get("config") or []
+            config.name = Path(str(sources[-1])).stem if sources else "run"
+        explicit = config.get("run_dir")
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand == "fit" and explicit is None:
+            explicit = run_dir_of_checkpoint(ckpt_path)
+        elif self.subcommand != "fit":
+            explicit = None
+        root = Path(config.trainer.default_root_dir or "runs")
+        run_dir = choose_run_dir(root, config.name, explicit, resume_last=self.subcommand == "fit" and ckpt_path == "last")
+        self.run_dir = run_dir.resolve()
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)
+        if config.checkpoint.get("dirpath") is None:
+            config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if hasattr(logger, "class_path") and logger.class_path.rsplit(".", 1)[-1] in LOGGERS_WITH_SAVE_DIR:
+                logger.init_args.save_dir = str(self.run_dir)
+                if logger.class_path.endswith("CSVLogger") or logger.class_path.endswith("TensorBoardLogger"):
+                    # name="" and version="" make the logger write straight into the run directory.
+                    logger.init_args.name = ""
+                    logger.init_args.version = ""
+        rank_zero_info(f"Run directory: {self.run_dir}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            # The variable is for this command's own child processes only; never leak it into a
+            # later run started from the same Python process (tests, notebooks).
+            if os.environ.get(RUN_DIR_ENV) == str(self.run_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                os.environ.pop(RUN_DIR_ENV, None)
+        if self.trainer.is_global_zero:
+            print(f"Run directory: {self.run_dir}", file=sys.stderr)
+
+
+def main(args=None) -> ProjectCLI:
+    return ProjectCLI(args=args)
