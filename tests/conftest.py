@@ -1,0 +1,72 @@
+"""Shared fixtures: the real CIFAR-10 subset (skipped without ../shared), tiny npz files, CLI runners."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
+
+# No test talks to a wandb server, and runs never inherit a run directory from the environment.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.pop("PROJECT_RUN_DIR", None)
+
+#: Arguments that make a CLI run quiet and small; tests add their own on top.
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0"]
+
+
+@pytest.fixture(scope="session")
+def subset_npz() -> Path:
+    """The 5,170/508 real CIFAR-10 images from ../shared; tests that need them skip without it."""
+    if not SUBSET.is_file():
+        pytest.skip(f"real CIFAR-10 subset not found at {SUBSET} (../shared is not beside the repository)")
+    return SUBSET
+
+
+def make_npz(path: Path, n_train: int = 64, n_test: int = 32, seed: int = 0, **overrides) -> Path:
+    """A small random npz in the Keras layout; ``overrides`` replace or (with None) drop arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, n_train).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+    for key, value in overrides.items():
+        if value is None:
+            arrays.pop(key, None)
+        else:
+            arrays[key] = value
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    return make_npz(tmp_path / "tiny.npz")
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m project <args>`` in a subprocess (for DDP and exit codes), bounded by ``timeout``.
+
+    ``subprocess.run`` kills the child when the timeout expires, so nothing is left running.
+    """
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env.pop("PROJECT_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "project", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_dirs(root: Path, name: str) -> list[Path]:
+    """Run directories under ``<root>/<name>/``, oldest first."""
+    return sorted(p for p in (root / name).iterdir() if p.is_dir()) if (root / name).is_dir() else []
