@@ -1,6 +1,7 @@
 """Shared fixtures: the real CIFAR-10 subset (skipped without ../shared), tiny npz files, CLI runners."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,18 +54,32 @@ def tiny_npz(tmp_path: Path) -> Path:
 def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m project <args>`` in a subprocess (for DDP and exit codes), bounded by ``timeout``.
 
-    ``subprocess.run`` kills the child when the timeout expires, so nothing is left running.
+    The child gets its own process group, and the whole group (DDP workers included) is killed
+    when the timeout expires or the test is interrupted, so nothing is left running.
     """
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("PROJECT_RUN_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "project", *args],
-        cwd=cwd or REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_bounded([sys.executable, "-m", "project", *args], cwd=cwd or REPO, env=full_env, timeout=timeout)
+
+
+def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that kills the child's whole process group on timeout or error."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_group(proc)
+        raise
+    kill_group(proc)  # stragglers (e.g. a DDP worker whose parent already exited)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def run_dirs(root: Path, name: str) -> list[Path]:
