@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from project.callbacks import ExportNet
+from project.callbacks import ExportNet, LastCheckpoint
 from project.classifier import ImageClassifier
 from project.data import CIFAR10DataModule
 
@@ -103,12 +103,15 @@ class ProjectCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
-            "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}",
+            "checkpoint.save_last": False,
+            "checkpoint.filename": "best-epoch{epoch:03d}-step{step:06d}",
             "checkpoint.auto_insert_metric_name": False,
             "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
             "trainer.default_root_dir": "runs",
         })
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="After fit, run test on the best checkpoint (the final weights without validation).")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(ExportNet, "export")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
@@ -128,8 +131,9 @@ class ProjectCLI(LightningCLI):
         run_dir = choose_run_dir(root, config.name, explicit, resume_last=self.subcommand == "fit" and ckpt_path == "last")
         self.run_dir = run_dir.resolve()
         os.environ[RUN_DIR_ENV] = str(self.run_dir)
-        if config.checkpoint.get("dirpath") is None:
-            config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
+        for group in ("checkpoint", "last_checkpoint"):
+            if config[group].get("dirpath") is None:
+                config[group].dirpath = str(self.run_dir / "checkpoints")
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if hasattr(logger, "class_path") and logger.class_path.rsplit(".", 1)[-1] in LOGGERS_WITH_SAVE_DIR:
@@ -139,6 +143,13 @@ class ProjectCLI(LightningCLI):
                     logger.init_args.name = ""
                     logger.init_args.version = ""
         rank_zero_info(f"Run directory: {self.run_dir}")
+
+    def after_fit(self) -> None:
+        if not self.config.fit.get("test_after_fit"):
+            return
+        best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and not isinstance(cb, LastCheckpoint) and cb.best_model_path]
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best[0] if best else None)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:

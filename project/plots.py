@@ -1,0 +1,139 @@
+"""Figures worth looking at rather than reading: confusion matrix, sample predictions, learning curves.
+
+Plain matplotlib on numpy arrays (no pyplot, so no display or global state is needed). The
+:class:`~project.callbacks.PredictionPlots` callback draws the first two during training; the
+learning curves come from a run's ``metrics.csv``::
+
+    python -m project.plots runs/lenet/<run>        # writes runs/lenet/<run>/learning_curves.png
+"""
+
+import argparse
+import csv
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> Figure:
+    """Rows are true classes, columns predicted ones; each cell shows its count, shaded by the row's share."""
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    if matrix.shape != (n, n):
+        raise ValueError(f"a confusion matrix for {n} classes must be {n}x{n}, got {matrix.shape}.")
+    row_share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.55 * n + 2)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
+                    color="white" if row_share[i, j] > 0.5 else "black")
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(f"{title}  (accuracy {accuracy:.1%} of {int(matrix.sum())})".strip())
+    fig.tight_layout()
+    return fig
+
+
+def prediction_grid_figure(
+    images: np.ndarray, labels: Sequence[int], preds: Sequence[int], class_names: Sequence[str], title: str = ""
+) -> Figure:
+    """Images (N, H, W, C) in [0, 1], each captioned ``true -> predicted``, green when right and red when wrong."""
+    n = len(images)
+    if not n == len(labels) == len(preds):
+        raise ValueError(f"{n} images need as many labels and predictions, got {len(labels)} and {len(preds)}.")
+    cols = min(8, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.4))
+    for k in range(rows * cols):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(np.clip(images[k], 0, 1), interpolation="nearest")
+        true, pred = class_names[int(labels[k])], class_names[int(preds[k])]
+        ax.set_title(f"{true}\n-> {pred}", fontsize=8, color="green" if true == pred else "red")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{column: (steps, values)}`` for every metric column of a CSVLogger ``metrics.csv``."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for row in rows:
+        step = row.get("step")
+        for key, value in row.items():
+            if key in ("step", "epoch") or value in ("", None) or step in ("", None):
+                continue
+            steps, values = series.setdefault(key, ([], []))
+            steps.append(float(step))
+            values.append(float(value))
+    return {k: (np.array(s), np.array(v)) for k, (s, v) in series.items()}
+
+
+def learning_curves_figure(metrics: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Figure:
+    """One panel per quantity (loss, acc, acc_top5, ...), with its train/val/test series against the step."""
+    panels: dict[str, list[str]] = {}
+    for key in sorted(metrics):
+        quantity = key.split("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
+        panels.setdefault(quantity, []).append(key)
+    if not panels:
+        raise ValueError("no metric columns to plot (is metrics.csv empty?).")
+    fig = Figure(figsize=(5 * len(panels), 3.6))
+    for i, (quantity, keys) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for key in keys:
+            steps, values = metrics[key]
+            ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, label=key,
+                    alpha=0.5 if key.endswith("_step") else 1.0)
+        ax.set_xlabel("step")
+        ax.set_title(quantity)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_learning_curves(run_dir: Path, out: Path | None = None) -> Path:
+    """Read ``<run_dir>/metrics.csv`` and write ``learning_curves.png`` (or ``out``)."""
+    metrics_file = Path(run_dir) / "metrics.csv"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{metrics_file} does not exist; give a run directory written by the CSVLogger.")
+    return save(learning_curves_figure(read_metrics(metrics_file), title=Path(run_dir).name),
+                out or Path(run_dir) / "learning_curves.png")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m project.plots", description="Plot learning curves from a run's metrics.csv.")
+    parser.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/lenet/20250101-120000-abc123")
+    parser.add_argument("--out", type=Path, default=None, help="output PNG (default: <run_dir>/learning_curves.png)")
+    args = parser.parse_args(argv)
+    try:
+        print(plot_learning_curves(args.run_dir, args.out))
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

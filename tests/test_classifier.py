@@ -1,0 +1,119 @@
+"""ImageClassifier: parameter groups, optimisers and schedules, metrics, hyperparameters."""
+
+import configparser
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from project.classifier import ImageClassifier
+from project.models import LeNet, ResNet20
+from tests.conftest import REPO
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = ImageClassifier(ResNet20(), weight_decay=1e-3)
+    decay, no_decay = model.parameter_groups()
+    assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.net.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "stem.1.weight" in no_decay_names and "fc.bias" in no_decay_names and "fc.weight" not in no_decay_names
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.net.parameters()))
+
+
+class _Tiny(L.LightningDataModule):
+    def train_dataloader(self):
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler", "opt_cls", "sched_cls"),
+    [
+        ("sgd", "cosine", torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR),
+        ("adamw", "onecycle", torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR),
+        ("sgd", "step", torch.optim.SGD, torch.optim.lr_scheduler.StepLR),
+        ("adamw", "none", torch.optim.AdamW, None),
+    ],
+)
+def test_optimisers_and_schedules_train(tmp_path, optimizer, scheduler, opt_cls, sched_cls):
+    model = ImageClassifier(LeNet(), optimizer=optimizer, scheduler=scheduler, lr=0.01, step_size=1, gamma=0.5)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=_Tiny())
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, opt_cls)
+    if sched_cls is None:
+        assert trainer.lr_scheduler_configs == []
+        assert opt.param_groups[0]["lr"] == 0.01
+        return
+    config = trainer.lr_scheduler_configs[0]
+    assert isinstance(config.scheduler, sched_cls)
+    if scheduler == "step":
+        assert config.interval == "epoch" and opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**2)
+    else:
+        # Per-step schedules span exactly the run: 2 epochs x 4 batches.
+        assert config.interval == "step"
+        assert (config.scheduler.total_steps if scheduler == "onecycle" else config.scheduler.T_max) == 8
+        assert opt.param_groups[0]["lr"] < 0.01 * 0.1  # annealed far below the peak by the end
+    if optimizer == "sgd":
+        assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_label_smoothing_only_in_training():
+    model = ImageClassifier(LeNet(), label_smoothing=0.2)
+    logits = torch.tensor([[10.0, -10.0] + [-10.0] * 8])
+    labels = torch.tensor([0])
+    model.net = nn.Identity()  # logits in, logits out
+    model.log = model.log_dict = lambda *a, **k: None
+    train = model._step((logits, labels), "train")
+    val = model._step((logits, labels), "val")
+    assert train.item() > 1.0 and val.item() < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"lr": 0}, "model.lr must be > 0"), ({"weight_decay": -1}, "weight_decay must be >= 0"),
+     ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"), ({"num_classes": 1}, "num_classes must be at least 2")],
+)
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ImageClassifier(LeNet(), **kwargs)
+
+
+def test_top5_only_with_more_than_five_classes():
+    assert set(ImageClassifier(LeNet(10)).metrics["val_metrics"].keys(keep_base=True)) == {"acc", "acc_top5"}
+    assert set(ImageClassifier(LeNet(3), num_classes=3).metrics["val_metrics"].keys(keep_base=True)) == {"acc"}
+
+
+def test_python_built_model_checkpoint(tmp_path):
+    """Built in Python, the net object is not pickled into the hyperparameters; pass it back on load."""
+    model = ImageClassifier(LeNet(), lr=0.02)
+    assert "net" not in model.hparams and model.hparams.lr == 0.02
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=_Tiny())
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    torch.load(tmp_path / "m.ckpt", weights_only=True)  # nothing but plain data inside
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt", net=LeNet())
+    assert loaded.hparams.lr == 0.02 and torch.equal(loaded.net.fc1.weight, model.net.fc1.weight)
+
+
+def _requirements() -> tuple[set[str], set[str]]:
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    setup = {line.strip() for line in cfg["options"]["install_requires"].splitlines() if line.strip()}
+    setup |= {line.strip() for line in cfg["options.extras_require"]["test"].splitlines() if line.strip()}
+    conda = yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"]
+    (pip,) = [d["pip"] for d in conda if isinstance(d, dict)]
+    env = {req for req in pip if not req.startswith("-e")}
+    return setup, env
+
+
+def test_setup_cfg_and_environment_yml_agree():
+    setup, env = _requirements()
+    assert setup == env, f"only in setup.cfg: {setup - env}; only in environment.yml: {env - setup}"

@@ -1,0 +1,245 @@
+"""CIFAR10DataModule: official archive (download, verify, extract), npz, splits, transforms, errors."""
+
+import functools
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from project.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES, CIFAR10DataModule, DatasetError
+from project.data import cifar10_files as files
+from tests.conftest import make_npz
+
+PER_BATCH = 12
+
+
+def official_archive(path: Path, per_batch: int = PER_BATCH, seed: int = 0) -> tuple[Path, dict]:
+    """A small archive in the official python format: 5 train batches + test_batch + batches.meta."""
+    rng = np.random.default_rng(seed)
+    contents = {}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        names = [*files.TRAIN_BATCHES, *files.TEST_BATCHES]
+        for name in names:
+            batch = {
+                "batch_label": f"{name} of 5",
+                "labels": rng.integers(0, 10, per_batch).tolist(),
+                "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                "filenames": [f"img_{i}.png" for i in range(per_batch)],
+            }
+            contents[name] = batch
+            _add(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
+        _add(tar, "cifar-10-batches-py/batches.meta", pickle.dumps({"label_names": list(CLASSES)}, protocol=2))
+    path.write_bytes(buf.getvalue())
+    return path, contents
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A local HTTP server over ``tmp_path/www``; yields (folder, base_url). Stands in for the CIFAR host."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+def test_download_verify_extract_and_read(tmp_path, served):
+    www, base = served
+    archive, contents = official_archive(www / files.ARCHIVE_NAME)
+    data_dir = tmp_path / "data"
+    dm = CIFAR10DataModule(data_dir=data_dir, url=f"{base}/{files.ARCHIVE_NAME}", md5=md5(archive), val_size=10)
+    dm.prepare_data()
+    assert (data_dir / files.ARCHIVE_NAME).read_bytes() == archive.read_bytes()
+    assert (data_dir / files.FOLDER_NAME / "test_batch").is_file()
+    dm.setup("fit")
+    assert len(dm.train_split) + len(dm.val_split) == 5 * PER_BATCH and len(dm.val_split) == 10
+    assert len(dm.test_split) == PER_BATCH
+    # Images keep the official layout: row-major 3x32x32, red plane first.
+    first = contents["test_batch"]
+    assert torch.equal(dm.test_split.images[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
+    assert dm.test_split.labels.tolist() == first["labels"]
+    # Second prepare_data finds the extracted folder and neither downloads nor extracts again.
+    (www / files.ARCHIVE_NAME).unlink()
+    dm.prepare_data()
+
+
+def test_corrupt_download_is_refused_and_removed(tmp_path, served):
+    www, base = served
+    archive, _ = official_archive(www / files.ARCHIVE_NAME)
+    good_md5 = md5(archive)
+    archive.write_bytes(archive.read_bytes()[:-100])  # truncated on the server
+    data_dir = tmp_path / "data"
+    dm = CIFAR10DataModule(data_dir=data_dir, url=f"{base}/{files.ARCHIVE_NAME}", md5=good_md5)
+    with pytest.raises(DatasetError, match=r"is corrupt \(md5 .*, expected " + good_md5 + r"\); it was deleted"):
+        dm.prepare_data()
+    assert list(data_dir.iterdir()) == []
+
+
+def test_offline_download_failure_is_clear(tmp_path, served):
+    _, base = served
+    dm = CIFAR10DataModule(data_dir=tmp_path / "data", url=f"{base}/missing.tar.gz")
+    with pytest.raises(DatasetError, match="Could not download CIFAR-10 from .*missing.tar.gz.*use --data.npz"):
+        dm.prepare_data()
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_preplaced_archive_is_extracted_without_network(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive, _ = official_archive(data_dir / files.ARCHIVE_NAME)
+    dm = CIFAR10DataModule(data_dir=data_dir, url="http://127.0.0.1:9/never-contacted", md5=md5(archive), val_size=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_split) == 5 * PER_BATCH and dm.val_split is None and dm.val_dataloader() == []
+
+
+def test_corrupt_preplaced_archive(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / files.ARCHIVE_NAME).write_bytes(b"not a tarball")
+    dm = CIFAR10DataModule(data_dir=data_dir)
+    with pytest.raises(DatasetError, match="is corrupt or not the official CIFAR-10 archive.*delete it"):
+        dm.prepare_data()
+    assert (data_dir / files.ARCHIVE_NAME).read_bytes() == b"not a tarball"  # the user's file is not touched
+    assert not (data_dir / files.FOLDER_NAME).exists()
+
+
+def test_missing_data_with_download_off(tmp_path):
+    dm = CIFAR10DataModule(data_dir=tmp_path, download=False)
+    with pytest.raises(DatasetError, match="CIFAR-10 is not in .* download is off"):
+        dm.prepare_data()
+
+
+def test_truncated_batch_file(tmp_path):
+    data_dir = tmp_path
+    archive, _ = official_archive(data_dir / files.ARCHIVE_NAME)
+    files.extract(archive, md5(archive))
+    batch = data_dir / files.FOLDER_NAME / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:500])
+    with pytest.raises(DatasetError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        CIFAR10DataModule(data_dir=data_dir).setup("fit")
+
+
+def test_pickle_payload_in_batch_is_not_executed(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    data_dir = tmp_path
+    archive, _ = official_archive(data_dir / files.ARCHIVE_NAME)
+    folder = files.extract(archive, md5(archive))
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": Payload(), "labels": []}))
+    with pytest.raises(DatasetError, match="forbidden global"):
+        CIFAR10DataModule(data_dir=data_dir).setup("test")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_npz_split_is_seeded_and_disjoint(tmp_path):
+    npz = make_npz(tmp_path / "d.npz", n_train=100)
+    a = CIFAR10DataModule(npz=npz, val_size=20, split_seed=3)
+    b = CIFAR10DataModule(npz=npz, val_size=20, split_seed=3)
+    c = CIFAR10DataModule(npz=npz, val_size=20, split_seed=4)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert torch.equal(a.val_split.images, b.val_split.images)
+    assert not torch.equal(a.val_split.images, c.val_split.images)
+    seen = torch.cat([a.train_split.images, a.val_split.images]).flatten(1)
+    assert len(torch.unique(seen, dim=0)) == 100  # every image once, none in both
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"y_test": None}, "lacks the arrays y_test"),
+        ({"x_train": np.zeros((4, 3, 32, 32), np.uint8)}, r"x_train is uint8 \(4, 3, 32, 32\), expected uint8 \(N, 32, 32, 3\)"),
+        ({"x_test": np.zeros((32, 32, 32, 3), np.float32)}, "x_test is float32"),
+        ({"y_train": np.zeros(5, np.uint8)}, "y_train is uint8 with 5 entries, expected integer labels, one per image"),
+        ({"y_train": np.full(64, 0.5)}, "y_train is float64"),
+        ({"y_test": np.full(32, 10, np.uint8)}, r"labels in \[10, 10\], outside 0..9"),
+    ],
+)
+def test_malformed_npz(tmp_path, overrides, message):
+    npz = make_npz(tmp_path / "bad.npz", **overrides)
+    with pytest.raises(DatasetError, match=message) as err:
+        CIFAR10DataModule(npz=npz).setup("fit")
+    assert str(npz) in str(err.value)
+
+
+def test_npz_not_a_zip_and_missing(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="is not a readable npz file"):
+        CIFAR10DataModule(npz=bad).setup("fit")
+    with pytest.raises(DatasetError, match="does not exist; check --data.npz"):
+        CIFAR10DataModule(npz=tmp_path / "nope.npz").setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"batch_size": 0}, "batch_size must be at least 1"), ({"val_size": -1}, "val_size must be >= 0"),
+     ({"eval_batch_size": 0}, "eval_batch_size must be at least 1"), ({"num_workers": -2}, "num_workers must be >= 0")],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CIFAR10DataModule(**kwargs)
+
+
+def test_val_size_too_large(tiny_npz):
+    with pytest.raises(ValueError, match="val_size=64 leaves no training images"):
+        CIFAR10DataModule(npz=tiny_npz, val_size=64).setup("fit")
+
+
+def test_transforms_normalise_and_augment(tiny_npz):
+    dm = CIFAR10DataModule(npz=tiny_npz, val_size=0, augment=False, batch_size=64)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    raw = dm.train_split.images.float() / 255
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    # Without augmentation the batch is exactly the normalised images (in shuffled order).
+    order = [int(torch.nonzero((raw - mean).div(std).flatten(1).sub(img.flatten()).abs().sum(1) < 1e-3)[0]) for img in x]
+    assert sorted(order) == list(range(64))
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+
+    aug = CIFAR10DataModule(npz=tiny_npz, val_size=0, augment=True, normalize=False, batch_size=64)
+    aug.setup("fit")
+    torch.manual_seed(0)
+    xa, _ = next(iter(aug.train_dataloader()))
+    assert xa.shape == (64, 3, 32, 32) and 0 <= xa.min() and xa.max() <= 1
+    # Eval loaders never augment.
+    xt, _ = next(iter(aug.test_dataloader()))
+    torch.testing.assert_close(xt, aug.test_split.images.float() / 255)
+
+
+def test_classes_and_num_classes(tiny_npz):
+    dm = CIFAR10DataModule(npz=tiny_npz)
+    assert dm.num_classes == 10 and dm.classes[3] == "cat" and len(dm.classes) == 10
+
+
+def test_real_subset_loads(subset_npz):
+    dm = CIFAR10DataModule(npz=subset_npz, val_size=500)
+    dm.setup("fit")
+    assert len(dm.train_split) == 4670 and len(dm.val_split) == 500 and len(dm.test_split) == 508
+    assert dm.test_split.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
