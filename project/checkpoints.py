@@ -4,6 +4,7 @@ Nothing here imports Lightning, so a collaborator with only torch installed can 
 checkpoint into the plain model's weights and load them safely (``weights_only=True``).
 """
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,13 +21,20 @@ class CheckpointError(RuntimeError):
     """A file is not a usable checkpoint for the requested model; the message says why."""
 
 
-def load_file(path: str | Path, weights_only: bool = True) -> dict:
-    """``torch.load`` on CPU with pickle code execution refused, and one clear error per failure."""
+def load_file(path: str | Path, weights_only: bool = True, mmap: bool = False) -> dict:
+    """``torch.load`` on CPU with pickle code execution refused, and one clear error per failure.
+
+    ``mmap=True`` maps tensors from the file instead of reading them (cheap for a quick look).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist; check the path.")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (not a torch.save archive): it is truncated or another kind of file."
+        )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except Exception as err:
         if "Weights only load failed" in str(err):
             raise CheckpointError(
@@ -85,8 +93,11 @@ def save_net(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     return path
 
 
-def load_into(model: nn.Module, source: str | Path | Mapping, strict: bool = True) -> nn.Module:
-    """Load a checkpoint, net.pt or state_dict into ``model``; mismatches raise one clear error."""
+def load_into(model: nn.Module, source: str | Path | Mapping, strict: bool = True, dry_run: bool = False) -> nn.Module:
+    """Load a checkpoint, net.pt or state_dict into ``model``; mismatches raise one clear error.
+
+    ``dry_run=True`` only checks that every key and shape fits, and leaves ``model`` untouched.
+    """
     checkpoint = load_file(source) if isinstance(source, (str, Path)) else source
     state = plain_state_dict(checkpoint)
     expected = model.state_dict()
@@ -110,7 +121,8 @@ def load_into(model: nn.Module, source: str | Path | Mapping, strict: bool = Tru
             f"{name} does not fit {type(model).__name__} ({'; '.join(parts)}); "
             "it was saved from a different architecture or configuration."
         )
-    model.load_state_dict(state, strict=strict)
+    if not dry_run:
+        model.load_state_dict(state, strict=strict)
     return model
 
 

@@ -95,7 +95,7 @@ class ImageClassifier(L.LightningModule):
             return (self(images) + self(images.flip(-1))) / 2
         return self(images)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, return_logits: bool = False) -> torch.Tensor:
         images, labels = batch
         logits = self(images) if stage == "train" else self.evaluate(images)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
@@ -106,16 +106,17 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
         # Logging the Metric objects lets torchmetrics aggregate over the epoch and across processes.
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        return loss
+        return logits.detach() if return_logits else loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        # The logits reach callbacks as on_validation_batch_end's ``outputs`` (PredictionPlots uses them).
+        return self._step(batch, "val", return_logits=True)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test", return_logits=True)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -11,13 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from project.callbacks import ExportNet, LastCheckpoint
+from project import checkpoints, tracking
+from project.callbacks.checkpointing import AtomicCheckpointIO
+from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots
 from project.classifier import ImageClassifier
-from project.data import CIFAR10DataModule
+from project.cluster import SLURMRequeue
+from project.data import CIFAR10DataModule, DatasetError
 
 #: Set by the process that chose the run directory, so the processes Lightning launches for
 #: DDP (which re-run this command line) write into the same one. Users may set it themselves.
@@ -37,6 +43,10 @@ def choose_run_dir(root: Path, name: str, explicit: str | None, resume_last: boo
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     experiment = root / name
+    sweep_run = tracking.sweep_run_name()
+    if sweep_run:
+        # One directory per trial, also when one SLURM job runs a `wandb agent` for many trials.
+        return experiment / sweep_run
     job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if job_id and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -62,6 +72,11 @@ def newest_run_with_last_checkpoint(experiment: Path) -> Path | None:
     return max(candidates, key=lambda p: (p / "checkpoints").stat().st_mtime, default=None)
 
 
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written ``<run_dir>/checkpoints/*.ckpt`` (the latest training state), if any."""
+    return max((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+
+
 def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
     """``<run>`` when ``ckpt_path`` is ``<run>/checkpoints/<file>.ckpt`` written by this template."""
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
@@ -81,6 +96,10 @@ class RunConfigSaver(SaveConfigCallback):
         if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
             self.config_filename = f"config-{new_run_name()}.yaml"
         super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        # Called once, on global rank zero only: the resolved config becomes the wandb run's config.
+        tracking.log_config(trainer, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
 
 class ProjectCLI(LightningCLI):
@@ -113,6 +132,8 @@ class ProjectCLI(LightningCLI):
                             help="After fit, run test on the best checkpoint (the final weights without validation).")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(ExportNet, "export")
+        parser.add_lightning_class_args(PredictionPlots, "plots")
+        parser.add_lightning_class_args(SLURMRequeue, "requeue")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
 
@@ -131,6 +152,13 @@ class ProjectCLI(LightningCLI):
         run_dir = choose_run_dir(root, config.name, explicit, resume_last=self.subcommand == "fit" and ckpt_path == "last")
         self.run_dir = run_dir.resolve()
         os.environ[RUN_DIR_ENV] = str(self.run_dir)
+        if self.subcommand == "fit" and ckpt_path is None:
+            # A fit into a directory that already has checkpoints (a requeued SLURM job, --run_dir)
+            # continues from the latest of them.
+            resume = newest_checkpoint(self.run_dir)
+            if resume is not None:
+                config.ckpt_path = str(resume)
+                rank_zero_info(f"Resuming from {resume}")
         for group in ("checkpoint", "last_checkpoint"):
             if config[group].get("dirpath") is None:
                 config[group].dirpath = str(self.run_dir / "checkpoints")
@@ -142,7 +170,37 @@ class ProjectCLI(LightningCLI):
                     # name="" and version="" make the logger write straight into the run directory.
                     logger.init_args.name = ""
                     logger.init_args.version = ""
+                elif logger.class_path.endswith("WandbLogger"):
+                    tracking.configure_wandb_logger(logger.init_args, self.run_dir, config.name)
         rank_zero_info(f"Run directory: {self.run_dir}")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # Atomic, fsynced writes and weights_only loads, unless a plugin chose its own I/O.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, before any hook of ours; make an
+        # unreadable or unsafe file a clear error instead of an unpickling traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            checkpoints.load_file(ckpt_path, mmap=True)
+        super()._parse_ckpt_path()
+
+    def check_checkpoint_fits(self, ckpt_path) -> None:
+        """Refuse a checkpoint of another architecture before Lightning half-loads it."""
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = checkpoints.load_file(ckpt_path, mmap=True)
+        if "state_dict" not in checkpoint:
+            raise checkpoints.CheckpointError(
+                f"{ckpt_path} is not a Lightning checkpoint of this template (no state_dict entry); "
+                "pass a .ckpt file from a run's checkpoints/ folder."
+            )
+        checkpoints.load_into(self.model.net, checkpoint, dry_run=True)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):
@@ -153,6 +211,7 @@ class ProjectCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
+            self.check_checkpoint_fits(self.config_init[subcommand].get("ckpt_path"))
             super()._run_subcommand(subcommand)
         finally:
             # The variable is for this command's own child processes only; never leak it into a
@@ -163,5 +222,26 @@ class ProjectCLI(LightningCLI):
             print(f"Run directory: {self.run_dir}", file=sys.stderr)
 
 
+#: Errors a user can cause by configuration or files; printed as one sentence, exit status 2.
+USER_ERRORS = (DatasetError, checkpoints.CheckpointError, MisconfigurationException)
+
+
+def _raised_by_project(err: BaseException) -> bool:
+    """True when the innermost frame is this package's own validation code (a message for the user)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
+
+
 def main(args=None) -> ProjectCLI:
-    return ProjectCLI(args=args)
+    """Run the CLI; user errors end with ``error: <one sentence>`` and exit status 2, SIGTERM with 143."""
+    try:
+        return ProjectCLI(args=args)
+    except SIGTERMException:
+        sys.exit(143)
+    except (*USER_ERRORS, ValueError, TypeError) as err:
+        if not isinstance(err, USER_ERRORS) and not _raised_by_project(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -92,6 +92,7 @@ def learning_curves_figure(metrics: dict[str, tuple[np.ndarray, np.ndarray]], ti
         panels.setdefault(quantity, []).append(key)
     if not panels:
         raise ValueError("no metric columns to plot (is metrics.csv empty?).")
+    panels = {q: panels[q] for q in sorted(panels, key=lambda q: (q != "loss", q))}  # loss first
     fig = Figure(figsize=(5 * len(panels), 3.6))
     for i, (quantity, keys) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)

@@ -2,5 +2,6 @@
 
 from project.callbacks.checkpointing import LastCheckpoint
 from project.callbacks.export import ExportNet
+from project.callbacks.plots import PredictionPlots
 
-__all__ = ["ExportNet", "LastCheckpoint"]
+__all__ = ["ExportNet", "LastCheckpoint", "PredictionPlots"]

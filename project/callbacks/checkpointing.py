@@ -1,6 +1,51 @@
-"""The resume checkpoint: ``<run>/checkpoints/last.ckpt``, rewritten every epoch (and every N steps)."""
+"""How checkpoints are written and kept: atomic, fsynced files, an always-fresh ``last.ckpt``,
+and a final save when the cluster sends SIGTERM."""
 
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file, fsync it, then rename it over the target.
+
+    A process killed mid-write leaves at worst a stray ``.tmp`` file; the previous checkpoint
+    under the real name stays complete and loadable. Loading is ``weights_only=True`` unless
+    asked otherwise, so a checkpoint carrying a pickled payload is refused instead of run.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialise fully before touching the disk
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        # Make the rename itself durable.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = True) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -9,7 +54,8 @@ class LastCheckpoint(ModelCheckpoint):
     Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes ``last.ckpt`` when its monitored
     checkpoint improves, so a plateaued run would resume from an old epoch. This callback
     monitors nothing and overwrites one file instead; the best-by-metric checkpoint is the
-    separate ``checkpoint`` callback.
+    separate ``checkpoint`` callback. When the process receives SIGTERM (what schedulers send
+    before killing a job) it saves at the next batch boundary and stops the run.
 
     Args:
         every_n_train_steps: also save every N optimiser steps (0: only at epoch ends), so a
@@ -35,3 +81,22 @@ class LastCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         # Distinct from the best-checkpoint callback's key, so both restore their own state.
         return "LastCheckpoint"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.received_sigterm and trainer.world_size == 1:
+            # Single process: Lightning would only stop at the end of the epoch; stop now.
+            self.save_now(trainer, "SIGTERM received")
+            raise SIGTERMException
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Under DDP every rank raises SIGTERMException at the same batch boundary (Lightning
+        # broadcasts the signal), so all ranks take part in this save.
+        if isinstance(exception, SIGTERMException) and self._last_global_step_saved != trainer.global_step:
+            self.save_now(trainer, "SIGTERM received")
+
+    def save_now(self, trainer, reason: str) -> None:
+        path = self.format_checkpoint_name({}, "last")
+        self._save_checkpoint(trainer, path)
+        self.best_model_path = self.last_model_path = path
+        rank_zero_info(f"{reason}: saved {path} at step {trainer.global_step}; resume with --ckpt_path last.")

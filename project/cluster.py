@@ -1,0 +1,138 @@
+"""SLURM jobs that survive their time limit and pre-emption: checkpoint, requeue, resume.
+
+``#SBATCH --signal=USR1@90`` makes SLURM send SIGUSR1 to every task 90 seconds before the job
+ends. :class:`SLURMRequeue` then lets the current training batch finish, saves
+``<run dir>/checkpoints/requeue.ckpt`` (all ranks agree on the step), asks SLURM to put the job
+back in the queue (``scontrol requeue <job id>``) and exits. A requeued job keeps its job id, so
+the CLI gives it the same run directory (``<root>/<name>/slurm-<job id>``) and, because that
+directory holds checkpoints, resumes ``fit`` from the newest of them (see :mod:`project.cli`).
+
+Lightning's own auto-requeue is switched off while this callback is active: it saves from inside
+the signal handler, i.e. possibly in the middle of an optimiser step, and never stops training.
+"""
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+log = logging.getLogger(__name__)
+
+#: File name of the checkpoint written on the requeue signal (in the run's checkpoints/ folder).
+REQUEUE_CHECKPOINT = "requeue.ckpt"
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` needs: ``<array job id>_<task id>`` for array tasks, else ``$SLURM_JOB_ID``."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_job(job_id: str) -> str | None:
+    """Ask SLURM to requeue ``job_id``; ``None`` when it did, else one sentence saying why not."""
+    if not re.fullmatch(r"[0-9]+(_[0-9]+)?", job_id):
+        return f"{job_id!r} is not a SLURM job id"
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return "`scontrol` is not on PATH on this node (is this really a SLURM compute node?)"
+    try:
+        result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"`scontrol requeue {job_id}` could not run ({type(err).__name__}: {err})"
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()
+        return f"`scontrol requeue {job_id}` failed with exit code {result.returncode}" + (f": {detail}" if detail else "")
+    return None
+
+
+class SLURMRequeue(L.Callback):
+    """On the requeue signal inside a SLURM job: checkpoint at the next batch end, requeue the job, exit.
+
+    Active only when Lightning detects a SLURM job (``SLURMEnvironment.detect()``: ``SLURM_NTASKS``
+    set and the job not named ``bash`` or ``interactive``); elsewhere it does nothing.
+
+    Args:
+        signal: the signal that sbatch's ``--signal`` sends: ``SIGUSR1``, or ``SIGUSR2`` where NCCL
+            or another library already uses SIGUSR1 (change both together).
+        enabled: ``false`` leaves signals to Lightning (``--requeue.enabled=false``).
+
+    After a successful requeue the process exits with status 0 and the job starts again later in
+    the same run directory; when the job cannot be requeued (no ``scontrol`` on the node, or it
+    fails) the checkpoint is still written and the process exits with status 1 and a message
+    saying how to resume by hand.
+    """
+
+    def __init__(self, signal: str = "SIGUSR1", enabled: bool = True) -> None:
+        try:
+            self.signum = _signal_from_name(signal)
+        except ValueError as err:
+            raise ValueError(f"requeue.signal: {err}") from None
+        self.enabled = enabled
+        self.requested = False
+        self.checkpoint_path: Path | None = None
+        self._previous_handler = None
+        self._active = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not (self.enabled and stage == "fit" and SLURMEnvironment.detect()):
+            return
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment):
+            environment.auto_requeue = False  # this callback does the requeueing (see the module docstring)
+        # log_dir is broadcast from rank zero: every rank asks for it here.
+        self.checkpoint_path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / REQUEUE_CHECKPOINT
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(self.signum, self._on_signal)
+            self._active = True
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only note it: saving here could catch the model in the middle of an optimiser step.
+        self.requested = True
+        log.info(f"Received {signal.Signals(signum).name}: will checkpoint and requeue after this batch.")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._active:
+            return
+        # Every rank must stop at the same step, also when the signal reached them at different times.
+        stop = trainer.strategy.reduce_boolean_decision(self.requested, all=False) if trainer.world_size > 1 else self.requested
+        if not stop:
+            return
+        trainer.save_checkpoint(self.checkpoint_path)
+        problem = None
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger) and hasattr(logger.experiment, "mark_preempting"):
+                    logger.experiment.mark_preempting()  # a wandb sweep then hands this run out again
+            job_id = slurm_job_id()
+            problem = requeue_job(job_id) if job_id else "SLURM_JOB_ID is not set"
+        problem = trainer.strategy.broadcast(problem)
+        if problem is None:
+            rank_zero_info(f"Saved {self.checkpoint_path} at step {trainer.global_step} and requeued SLURM job {slurm_job_id()}; exiting.")
+            raise SystemExit(0)
+        raise SystemExit(
+            f"Saved {self.checkpoint_path} at step {trainer.global_step}, but the job was not requeued: {problem}. "
+            f"To resume, run the same command with --run_dir {self.checkpoint_path.parent.parent}."
+        )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._active and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._previous_handler or signal.SIG_DFL)
+        self._active = False
+
+
+def _signal_from_name(name: str) -> signal.Signals:
+    normalized = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+    if normalized not in ("SIGUSR1", "SIGUSR2"):
+        raise ValueError(f"{name!r} is not supported; use SIGUSR1 or SIGUSR2 (the same as sbatch --signal).")
+    return signal.Signals[normalized]
