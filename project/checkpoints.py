@@ -1,11 +1,20 @@
 """Portable state_dict I/O with torch alone: read a checkpoint, strip wrapper prefixes, export net.pt.
 
 Nothing here imports Lightning, so a collaborator with only torch installed can turn a training
-checkpoint into the plain model's weights and load them safely (``weights_only=True``).
+checkpoint into the plain model's weights and load them safely (``weights_only=True``):
+
+    python -m project.checkpoints runs/lenet/<run>/checkpoints/last.ckpt net.pt
+
+It reads every checkpoint this template writes: single device and DDP (one file), FSDP with
+``state_dict_type="full"`` (one file) or ``"sharded"`` (a torch.distributed.checkpoint directory),
+DeepSpeed ZeRO stage 1/2 directories, and state_dicts of ``torch.compile``'d or wrapped models.
 """
 
+import argparse
+import pickle
+import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +24,9 @@ from torch import nn
 #: DistributedDataParallel (``module.``), torch.compile (``_orig_mod.``), Lightning's
 #: DeepSpeed/FSDP forward wrappers (``_forward_module.``) and generic ``model.`` holders.
 WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.", "net.", "_orig_mod.")
+#: Name parts that wrappers insert anywhere in a key: torch.compile'd submodules, FSDP units and
+#: activation-checkpointing wrappers. They are removed wherever they occur.
+WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 class CheckpointError(RuntimeError):
@@ -48,33 +60,42 @@ def load_file(path: str | Path, weights_only: bool = True, mmap: bool = False) -
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREFIXES) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (repeatedly, in any order) from every key.
+    """Remove wrapper parts (:data:`WRAPPER_PARTS`, anywhere) and prefixes (repeatedly, in any order) from every key.
 
-    Keys that do not start with ``net.`` when others do (the classifier's metric states, for
+    Keys that do not belong to ``net.`` when others do (the classifier's metric states, for
     example) are dropped: only the plain network's entries are kept.
     """
-    keys = list(state_dict)
-    if any(k.startswith("net.") for k in keys) or any(k.startswith("_forward_module.net.") for k in keys):
-        keys = [k for k in keys if k.startswith(("net.", "_forward_module.net."))]
+    outer = tuple(p for p in prefixes if p != "net.")
+    unwrapped = {_peel(_drop_wrapper_parts(key), outer): key for key in state_dict}
+    if any(k.startswith("net.") for k in unwrapped):
+        unwrapped = {k: original for k, original in unwrapped.items() if k.startswith("net.")}
     out = {}
-    for key in keys:
-        new = key
-        while True:
-            for prefix in prefixes:
-                if new.startswith(prefix):
-                    new = new[len(prefix) :]
-                    break
-            else:
-                break
-        # torch.compile'd submodules carry _orig_mod. in the middle of the key, too.
-        new = new.replace("._orig_mod.", ".")
-        out[new] = state_dict[key]
+    for key, original in unwrapped.items():
+        new = _peel(key, prefixes)
+        if new in out:
+            raise CheckpointError(f"Two entries of the checkpoint both become {new!r} once wrapper prefixes are removed.")
+        out[new] = state_dict[original]
     return out
 
 
+def _drop_wrapper_parts(key: str) -> str:
+    return ".".join(part for part in key.split(".") if part not in WRAPPER_PARTS)
+
+
+def _peel(key: str, prefixes: Sequence[str]) -> str:
+    while True:
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        else:
+            return key
+
+
 def plain_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
-    """The plain network's state_dict from a Lightning checkpoint or an already plain state_dict."""
-    state = checkpoint.get("state_dict", checkpoint.get("module", checkpoint))
+    """The plain network's state_dict from a Lightning checkpoint (``state_dict``), a DeepSpeed
+    (``module``) or torch.distributed.checkpoint/Fabric (``model``) one, or a plain state_dict."""
+    state = next((checkpoint[k] for k in ("state_dict", "module", "model") if isinstance(checkpoint.get(k), Mapping)), checkpoint)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError("The file has no state_dict of tensors (expected a Lightning checkpoint or a state_dict).")
     return strip_prefixes(state)
@@ -93,12 +114,14 @@ def save_net(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     return path
 
 
-def load_into(model: nn.Module, source: str | Path | Mapping, strict: bool = True, dry_run: bool = False) -> nn.Module:
+def load_into(
+    model: nn.Module, source: str | Path | Mapping, strict: bool = True, dry_run: bool = False, name: str | None = None
+) -> nn.Module:
     """Load a checkpoint, net.pt or state_dict into ``model``; mismatches raise one clear error.
 
     ``dry_run=True`` only checks that every key and shape fits, and leaves ``model`` untouched.
     """
-    checkpoint = load_file(source) if isinstance(source, (str, Path)) else source
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     state = plain_state_dict(checkpoint)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -116,7 +139,7 @@ def load_into(model: nn.Module, source: str | Path | Mapping, strict: bool = Tru
             parts.append(f"unexpected keys {_short(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches {_short(shapes)}")
-        name = source if isinstance(source, (str, Path)) else "the state_dict"
+        name = name or (source if isinstance(source, (str, Path)) else "the state_dict")
         raise CheckpointError(
             f"{name} does not fit {type(model).__name__} ({'; '.join(parts)}); "
             "it was saved from a different architecture or configuration."
@@ -129,3 +152,125 @@ def load_into(model: nn.Module, source: str | Path | Mapping, strict: bool = Tru
 def _short(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict:
+    """Any checkpoint this template writes, as one dict: a file, or a sharded/DeepSpeed directory.
+
+    A torch.distributed.checkpoint directory (FSDP ``state_dict_type="sharded"``: ``.metadata``,
+    ``*.distcp`` and Lightning's ``meta.pt``) is gathered in this one process, without a process
+    group; its model entries become ``state_dict``. A DeepSpeed directory is read from
+    ``checkpoint/mp_rank_00_model_states.pt`` (ZeRO stages 1 and 2 keep the full weights there).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return load_file(path, weights_only=weights_only)
+    if (path / ".metadata").is_file():
+        return _read_distributed_checkpoint(path, weights_only)
+    deepspeed = sorted(path.glob("*/mp_rank_00_model_states.pt")) + sorted(path.glob("mp_rank_00_model_states.pt"))
+    if deepspeed:
+        checkpoint = load_file(deepspeed[0], weights_only=weights_only)
+        if not checkpoint.get("module") and list(path.rglob("zero_pp_rank_*")):
+            raise CheckpointError(
+                f"{path} is a DeepSpeed ZeRO stage 3 checkpoint (its weights are sharded across files); "
+                "consolidate it first with the zero_to_fp32.py script DeepSpeed writes beside it."
+            )
+        return checkpoint
+    raise CheckpointError(
+        f"{path} is a directory but neither a torch.distributed.checkpoint (no .metadata) nor a DeepSpeed "
+        "checkpoint (no mp_rank_00_model_states.pt); pass a .ckpt or .pt file."
+    )
+
+
+def _read_distributed_checkpoint(path: Path, weights_only: bool) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    reader = FileSystemReader(path)
+    if weights_only:
+        _check_metadata(path / ".metadata")  # FileSystemReader unpickles it without restrictions
+    try:
+        metadata = reader.read_metadata()
+        top_level = {fqn_path[0] for fqn_path in metadata.planner_data.values() if fqn_path}
+        # Only the model entries: the optimiser state of a large model can be twice its size.
+        keys = {"model"} if "model" in top_level else None
+        state: dict = {}
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable torch.distributed.checkpoint directory ({type(err).__name__}: {err}).") from err
+    meta = path / "meta.pt"  # Lightning's FSDP strategy writes everything but the tensors here
+    checkpoint = load_file(meta, weights_only=weights_only) if meta.is_file() else {}
+    if "model" in state:
+        checkpoint["state_dict"] = state["model"]
+    else:
+        checkpoint.update(state)
+    return checkpoint
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a torch.distributed.checkpoint ``.metadata`` file, refusing anything but its own classes."""
+
+    ALLOWED = {("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module: str, name: str):
+        if "." not in name:
+            if (module, name) in self.ALLOWED:
+                return super().find_class(module, name)
+            if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            if module.startswith("torch.distributed.checkpoint."):
+                found = super().find_class(module, name)
+                if isinstance(found, type):
+                    return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+
+
+def _check_metadata(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds Python objects that checkpoint metadata never contains ({err}), so it was not loaded "
+            "(it could run code); only read it with weights_only=False if you trust its source."
+        ) from err
+    except Exception as err:
+        raise CheckpointError(f"{path} is not readable checkpoint metadata ({type(err).__name__}: {err}).") from err
+
+
+def convert(source: str | Path, out: str | Path, weights_only: bool = True) -> dict[str, torch.Tensor]:
+    """Write the plain network's state_dict from any checkpoint ``source`` to ``out`` (``net.pt``)."""
+    state = plain_state_dict(read_checkpoint(source, weights_only=weights_only))
+    if not state:
+        raise CheckpointError(f"{source} holds no tensors to export.")
+    save_net(state, out)
+    return state
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m project.checkpoints SOURCE OUT``: convert a checkpoint into a plain ``net.pt``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m project.checkpoints",
+        description="Convert a training checkpoint (file or sharded directory) into the plain network's state_dict.",
+    )
+    parser.add_argument("source", help="a .ckpt/.pt file, an FSDP sharded checkpoint directory or a DeepSpeed directory")
+    parser.add_argument("out", help="where to write the plain state_dict, e.g. net.pt")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="allow arbitrary pickled objects (weights_only=False); only for files you trust")
+    args = parser.parse_args(argv)
+    try:
+        state = convert(args.source, args.out, weights_only=not args.unsafe)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    values = sum(t.numel() for t in state.values())
+    print(f"Wrote {args.out}: {len(state)} tensors, {values:,} values; load it with torch.load(path, weights_only=True).")
+    return Path(args.out)
+
+
+if __name__ == "__main__":
+    main()

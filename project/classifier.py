@@ -36,6 +36,12 @@ class ImageClassifier(L.LightningModule):
             memory format (NHWC), which tensor cores run fastest under mixed precision on GPU.
         tta_flip: at validation, test and predict time, average the logits of each image and its
             horizontal mirror (training is unchanged).
+        compile: compile the net with ``torch.compile`` (in place, in ``configure_model``): after
+            every callback's ``setup`` has registered its hooks, before DDP/FSDP wrap the model,
+            and without adding ``_orig_mod.`` to the state_dict keys.
+        on_nonfinite_loss: what a NaN or infinite training loss does: ``stop`` the run with an
+            error naming the step (checkpoints written before it stay as they are), or ``skip``
+            the batch without an optimiser step, at most ``max_nonfinite_skips`` times per run.
     """
 
     def __init__(
@@ -54,6 +60,9 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         tta_flip: bool = False,
+        compile: bool = False,
+        on_nonfinite_loss: Literal["stop", "skip"] = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -64,6 +73,8 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
         if num_classes < 2:
             raise ValueError(f"model.num_classes must be at least 2, got {num_classes}.")
+        if max_nonfinite_skips < 0:
+            raise ValueError(f"model.max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}.")
         if not isinstance(net, nn.Module):
             raise TypeError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
         with warnings.catch_warnings():
@@ -76,6 +87,7 @@ class ImageClassifier(L.LightningModule):
             self.remove_ignored_hparams(["net"])
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.num_classes = num_classes
+        self.nonfinite_skips = 0
         topk = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes > 5:
             topk["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
@@ -83,6 +95,12 @@ class ImageClassifier(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{stage}_metrics": MetricCollection({k: m.clone() for k, m in topk.items()}, prefix=f"{stage}/") for stage in STAGES}
         )
+
+    def configure_model(self) -> None:
+        # Lightning calls this hook after the callbacks' setup and before the strategy wraps the
+        # model; Module.compile() compiles in place, so state_dict keys stay those of the plain net.
+        if self.hparams.get("compile") and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.get("channels_last"):
@@ -108,8 +126,23 @@ class ImageClassifier(L.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return logits.detach() if return_logits else loss
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        loss = self._step(batch, "train")
+        finite = torch.isfinite(loss.detach())
+        if self.trainer.world_size > 1:
+            # Every rank must take the same branch, or DDP's gradient all-reduce would hang.
+            finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        if finite:
+            return loss
+        step = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.hparams.get("on_nonfinite_loss") == "skip" and self.nonfinite_skips < self.hparams.get("max_nonfinite_skips", 10):
+            self.nonfinite_skips += 1
+            self.print(f"Skipping batch with non-finite loss at {step} ({self.nonfinite_skips} skipped so far).")
+            return None  # Lightning skips backward and the optimiser step
+        raise FloatingPointError(
+            f"The training loss became {loss.item()} at {step}; the run stopped and the checkpoints written "
+            "before it are intact: lower model.lr, or set model.on_nonfinite_loss=skip to skip such batches."
+        )
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         # The logits reach callbacks as on_validation_batch_end's ``outputs`` (PredictionPlots uses them).

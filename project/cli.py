@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from project import checkpoints, tracking
 from project.callbacks.checkpointing import AtomicCheckpointIO
-from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots
+from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, RandomState
 from project.classifier import ImageClassifier
 from project.cluster import SLURMRequeue
 from project.data import CIFAR10DataModule, DatasetError
@@ -29,6 +29,12 @@ from project.data import CIFAR10DataModule, DatasetError
 #: DDP (which re-run this command line) write into the same one. Users may set it themselves.
 RUN_DIR_ENV = "PROJECT_RUN_DIR"
 LOGGERS_WITH_SAVE_DIR = ("CSVLogger", "WandbLogger", "TensorBoardLogger")
+#: Model settings that may differ from the checkpoint when a fit resumes, and then take effect:
+#: they change how the model runs, not what it has learnt or how it is optimised. Every other
+#: difference is refused (see ProjectCLI.check_resume_settings).
+RESUME_HONOURED = ("compile", "channels_last", "tta_flip", "on_nonfinite_loss", "max_nonfinite_skips")
+#: Filled in from the data module by argument links, so never compared.
+LINKED_MODEL_KEYS = ("num_classes", "net.init_args.num_classes")
 
 
 def new_run_name() -> str:
@@ -77,6 +83,33 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
 
 
+def resume_checkpoint_file(ckpt_path: str | None, run_dir: Path) -> Path | None:
+    """The file a fit with ``ckpt_path`` resumes from: the path itself, or for ``last`` the run's newest ``last*.ckpt``."""
+    if ckpt_path == "last":
+        return max(run_dir.glob("checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+    if ckpt_path and Path(ckpt_path).is_file():
+        return Path(ckpt_path)
+    return None
+
+
+def model_differences(stored: dict, current: dict) -> list[str]:
+    """``model.<key> (checkpoint X, now Y)`` for every setting both define differently, but those
+    in RESUME_HONOURED and those linked from the data module."""
+    old, new = _flatten(stored), _flatten(current)
+    skip = {*RESUME_HONOURED, *LINKED_MODEL_KEYS}
+    return [
+        f"model.{key} (checkpoint {old[key]!r}, now {new[key]!r})"
+        for key in sorted(old.keys() & new.keys())
+        if key not in skip and not key.startswith("_") and old[key] != new[key]
+    ]
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(value) if isinstance(value, (tuple, list)) else value}
+
+
 def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
     """``<run>`` when ``ckpt_path`` is ``<run>/checkpoints/<file>.ckpt`` written by this template."""
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
@@ -98,8 +131,8 @@ class RunConfigSaver(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        # Called once, on global rank zero only: the resolved config becomes the wandb run's config.
-        tracking.log_config(trainer, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+        # Called once, on global rank zero only: the loggers record the resolved config.
+        tracking.log_config(trainer, pl_module, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
 
 class ProjectCLI(LightningCLI):
@@ -132,6 +165,7 @@ class ProjectCLI(LightningCLI):
                             help="After fit, run test on the best checkpoint (the final weights without validation).")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(ExportNet, "export")
+        parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(PredictionPlots, "plots")
         parser.add_lightning_class_args(SLURMRequeue, "requeue")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -141,7 +175,9 @@ class ProjectCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("name") is None:
             sources = config.get("config") or []
-            config.name = Path(str(sources[-1])).stem if sources else "run"
+            # Presets (experiments/presets/*.yaml: strategy, precision, compile) never name a run.
+            named = [s for s in sources if Path(str(s)).parent.name != "presets"] or sources
+            config.name = Path(str(named[-1])).stem if named else "run"
         explicit = config.get("run_dir")
         ckpt_path = config.get("ckpt_path")
         if self.subcommand == "fit" and explicit is None:
@@ -159,6 +195,8 @@ class ProjectCLI(LightningCLI):
             if resume is not None:
                 config.ckpt_path = str(resume)
                 rank_zero_info(f"Resuming from {resume}")
+        if self.subcommand == "fit":
+            self.check_resume_settings(config)
         for group in ("checkpoint", "last_checkpoint"):
             if config[group].get("dirpath") is None:
                 config[group].dirpath = str(self.run_dir / "checkpoints")
@@ -188,7 +226,31 @@ class ProjectCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             checkpoints.load_file(ckpt_path, mmap=True)
+        if subcommand == "fit":
+            # Lightning would now overwrite the model settings with the checkpoint's, silently
+            # dropping overrides; check_resume_settings refuses differences instead, once the run
+            # directory (for "last" and automatic resumption) is known.
+            return
+        given = {key: self.config.get(f"{subcommand}.model.{key}") for key in RESUME_HONOURED} if subcommand else {}
         super()._parse_ckpt_path()
+        for key, value in given.items():
+            if value is not None:
+                self.config[f"{subcommand}.model.{key}"] = value
+
+    def check_resume_settings(self, config) -> None:
+        """Refuse a resumed fit whose model settings differ from the checkpoint's (except RESUME_HONOURED)."""
+        path = resume_checkpoint_file(config.get("ckpt_path"), self.run_dir)
+        if path is None:
+            return
+        stored = checkpoints.load_file(path, mmap=True).get("hyper_parameters") or {}
+        differences = model_differences(stored, config.model.as_dict())
+        if differences:
+            raise ValueError(
+                f"Resuming from {path} with model settings that differ from the checkpoint's: {'; '.join(differences)}. "
+                "A resumed fit continues the checkpoint's model, optimiser state and schedule, so these would be ignored "
+                "or break loading: give the checkpoint's values (or drop the overrides) to resume, or start a new run "
+                "without --ckpt_path to change them."
+            )
 
     def check_checkpoint_fits(self, ckpt_path) -> None:
         """Refuse a checkpoint of another architecture before Lightning half-loads it."""
@@ -200,7 +262,7 @@ class ProjectCLI(LightningCLI):
                 f"{ckpt_path} is not a Lightning checkpoint of this template (no state_dict entry); "
                 "pass a .ckpt file from a run's checkpoints/ folder."
             )
-        checkpoints.load_into(self.model.net, checkpoint, dry_run=True)
+        checkpoints.load_into(self.model.net, checkpoint, dry_run=True, name=str(ckpt_path))
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):
@@ -226,12 +288,16 @@ class ProjectCLI(LightningCLI):
 USER_ERRORS = (DatasetError, checkpoints.CheckpointError, MisconfigurationException)
 
 
-def _raised_by_project(err: BaseException) -> bool:
-    """True when the innermost frame is this package's own validation code (a message for the user)."""
+def _is_config_error(err: BaseException) -> bool:
+    """True when the innermost frame validates configuration: this package's own checks, or
+    Lightning's accelerator/strategy/devices checks. Those messages are written for the user."""
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
+    if tb is None:
+        return False
+    source = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return source.is_relative_to(Path(__file__).parent) or source.name == "accelerator_connector.py"
 
 
 def main(args=None) -> ProjectCLI:
@@ -240,8 +306,8 @@ def main(args=None) -> ProjectCLI:
         return ProjectCLI(args=args)
     except SIGTERMException:
         sys.exit(143)
-    except (*USER_ERRORS, ValueError, TypeError) as err:
-        if not isinstance(err, USER_ERRORS) and not _raised_by_project(err):
+    except (*USER_ERRORS, ValueError, TypeError, FloatingPointError) as err:
+        if not isinstance(err, USER_ERRORS) and not _is_config_error(err):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

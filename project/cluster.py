@@ -2,7 +2,7 @@
 
 ``#SBATCH --signal=USR1@90`` makes SLURM send SIGUSR1 to every task 90 seconds before the job
 ends. :class:`SLURMRequeue` then lets the current training batch finish, saves
-``<run dir>/checkpoints/requeue.ckpt`` (all ranks agree on the step), asks SLURM to put the job
+``<run dir>/checkpoints/last.ckpt`` (all ranks agree on the step), asks SLURM to put the job
 back in the queue (``scontrol requeue <job id>``) and exits. A requeued job keeps its job id, so
 the CLI gives it the same run directory (``<root>/<name>/slurm-<job id>``) and, because that
 directory holds checkpoints, resumes ``fit`` from the newest of them (see :mod:`project.cli`).
@@ -25,10 +25,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-log = logging.getLogger(__name__)
+from project.callbacks import LastCheckpoint
 
-#: File name of the checkpoint written on the requeue signal (in the run's checkpoints/ folder).
-REQUEUE_CHECKPOINT = "requeue.ckpt"
+log = logging.getLogger(__name__)
 
 
 def slurm_job_id() -> str | None:
@@ -91,7 +90,7 @@ class SLURMRequeue(L.Callback):
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False  # this callback does the requeueing (see the module docstring)
         # log_dir is broadcast from rank zero: every rank asks for it here.
-        self.checkpoint_path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / REQUEUE_CHECKPOINT
+        self.checkpoint_path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(self.signum, self._on_signal)
             self._active = True
@@ -108,7 +107,7 @@ class SLURMRequeue(L.Callback):
         stop = trainer.strategy.reduce_boolean_decision(self.requested, all=False) if trainer.world_size > 1 else self.requested
         if not stop:
             return
-        trainer.save_checkpoint(self.checkpoint_path)
+        self._save(trainer)
         problem = None
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -122,8 +121,17 @@ class SLURMRequeue(L.Callback):
             raise SystemExit(0)
         raise SystemExit(
             f"Saved {self.checkpoint_path} at step {trainer.global_step}, but the job was not requeued: {problem}. "
-            f"To resume, run the same command with --run_dir {self.checkpoint_path.parent.parent}."
+            f"To resume, run the same command with --ckpt_path {self.checkpoint_path}."
         )
+
+    def _save(self, trainer: L.Trainer) -> None:
+        """Write the resume checkpoint through LastCheckpoint when the trainer has one (as the CLI's does)."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, LastCheckpoint):
+                callback.save_now(trainer, "SLURM requeue signal")
+                self.checkpoint_path = Path(callback.last_model_path)
+                return
+        trainer.save_checkpoint(self.checkpoint_path)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._active and threading.current_thread() is threading.main_thread():

@@ -5,8 +5,9 @@
   wandb run found there instead of starting a new one.
 - A trial started by ``wandb agent`` (which sets ``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID``) gets the
   run directory ``<root>/<experiment>/sweep-<sweep id>-<run id>``.
-- The resolved LightningCLI config is the wandb run's config, with the same dotted names as the
-  command line and the sweep files (``model.lr``, ``data.batch_size``, ...).
+- The resolved LightningCLI config is what every logger records as hyperparameters (the wandb
+  run's config, ``hparams.yaml``), with the dotted names of the command line and the sweep files
+  (``model.lr``, ``data.batch_size``, ...).
 """
 
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
 
 #: ``wandb/run-20250101_120000-<id>`` (online) or ``wandb/offline-run-...-<id>`` (offline).
 _RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
@@ -59,9 +59,15 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def log_config(trainer: L.Trainer, config: Mapping) -> None:
-    """Make ``config`` (flattened) the config of every wandb run the trainer logs to."""
+def log_config(trainer: L.Trainer, pl_module: L.LightningModule, config: Mapping) -> None:
+    """Log ``config`` (flattened) as every logger's hyperparameters, instead of Lightning's default.
+
+    Lightning would log the model's and the data module's ``hparams`` (a part of the config, under
+    other names) at the start of every fit, validate and test; the resolved config replaces them.
+    """
     flat = flatten(config)
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.config.update(flat, allow_val_change=True)
+        logger.log_hyperparams(flat)
+    for owner in (pl_module, trainer.datamodule):
+        if owner is not None:
+            owner._log_hyperparams = False

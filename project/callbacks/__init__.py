@@ -1,7 +1,19 @@
 """Lightning callbacks: hooks, buffers, state_dict persistence and plots."""
 
+from project.callbacks.activations import ActivationStatistics
+from project.callbacks.buffers import BufferReport
 from project.callbacks.checkpointing import LastCheckpoint
 from project.callbacks.export import ExportNet
+from project.callbacks.gradients import GradientStatistics
 from project.callbacks.plots import PredictionPlots
+from project.callbacks.random_state import RandomState
 
-__all__ = ["ExportNet", "LastCheckpoint", "PredictionPlots"]
+__all__ = [
+    "ActivationStatistics",
+    "BufferReport",
+    "ExportNet",
+    "GradientStatistics",
+    "LastCheckpoint",
+    "PredictionPlots",
+    "RandomState",
+]

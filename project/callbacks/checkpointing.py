@@ -58,9 +58,9 @@ class LastCheckpoint(ModelCheckpoint):
     before killing a job) it saves at the next batch boundary and stops the run.
 
     Args:
-        every_n_train_steps: also save every N optimiser steps (0: only at epoch ends), so a
-            killed run loses at most N steps.
-        every_n_epochs: save at the end of every N-th epoch.
+        every_n_train_steps: save every N optimiser steps instead of at epoch ends, so a killed
+            run loses at most N steps (0: use ``every_n_epochs``).
+        every_n_epochs: save at the end of every N-th epoch (when ``every_n_train_steps`` is 0).
     """
 
     def __init__(self, every_n_train_steps: int = 0, every_n_epochs: int = 1, dirpath: str | None = None) -> None:
@@ -72,8 +72,9 @@ class LastCheckpoint(ModelCheckpoint):
             monitor=None,
             save_top_k=1,
             save_last=False,
-            every_n_train_steps=every_n_train_steps,
-            every_n_epochs=every_n_epochs,
+            # Lightning takes one trigger only.
+            every_n_train_steps=every_n_train_steps or None,
+            every_n_epochs=None if every_n_train_steps else every_n_epochs,
             enable_version_counter=False,
         )
 
@@ -94,6 +95,14 @@ class LastCheckpoint(ModelCheckpoint):
         # broadcasts the signal), so all ranks take part in this save.
         if isinstance(exception, SIGTERMException) and self._last_global_step_saved != trainer.global_step:
             self.save_now(trainer, "SIGTERM received")
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        # A step that produced NaN or infinite weights must not replace the last good checkpoint.
+        weights = [p.detach().float().sum() for p in trainer.lightning_module.parameters()]
+        if weights and not torch.isfinite(torch.stack(weights).sum()):
+            rank_zero_info(f"Not saving {filepath} at step {trainer.global_step}: the weights are not finite.")
+            return
+        super()._save_checkpoint(trainer, filepath)
 
     def save_now(self, trainer, reason: str) -> None:
         path = self.format_checkpoint_name({}, "last")

@@ -20,6 +20,9 @@ class ExportNet(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = trainer.strategy.lightning_module_state_dict()
+        # trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking on rank 0
+        # alone deadlocks DDP: rank 0 waits in the broadcast, the others in the barrier below).
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
-            self.path = save_net(strip_prefixes(state), Path(trainer.log_dir or trainer.default_root_dir) / self.filename)
+            self.path = save_net(strip_prefixes(state), Path(log_dir) / self.filename)
         trainer.strategy.barrier("ExportNet")

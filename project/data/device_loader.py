@@ -150,9 +150,20 @@ class DeviceLoader:
         self._rows = torch.arange(self.height, device=self.device)
         self._cols = torch.arange(self.width, device=self.device)
         self._channels = torch.arange(channels, device=self.device)
+        self._batches_done = 0  # batches handed out by the current pass
+        self._resume: dict[str, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the current pass stands. Lightning stores it in every checkpoint (and calls
+        :meth:`load_state_dict` on resume), so a fit resumed mid-epoch gets exactly the batches
+        the interrupted one had not reached: same order, same augmentation."""
+        return {"epoch": self.sampler.epoch, "batches": self._batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -164,10 +175,18 @@ class DeviceLoader:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        resume, self._resume = self._resume, None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == self.sampler.epoch else 0
         order = self.sampler.indices().to(self.device, non_blocking=True)
         generator = self._generator() if self.augment else None
+        self._batches_done = 0
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
+            self._batches_done += 1
+            if self._batches_done <= skip:
+                if generator is not None:
+                    self.make_batch(index, generator)  # draw its augmentation, so later batches get theirs
+                continue
             yield self.make_batch(index, generator), self.labels[index]
 
     def make_batch(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from project.models.init import InitScheme, initialize
+from project.models.input_stats import InputStatistics
 
 
 class ResidualBlock(nn.Module):
@@ -44,6 +45,9 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """A stem, a ModuleList of stages of ResidualBlocks, global average pooling and a classifier.
 
+    ``input_stats`` (an :class:`InputStatistics`) keeps the per-channel mean/std of the training
+    inputs in buffers, beside BatchNorm's running statistics; it adds no parameters.
+
     Args:
         blocks_per_stage: residual blocks in each stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
         widths: output channels of each stage; stage ``i > 0`` halves the resolution.
@@ -75,6 +79,10 @@ class ResNet(nn.Module):
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(),
         )
+        # Buffers only (no parameters): the per-channel statistics of the training inputs. It runs
+        # first in forward but is registered after the stem, so the state_dict still opens with
+        # the stem's keys, in the order torchvision-style code expects.
+        self.input_stats = InputStatistics(in_channels)
         # Stages are indexed (stage i halves the resolution), so a ModuleList holds them.
         self.stages = nn.ModuleList()
         channels = widths[0]
@@ -89,7 +97,7 @@ class ResNet(nn.Module):
         initialize(self, init, init_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(self.input_stats(x))
         for stage in self.stages:
             x = stage(x)
         return self.fc(torch.flatten(self.pool(x), 1))

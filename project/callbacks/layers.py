@@ -1,0 +1,67 @@
+"""What the hook callbacks share: the network inside the LightningModule, its layers by name or type, logging."""
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+import lightning as L
+from torch import nn
+
+#: Segments that wrappers insert into parameter and module names (FSDP, activation checkpointing,
+#: torch.compile); removed so a layer has one name under every strategy.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def network(pl_module: L.LightningModule) -> nn.Module:
+    """The plain network a LightningModule trains (``pl_module.net``), or the module itself."""
+    net = getattr(pl_module, "net", None)
+    return net if isinstance(net, nn.Module) else pl_module
+
+
+def clean_name(name: str) -> str:
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """True for ``torch.compile(module)`` wrappers and modules compiled in place with ``module.compile()``."""
+    return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
+
+
+def select_layers(
+    net: nn.Module,
+    layers: Sequence[str] | None,
+    types: Sequence[str] | None,
+    default_types: Sequence[str],
+    owner: str,
+) -> dict[str, nn.Module]:
+    """Submodules of ``net`` whose name matches a glob in ``layers`` or whose class name is in ``types``.
+
+    With neither given, every submodule whose class name is in ``default_types``. ``owner`` names
+    the callback in the error raised when nothing matches.
+    """
+    if layers is None and types is None:
+        types = default_types
+    patterns, type_names = list(layers or []), set(types or [])
+    chosen = {
+        clean_name(name): module
+        for name, module in net.named_modules()
+        if name and (type(module).__name__ in type_names or any(fnmatchcase(clean_name(name), p) for p in patterns))
+    }
+    if not chosen:
+        available = sorted({type(m).__name__ for _, m in net.named_modules()})
+        raise ValueError(
+            f"{owner} matched no layer of {type(net).__name__} (layers={patterns or None}, types={sorted(type_names) or None}); "
+            f"give name patterns such as 'conv1' or 'stages.*', or types among {', '.join(available)}."
+        )
+    return chosen
+
+
+def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` to every logger at ``step`` (loggers write on global rank 0 only).
+
+    Straight to the loggers rather than through ``LightningModule.log``, which would hold them
+    back unless ``step`` happened to be a multiple of ``trainer.log_every_n_steps``.
+    """
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)

@@ -1,0 +1,67 @@
+"""Test-only callbacks and a strategy that CLI subprocesses load by class path (``tests.probes.<Name>``).
+
+They observe or disturb real runs from the inside: write what each DDP rank saw, kill a run
+mid-fit, run FSDP on CPU processes. None of them is part of the template.
+"""
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+from project.callbacks import ActivationStatistics, GradientStatistics
+
+
+class RankDump(L.Callback):
+    """At the end of fit every rank writes ``rank<r>.pt`` into the run directory: the hook callbacks'
+    last logged values, the net's buffers and a hash of its weights, as that rank holds them."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = Path(trainer.log_dir)  # a collective: every rank asks
+        found = {type(cb).__name__: dict(cb.last) for cb in trainer.callbacks if isinstance(cb, (ActivationStatistics, GradientStatistics))}
+        net = pl_module.net
+        torch.save({
+            "stats": found,
+            "buffers": {k: v.detach().cpu().clone() for k, v in net.named_buffers()},
+            "weights_sum": sum(float(p.detach().double().sum()) for p in net.parameters()),
+            "world_size": trainer.world_size,
+        }, log_dir / f"rank{trainer.global_rank}.pt")
+        trainer.strategy.barrier("RankDump")
+
+
+class KillAtEpoch(L.Callback):
+    """SIGKILL this process when training epoch ``epoch`` starts: a job killed without warning."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDP on CPU processes (gloo), standing in for the GPUs that Lightning's FSDPStrategy requires.
+
+    Lightning refuses ``strategy="fsdp"`` without CUDA and passes no device to FSDP on CPU; this
+    subclass wraps the model itself with ``device_id=cpu`` and leaves the rest (sharded and full
+    checkpoints, state_dict gathering) to the real strategy.
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kwargs = {k: v for k, v in self.kwargs.items() if k != "auto_wrap_policy"}
+        model = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            auto_wrap_policy=self.kwargs.get("auto_wrap_policy"),
+            **kwargs,
+        )
+        return super()._setup_model(model)

@@ -1,0 +1,241 @@
+"""Faults and bad input: atomic checkpoints, SIGTERM, non-finite loss, unsafe files, clear errors."""
+
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from project.callbacks.checkpointing import AtomicCheckpointIO
+from project.classifier import ImageClassifier
+from project.models import LeNet
+from tests.conftest import QUIET, REPO, kill_group, make_npz, run_cli, run_dirs
+
+KILL_MID_WRITE = textwrap.dedent(
+    """
+    import sys, torch
+    import project.callbacks.checkpointing as ck
+
+    real_open = open
+
+    class Stalling:
+        def __init__(self, f): self.f = f
+        def __enter__(self): return self
+        def __exit__(self, *a): self.f.close()
+        def write(self, data):
+            self.f.write(bytes(data)[: len(data) // 2]); self.f.flush()
+            print("HALF-WRITTEN", flush=True)
+            sys.stdin.readline()  # wait here until the test kills us
+        def flush(self): self.f.flush()
+        def fileno(self): return self.f.fileno()
+
+    io = ck.AtomicCheckpointIO()
+    path = sys.argv[1]
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 1}, path)
+    ck.open = lambda p, mode="r": Stalling(real_open(p, mode))
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "global_step": 2}, path)
+    """
+)
+
+
+def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path):
+    """The writer is SIGKILLed with half of the new checkpoint on disk: last.ckpt stays the old, whole file."""
+    path = tmp_path / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_WRITE, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "HALF-WRITTEN"  # blocks until the writer is mid-file
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+    checkpoint = AtomicCheckpointIO().load_checkpoint(path)
+    assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["state_dict"]["w"], torch.zeros(1000))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert all(name.endswith(".tmp") for name in leftovers)  # at worst a stray temporary file
+
+
+def test_pickle_payload_is_refused_without_running(tmp_path, tiny_npz):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, evil)
+    out = run_cli(["test", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", f"--ckpt_path={evil}",
+                   f"--trainer.default_root_dir={tmp_path}", *QUIET], timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "could run code" in out.stderr.splitlines()[-1]
+    assert not marker.exists()
+    with pytest.raises(Exception):
+        AtomicCheckpointIO().load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_sigterm_saves_and_stops_then_resumes(tmp_path, tiny_npz):
+    """SIGTERM (what clusters send) mid-run: a checkpoint at that step, exit status 143, then resume."""
+    args = ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", f"--trainer.default_root_dir={tmp_path}",
+            *QUIET, "--data.val_size=0", "--data.batch_size=8", "--trainer.max_epochs=500",
+            "--last_checkpoint.every_n_train_steps=5", "--test_after_fit=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PROJECT_RUN_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "project", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("lenet/*/checkpoints/last.ckpt")):  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "fit never wrote a checkpoint"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM received: saved" in err
+    (run,) = run_dirs(tmp_path, "lenet")
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    stopped_at = int(err.split("SIGTERM received: saved")[1].split("at step ")[1].split(";")[0])
+    assert ckpt["global_step"] == stopped_at and stopped_at < 500 * 7
+
+    resumed = run_cli([*args[:-4], "--trainer.max_epochs=" + str(ckpt["epoch"] + 2), "--ckpt_path=last", "--test_after_fit=false"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_dirs(tmp_path, "lenet") == [run]  # resumed into the same run directory
+    final = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert final["global_step"] > stopped_at
+
+
+class _NaNData(L.LightningDataModule):
+    """Random images; the batches listed in ``poisoned`` carry a NaN pixel."""
+
+    def __init__(self, poisoned=(2,)):
+        super().__init__()
+        self.poisoned = set(poisoned)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 10, (48,), generator=g)
+        for i in self.poisoned:
+            x[8 * i, 0, 0, 0] = float("nan")
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def _trainer(tmp_path):
+    return L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path)
+
+
+def test_nonfinite_loss_stops_with_the_step(tmp_path):
+    model = ImageClassifier(LeNet(), scheduler="none")
+    with pytest.raises(FloatingPointError, match=r"training loss became nan at step 2 \(epoch 0, batch 2\)"):
+        _trainer(tmp_path).fit(model, datamodule=_NaNData())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_loss_skip_up_to_a_limit(tmp_path):
+    model = ImageClassifier(LeNet(), scheduler="none", on_nonfinite_loss="skip", max_nonfinite_skips=2)
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, datamodule=_NaNData(poisoned=(1, 3)))
+    assert model.nonfinite_skips == 2 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    over = ImageClassifier(LeNet(), scheduler="none", on_nonfinite_loss="skip", max_nonfinite_skips=1)
+    with pytest.raises(FloatingPointError, match=r"at step \d+ \(epoch 0, batch 3\)"):
+        _trainer(tmp_path).fit(over, datamodule=_NaNData(poisoned=(1, 3)))
+
+
+def test_diverging_run_keeps_last_good_checkpoint(tmp_path, tiny_npz):
+    out = run_cli(["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", f"--trainer.default_root_dir={tmp_path}",
+                   *QUIET, "--data.val_size=0", "--data.batch_size=8", "--model.lr=1e8", "--model.scheduler=none",
+                   "--trainer.max_epochs=50", "--last_checkpoint.every_n_train_steps=1"], timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last_line = out.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: The training loss became") and "lower model.lr" in last_line
+    (run,) = run_dirs(tmp_path, "lenet")
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+# --------------------------------------------------------------------------- bad input, one table
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory):
+    """A finished run whose files every failing command below must leave untouched."""
+    root = tmp_path_factory.mktemp("runs")
+    npz = make_npz(root / "ok.npz")
+    out = run_cli(["fit", "-c", "experiments/lenet.yaml", f"--data.npz={npz}", f"--trainer.default_root_dir={root}",
+                   *QUIET, "--data.val_size=16", "--trainer.max_epochs=1"], timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, npz
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _bad_files(root: Path) -> dict[str, Path]:
+    files = {}
+    files["truncated"] = root / "truncated.ckpt"
+    last = next(root.glob("lenet/*/checkpoints/last.ckpt"))
+    files["truncated"].write_bytes(last.read_bytes()[:2000])
+    files["text"] = root / "notes.ckpt"
+    files["text"].write_text("not a checkpoint\n")
+    files["resnet"] = root / "resnet.ckpt"
+    model = ImageClassifier(LeNet(num_classes=10))
+    state = {"state_dict": {f"net.{k}": v for k, v in torch.nn.Linear(4, 10).state_dict().items()}}
+    torch.save({**state, "hyper_parameters": {}}, files["resnet"])
+    del model
+    files["npz_keys"] = make_npz(root / "keys.npz", y_test=None)
+    files["npz_size"] = make_npz(root / "size.npz", x_test=np.zeros((32, 28, 28, 3), np.uint8))
+    files["npz_labels"] = make_npz(root / "labels.npz", y_train=np.full(64, 12, np.uint8))
+    return files
+
+
+BAD_INPUT = [
+    # (case id, extra CLI args, expected fragment of stderr)
+    ("unknown key", ["--model.learning_rate=0.1"], "learning_rate"),
+    ("wrong type", ["--data.batch_size=many"], "batch_size"),
+    ("lr not positive", ["--model.lr=0"], "error: model.lr must be > 0, got 0.0."),
+    ("batch size zero", ["--data.batch_size=0"], "error: data.batch_size must be at least 1, got 0."),
+    ("val split too large", ["--data.val_size=64"], "error: data.val_size=64 leaves no training images"),
+    ("unknown model", ["--model.net=project.models.VGG16"], "VGG16"),
+    ("unknown strategy", ["--trainer.strategy=warp_drive"], "warp_drive"),
+    ("unknown optimizer", ["--model.optimizer=adam"], "adam"),
+    ("gpu not available", ["--trainer.accelerator=gpu"], "error:"),
+    ("truncated checkpoint", ["--ckpt_path={truncated}"], "is not a PyTorch checkpoint (not a torch.save archive)"),
+    ("not a checkpoint", ["--ckpt_path={text}"], "is not a PyTorch checkpoint"),
+    ("other architecture", ["--ckpt_path={resnet}"], "resnet.ckpt does not fit LeNet (missing keys [conv1.bias, conv1.weight"),
+    ("npz wrong keys", ["--data.npz={npz_keys}"], "lacks the arrays y_test"),
+    ("npz wrong image size", ["--data.npz={npz_size}"], "x_test is uint8 (32, 28, 28, 3), expected uint8 (N, 32, 32, 3)"),
+    ("npz labels out of range", ["--data.npz={npz_labels}"], "labels in [12, 12], outside 0..9"),
+]
+
+
+@pytest.mark.parametrize(("case", "extra", "message"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_fails_clearly_and_touches_nothing(existing_run, case, extra, message):
+    root, npz = existing_run
+    files = _bad_files(root) if not (root / "truncated.ckpt").exists() else {
+        "truncated": root / "truncated.ckpt", "text": root / "notes.ckpt", "resnet": root / "resnet.ckpt",
+        "npz_keys": root / "keys.npz", "npz_size": root / "size.npz", "npz_labels": root / "labels.npz"}
+    before = _snapshot(root)
+    runs_before = run_dirs(root, "lenet")
+    args = [a.format(**files) for a in extra]
+    sub = "test" if any(a.startswith("--ckpt_path") for a in args) else "fit"
+    out = run_cli([sub, "-c", "experiments/lenet.yaml", f"--data.npz={npz}", f"--trainer.default_root_dir={root}",
+                   *QUIET, "--trainer.max_epochs=1", *args], timeout=120)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, f"{case}: a user error must not end in a traceback"
+    assert _snapshot(root) == before
+    for run in run_dirs(root, "lenet"):
+        assert run in runs_before or not any(run.rglob("*.ckpt")), f"{case} left a new run with checkpoints"
