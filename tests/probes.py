@@ -54,6 +54,8 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return super()._setup_model(model)  # already wrapped (fit, then test in one run)
         kwargs = {k: v for k, v in self.kwargs.items() if k != "auto_wrap_policy"}
         model = FullyShardedDataParallel(
             module=model,

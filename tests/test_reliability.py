@@ -239,3 +239,58 @@ def test_bad_input_fails_clearly_and_touches_nothing(existing_run, case, extra, 
     assert _snapshot(root) == before
     for run in run_dirs(root, "lenet"):
         assert run in runs_before or not any(run.rglob("*.ckpt")), f"{case} left a new run with checkpoints"
+
+
+# --------------------------------------------------------------------------- long runs, secrets
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+class _RSS(L.Callback):
+    def __init__(self):
+        self.per_epoch: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.per_epoch.append(_rss_mib())
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_with_hook_callbacks(tmp_path, subset_npz):
+    """Many epochs on the real subset with every hook callback firing every step: RSS must not creep.
+
+    A leak of one activation tensor per step would add megabytes per epoch; after the first
+    epochs (allocator warm-up) the growth must stay under 1 MiB per epoch.
+    """
+    from project.callbacks import ActivationStatistics, GradientStatistics
+    from project.data import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(npz=subset_npz, val_size=500, batch_size=256, num_workers=0)
+    rss = _RSS()
+    activations = ActivationStatistics(every_n_steps=1)
+    trainer = L.Trainer(
+        max_epochs=9, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[activations, GradientStatistics(every_n_steps=1, update_ratio=True, output_grads=True), rss],
+    )
+    model = ImageClassifier(LeNet())
+    trainer.fit(model, datamodule=dm)
+    growth = (rss.per_epoch[-1] - rss.per_epoch[3]) / (len(rss.per_epoch) - 4)
+    assert growth < 1.0, f"RSS grew {growth:.2f} MiB per epoch: {[round(r) for r in rss.per_epoch]}"
+    hooks = [m for m in model.modules() if m._forward_hooks or m._backward_hooks]
+    assert hooks == [], "hook handles must be removed when fit ends"
+
+
+def test_secrets_never_reach_the_run_directory(tmp_path, tiny_npz):
+    """WANDB_API_KEY in the environment of a run with the wandb logger (offline, no server)."""
+    secret = "wandb-secret-" + "x7" * 20
+    out = run_cli(["fit", "-c", "experiments/lenet.yaml", "-c", "experiments/loggers/wandb.yaml", f"--data.npz={tiny_npz}",
+                   f"--trainer.default_root_dir={tmp_path}", *QUIET, "--data.val_size=16", "--trainer.max_epochs=1"],
+                  env={"WANDB_API_KEY": secret, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files), "the wandb logger wrote nothing; the test would prove nothing"
+    leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert leaked == [] and secret not in out.stdout + out.stderr

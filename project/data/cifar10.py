@@ -109,6 +109,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.train_split: Split | None = None
         self.val_split: Split | None = None
         self.test_split: Split | None = None
+        self._train_loader: DeviceLoader | None = None
+        self._train_loader_state: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -199,8 +201,28 @@ class CIFAR10DataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, train=True)
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
+        loader = self._loader(self.train_split, train=True)
+        if isinstance(loader, DeviceLoader):
+            if self._train_loader_state is not None:
+                loader.load_state_dict(self._train_loader_state)
+                self._train_loader_state = None
+            self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """Where training stands within the epoch (device pipeline), saved in every checkpoint.
+
+        Lightning would restore it through the loader itself, but only when the loader is created
+        after the checkpoint is loaded; a cosine or one-cycle schedule asks for it earlier (to count
+        the steps), so the data module carries the state across instead.
+        """
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_loader_state = state_dict.get("train_loader")
+        if self._train_loader is not None and self._train_loader_state is not None:
+            self._train_loader.load_state_dict(self._train_loader_state)
 
     def val_dataloader(self) -> DataLoader | list:
         # An empty list tells Lightning there is no validation (val_size=0).

@@ -1,0 +1,308 @@
+"""Lightning ``Trainer.fit`` with ``ImageClassifier`` against a hand-written PyTorch loop, side by side.
+
+Both do identical work: the same net and initial weights, the same batches in the same order (one
+seeded pipeline), the same loss with label smoothing, SGD with nesterov and the same parameter
+groups, the same one-cycle schedule stepped every step, the same precision and memory format, the
+same torchmetrics accuracy updates, and the same number of steps. Each is timed after a warm-up,
+in alternating repeats (the median is reported), in one process. On GPU it also reports the model
+FLOP/s (counted with torch.utils.flop_counter) against a measured bf16 matmul ceiling, and how
+many images/s the data pipeline alone delivers compared with what the training step consumes.
+
+    python benchmarks/throughput.py                          # CPU, LeNet, batch 256 (the CI-sized run)
+    python benchmarks/throughput.py --device cuda --model resnet18 --precision bf16-mixed --channels-last
+"""
+
+import argparse
+import contextlib
+import copy
+import tempfile
+import warnings
+
+import report  # noqa: F401  (puts the repository on sys.path)
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from project.classifier import ImageClassifier
+from project.data import CIFAR10_MEAN, CIFAR10_STD
+from project.data.cifar10 import TensorImageDataset, image_transform
+from project.data.cifar10_files import Split
+from project.data.device_loader import DeviceLoader
+from project.models import LeNet, ResNet, ResNet18
+
+MODELS = {
+    "lenet": LeNet,
+    "resnet18": ResNet18,
+    # experiments/resnet_fast.yaml's net
+    "resnet_fast": lambda: ResNet(blocks_per_stage=(1, 1, 1, 1), widths=(64, 128, 256, 512)),
+}
+LR, MOMENTUM, WEIGHT_DECAY, LABEL_SMOOTHING = 0.05, 0.9, 5e-4, 0.1
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--model", default="lenet", choices=sorted(MODELS))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", default="32-true", choices=["32-true", "16-mixed", "bf16-mixed"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the net in both loops")
+    p.add_argument("--data", default="device", choices=["device", "dataloader"], help="the pipeline both loops read from")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (with --data dataloader)")
+    p.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--repeats", type=int, default=5, help="alternating repeats of every variant")
+    p.add_argument("--callbacks", default="both", choices=["off", "on", "both"],
+                   help="Lightning with progress bar, summary, logger and checkpointing off, on (the CLI's defaults), or both")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--name", default=None, help="result file name (default: throughput-<model>-<settings>)")
+    return p.parse_args()
+
+
+def make_loader(args, images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """A fresh loader over the same images with the same seed: every variant sees identical batches."""
+    if args.data == "device":
+        return DeviceLoader(images, labels, args.batch_size, shuffle=True, augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD, seed=0, device=device)
+    dataset = TensorImageDataset(Split(images, labels), image_transform(augment=True, normalize=True))
+    return torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.num_workers,
+                                       pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
+                                       persistent_workers=args.num_workers > 0)
+
+
+def build_net(args, initial_state: dict) -> torch.nn.Module:
+    net = MODELS[args.model]()
+    net.load_state_dict(initial_state)
+    return net
+
+
+class StepTimer(L.Callback):
+    """Times training steps ``warmup .. warmup + steps - 1`` (the same window as the plain loop)."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.start = self.end = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.start = report.clocks(self.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.warmup + self.steps - 1:
+            self.end = report.clocks(self.device)
+
+    @property
+    def seconds(self) -> tuple[float, float]:
+        return self.end[0] - self.start[0], self.end[1] - self.start[1]
+
+
+def classifier(args, net: torch.nn.Module) -> ImageClassifier:
+    return ImageClassifier(net, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY, scheduler="onecycle",
+                           label_smoothing=LABEL_SMOOTHING, channels_last=args.channels_last, compile=args.compile)
+
+
+def run_lightning(args, initial_state, images, labels, device, callbacks_on: bool, root: str) -> tuple[float, float]:
+    total = args.warmup + args.steps
+    model = classifier(args, build_net(args, initial_state))
+    timer = StepTimer(args.warmup, args.steps, device)
+    common = dict(accelerator=device.type, devices=1, precision=args.precision, max_steps=total, limit_val_batches=0,
+                  num_sanity_val_steps=0, benchmark=device.type == "cuda")
+    if callbacks_on:
+        # The trainer exactly as our CLI builds it (progress bar, model summary, CSV logger, checkpoint
+        # and export callbacks and whatever else the CLI adds by default), fed our model and loader.
+        from project.cli import ProjectCLI
+
+        cli_args = ["--model.net.class_path=project.models.LeNet", f"--trainer.default_root_dir={root}", "--name=bench",
+                    "--test_after_fit=false", *[f"--trainer.{k}={v}" for k, v in common.items()]]
+        trainer = ProjectCLI(args=cli_args, run=False).trainer
+        trainer.callbacks.append(timer)
+    else:
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[timer], default_root_dir=root, **common)
+    trainer.fit(model, train_dataloaders=make_loader(args, images, labels, device))
+    return timer.seconds
+
+
+def run_plain(args, initial_state, images, labels, device) -> tuple[float, float]:
+    """The hand-written loop a PyTorch user would write for the same training."""
+    total = args.warmup + args.steps
+    net = build_net(args, initial_state).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if args.compile:
+        net.compile()
+    decay = [p for p in net.parameters() if p.ndim >= 2]
+    no_decay = [p for p in net.parameters() if p.ndim < 2]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=LR, momentum=MOMENTUM, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=total)
+    metrics = MetricCollection({"acc": MulticlassAccuracy(10, top_k=1, average="micro"),
+                                "acc_top5": MulticlassAccuracy(10, top_k=5, average="micro")}).to(device)
+    mixed = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(args.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=mixed)) if mixed else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "16-mixed" else None
+    loss_sum = torch.zeros((), device=device)
+    net.train()
+    start = None
+    for step, (x, y) in enumerate(make_loader(args, images, labels, device)):
+        if step == args.warmup:
+            start = report.clocks(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
+            metrics.update(logits.detach(), y)
+            loss_sum += loss.detach()
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        if step + 1 == total:
+            break
+    end = report.clocks(device)
+    return end[0] - start[0], end[1] - start[1]
+
+
+def train_flops_per_image(args, initial_state, device) -> int:
+    """Forward + backward FLOPs of one training step, per image (convolutions and matmuls)."""
+    net = build_net(args, initial_state).to(device).train()
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    return counter.get_total_flops() // args.batch_size
+
+
+def matmul_ceiling(device: torch.device) -> tuple[float, str]:
+    """Measured FLOP/s of a large square matmul: bf16 on GPU, float32 on CPU (for context only)."""
+    dtype, n, reps = (torch.bfloat16, 8192, 50) if device.type == "cuda" else (torch.float32, 2048, 10)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start = report.now(device)
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (report.now(device) - start), str(dtype).replace("torch.", "")
+
+
+def pipeline_images_per_s(args, images, labels, device, batches: int) -> float:
+    loader = make_loader(args, images, labels, device)
+    iterator = iter(loader)
+    next(iterator)
+    start = report.now(device)
+    n = 0
+    for _ in range(batches):
+        x, _ = next(iterator)
+        x = x.to(device, non_blocking=True)
+        n += len(x)
+    return n / (report.now(device) - start)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*could not find the monitored key.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    torch.manual_seed(0)
+    total = args.warmup + args.steps
+    images = torch.randint(0, 256, (total * args.batch_size, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (total * args.batch_size,))
+    initial_state = copy.deepcopy(MODELS[args.model]().state_dict())
+
+    variants = {"plain": None}
+    if args.callbacks in ("off", "both"):
+        variants["lightning_callbacks_off"] = False
+    if args.callbacks in ("on", "both"):
+        variants["lightning_callbacks_on"] = True
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    images_per_step = args.steps * args.batch_size
+    with tempfile.TemporaryDirectory() as root:
+        for repeat in range(args.repeats):
+            # Alternate the order so slow drifts of a shared machine hit every variant alike.
+            order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+            for name in order:
+                if name == "plain":
+                    w, c = run_plain(args, initial_state, images, labels, device)
+                else:
+                    w, c = run_lightning(args, initial_state, images, labels, device, variants[name], root)
+                wall[name].append(w)
+                cpu[name].append(c)
+                print(f"repeat {repeat}: {name:<24} {images_per_step / w:10.0f} images/s  (wall {w:.3f} s, process CPU {c:.3f} s)")
+
+    results: dict = {}
+    for name in variants:
+        per_repeat = [images_per_step / t for t in wall[name]]
+        results[name] = {
+            "images_per_s_median": round(report.median(per_repeat), 1),
+            "images_per_s_per_repeat": [round(v, 1) for v in per_repeat],
+            "seconds_per_step_median": report.median(wall[name]) / args.steps,
+            "process_cpu_seconds_per_step_median": report.median(cpu[name]) / args.steps,
+        }
+    plain = results["plain"]["images_per_s_median"]
+    targets = []
+    for name in variants:
+        if name == "plain":
+            continue
+        # Each repeat ran the variants back to back, so their ratio shares the machine's load at that moment.
+        paired = [t / p for t, p in zip(wall[name], wall["plain"])]
+        paired_cpu = [t / p for t, p in zip(cpu[name], cpu["plain"])]
+        results[name]["time_ratio_over_plain_median"] = round(report.median(paired), 4)
+        results[name]["time_ratio_over_plain_per_repeat"] = [round(r, 4) for r in paired]
+        results[name]["process_cpu_time_ratio_over_plain_median"] = round(report.median(paired_cpu), 4)
+        results[name]["throughput_fraction_of_plain"] = round(results[name]["images_per_s_median"] / plain, 4)
+
+    flops = train_flops_per_image(args, initial_state, device)
+    ceiling, ceiling_dtype = matmul_ceiling(device)
+    best_lightning = results.get("lightning_callbacks_off", results.get("lightning_callbacks_on"))["images_per_s_median"]
+    data_rate = pipeline_images_per_s(args, images, labels, device, batches=min(20, total - 1))
+    results["model"] = {
+        "train_flops_per_image": flops,
+        "lightning_model_flops_per_s": flops * best_lightning,
+        "plain_model_flops_per_s": flops * plain,
+        "matmul_ceiling_flops_per_s": ceiling,
+        "matmul_ceiling_dtype": ceiling_dtype,
+        "lightning_fraction_of_ceiling": round(flops * best_lightning / ceiling, 4),
+    }
+    results["data_pipeline"] = {"images_per_s": round(data_rate, 1), "times_the_training_step_consumes": round(data_rate / plain, 2)}
+
+    if "lightning_callbacks_off" in results:
+        ratio = results["lightning_callbacks_off"]["time_ratio_over_plain_median"]
+        if device.type == "cpu":
+            targets.append(report.target("Lightning/plain time ratio, callbacks off (CPU)", ratio, "<=", 1.05))
+            targets.append(report.target("the same in process CPU time (steadier on a shared machine)",
+                                         results["lightning_callbacks_off"]["process_cpu_time_ratio_over_plain_median"], "<=", 1.05))
+        else:
+            targets.append(report.target("Lightning throughput as a fraction of plain (GPU)", 1 / ratio, ">=", 0.95))
+    if "lightning_callbacks_on" in results:
+        targets.append(report.target("Lightning/plain time ratio, default callbacks on (reported)", results["lightning_callbacks_on"]["time_ratio_over_plain_median"], "<=", 1.05))
+    if device.type == "cuda":
+        targets.append(report.target("model FLOP/s as a fraction of the bf16 matmul ceiling", results["model"]["lightning_fraction_of_ceiling"], ">=", 0.30))
+        targets.append(report.target("data pipeline images/s over training images/s", results["data_pipeline"]["times_the_training_step_consumes"], ">=", 10))
+
+    tag = f"{args.model}-{args.precision}" + ("-cl" if args.channels_last else "") + ("-compile" if args.compile else "") + f"-{args.data}"
+    settings = {**vars(args), "images": len(images), "lr": LR, "momentum": MOMENTUM, "nesterov": True, "weight_decay": WEIGHT_DECAY,
+                "scheduler": "onecycle", "label_smoothing": LABEL_SMOOTHING, "optimizer": "sgd"}
+    notes = (f"Median of {args.repeats} alternating repeats; each times steps {args.warmup}..{total - 1} of a fresh run "
+             "(warm-up excluded). Ratios are per-repeat pairs (run back to back), then the median.")
+    if device.type == "cpu":
+        notes += " On a shared CPU other processes add noise; compare the per-repeat ratios."
+    report.write(args.name or f"throughput-{tag}", device, settings, results, targets, notes)
+    for t in targets:
+        print(f"{t['name']}: {t['measured']} (target {t['target']}: {'met' if t['met'] else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
