@@ -294,3 +294,38 @@ def test_secrets_never_reach_the_run_directory(tmp_path, tiny_npz):
     assert any("wandb" in str(p) for p in files), "the wandb logger wrote nothing; the test would prove nothing"
     leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
     assert leaked == [] and secret not in out.stdout + out.stderr
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL at an arbitrary moment of training, resume from the newest checkpoint: same final weights."""
+    npz = make_npz(tmp_path / "d.npz", n_train=384)
+    common = ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={npz}", *QUIET, "--data.val_size=64",
+              "--data.batch_size=16", "--trainer.max_epochs=6", "--test_after_fit=false"]
+    reference = run_cli([*common, f"--trainer.default_root_dir={tmp_path / 'ref'}"], timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    root = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PROJECT_RUN_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "project", *common, f"--trainer.default_root_dir={root}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(root.glob("lenet/*/checkpoints/last.ckpt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "fit ended before writing a checkpoint"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+    (run,) = run_dirs(root, "lenet")
+    killed_at = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"]
+    assert not (run / "net.pt").exists() and killed_at < 5, "the kill must land before the run finished"
+
+    resumed = run_cli([*common, f"--trainer.default_root_dir={root}", "--ckpt_path=last"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_dirs(root, "lenet") == [run]
+    (ref_run,) = run_dirs(tmp_path / "ref", "lenet")
+    expected, got = torch.load(ref_run / "net.pt", weights_only=True), torch.load(run / "net.pt", weights_only=True)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

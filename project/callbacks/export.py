@@ -3,8 +3,25 @@
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from project.checkpoints import save_net, strip_prefixes
+
+
+def full_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """The LightningModule's complete state_dict on global rank 0 (a collective under FSDP).
+
+    Under FSDP with ``state_dict_type="sharded"`` the strategy's own state_dict holds shards
+    (ShardedTensor), fine for checkpoints but not for a plain file, so the full one is gathered.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+        with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
+            return strategy.model.state_dict()
+    return strategy.lightning_module_state_dict()
 
 
 class ExportNet(L.Callback):
@@ -19,7 +36,7 @@ class ExportNet(L.Callback):
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = trainer.strategy.lightning_module_state_dict()
+        state = full_state_dict(trainer)
         # trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking on rank 0
         # alone deadlocks DDP: rank 0 waits in the broadcast, the others in the barrier below).
         log_dir = trainer.log_dir or trainer.default_root_dir
