@@ -80,10 +80,12 @@ class SLURMRequeue(L.Callback):
         self.enabled = enabled
         self.requested = False
         self.checkpoint_path: Path | None = None
-        self._previous_handler = None
         self._active = False
+        self._installed = False
+        self._previous_handler = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.requested = False
         if not (self.enabled and stage == "fit" and SLURMEnvironment.detect()):
             return
         environment = trainer._accelerator_connector.cluster_environment
@@ -91,9 +93,14 @@ class SLURMRequeue(L.Callback):
             environment.auto_requeue = False  # this callback does the requeueing (see the module docstring)
         # log_dir is broadcast from rank zero: every rank asks for it here.
         self.checkpoint_path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(self.signum, self._on_signal)
-            self._active = True
+        self._active = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed after Lightning has recorded the signal handlers it restores at the end of a run.
+        if self._active and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.getsignal(self.signum)
+            signal.signal(self.signum, self._on_signal)
+            self._installed = True
 
     def _on_signal(self, signum, frame) -> None:
         # Only note it: saving here could catch the model in the middle of an optimiser step.
@@ -134,8 +141,16 @@ class SLURMRequeue(L.Callback):
         trainer.save_checkpoint(self.checkpoint_path)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._active and threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._previous_handler or signal.SIG_DFL)
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._installed and threading.current_thread() is threading.main_thread():
+            previous = self._previous_handler
+            signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
+            self._installed = False
         self._active = False
 
 
