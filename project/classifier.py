@@ -38,7 +38,8 @@ class ImageClassifier(L.LightningModule):
             horizontal mirror (training is unchanged).
         compile: compile the net with ``torch.compile`` (in place, in ``configure_model``): after
             every callback's ``setup`` has registered its hooks, before DDP/FSDP wrap the model,
-            and without adding ``_orig_mod.`` to the state_dict keys.
+            and without adding ``_orig_mod.`` to the state_dict keys. ``true``, or a mapping of
+            ``torch.compile`` keyword arguments, e.g. ``{mode: max-autotune}``.
         on_nonfinite_loss: what a NaN or infinite training loss does: ``stop`` the run with an
             error naming the step (checkpoints written before it stay as they are), or ``skip``
             the batch without an optimiser step, at most ``max_nonfinite_skips`` times per run.
@@ -60,7 +61,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         tta_flip: bool = False,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
         on_nonfinite_loss: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 10,
     ) -> None:
@@ -99,8 +100,9 @@ class ImageClassifier(L.LightningModule):
     def configure_model(self) -> None:
         # Lightning calls this hook after the callbacks' setup and before the strategy wraps the
         # model; Module.compile() compiles in place, so state_dict keys stay those of the plain net.
-        if self.hparams.get("compile") and getattr(self.net, "_compiled_call_impl", None) is None:
-            self.net.compile()
+        options = self.hparams.get("compile")
+        if options and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile(**(options if isinstance(options, dict) else {}))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.get("channels_last"):
@@ -122,9 +124,21 @@ class ImageClassifier(L.LightningModule):
         metrics.update(logits.detach(), labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
-        # Logging the Metric objects lets torchmetrics aggregate over the epoch and across processes.
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return logits.detach() if return_logits else loss
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        # Logging the Metric objects lets torchmetrics aggregate over the epoch and across processes;
+        # once per epoch, because logging them every step costs about a millisecond per step.
+        self.log_dict(self.metrics[f"{stage}_metrics"], on_step=False, on_epoch=True, prog_bar=stage != "train")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")

@@ -17,9 +17,30 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import lightning.pytorch.loggers
 
 #: ``wandb/run-20250101_120000-<id>`` (online) or ``wandb/offline-run-...-<id>`` (offline).
 _RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
+
+
+class WandbSetupError(ValueError):
+    """wandb cannot start a run (no API key, for example); the message says what to do."""
+
+
+class WandbLogger(lightning.pytorch.loggers.WandbLogger):
+    """Lightning's WandbLogger; when wandb cannot start a run, one sentence saying what to do instead."""
+
+    @property
+    def experiment(self):
+        try:
+            return super().experiment
+        except Exception as err:
+            if type(err).__name__ != "UsageError" or not type(err).__module__.startswith("wandb"):
+                raise
+            raise WandbSetupError(
+                f"wandb could not start a run ({err}): log in with `wandb login`, or set WANDB_MODE=offline "
+                "to keep the run in the run directory and upload it later with `wandb sync`."
+            ) from None
 
 
 def sweep_run_name() -> str | None:

@@ -17,7 +17,15 @@ from project.callbacks import ActivationStatistics, GradientStatistics
 
 class RankDump(L.Callback):
     """At the end of fit every rank writes ``rank<r>.pt`` into the run directory: the hook callbacks'
-    last logged values, the net's buffers and a hash of its weights, as that rank holds them."""
+    last logged values, the net's buffers, the sum of its weights and the labels of its first
+    batch, as that rank holds them."""
+
+    def __init__(self) -> None:
+        self.first_labels: list[int] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == 0:
+            self.first_labels = batch[1].tolist()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = Path(trainer.log_dir)  # a collective: every rank asks
@@ -28,6 +36,7 @@ class RankDump(L.Callback):
             "buffers": {k: v.detach().cpu().clone() for k, v in net.named_buffers()},
             "weights_sum": sum(float(p.detach().double().sum()) for p in net.parameters()),
             "world_size": trainer.world_size,
+            "first_labels": self.first_labels,
         }, log_dir / f"rank{trainer.global_rank}.pt")
         trainer.strategy.barrier("RankDump")
 
@@ -41,6 +50,21 @@ class KillAtEpoch(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Interrupted(Exception):
+    """Raised by RaiseAtEpoch."""
+
+
+class RaiseAtEpoch(L.Callback):
+    """Raise :class:`Interrupted` when training epoch ``epoch`` starts: an in-process interruption."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Interrupted(f"interrupted at the start of epoch {self.epoch}")
 
 
 class CPUFSDPStrategy(FSDPStrategy):

@@ -46,7 +46,8 @@ class ActivationStatistics(L.Callback):
 
     Args:
         every_n_steps: record on optimiser steps 0, N, 2N, ...; the hooks return at once otherwise.
-        layers: glob patterns over module names inside the net, e.g. ``["conv*", "stages.*.0"]``.
+        layers: glob patterns over module names inside the net, e.g. ``["conv*", "stages.*.0"]``
+            (``*`` matches within one dotted part, ``**`` across parts).
         types: module class names, e.g. ``["ReLU", "ResidualBlock"]``. A layer is watched when
             it matches either; with neither given, ``Conv2d``, ``Linear``, ``ReLU`` and ``ResidualBlock``.
         prefix: the first part of every logged key.

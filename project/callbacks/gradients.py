@@ -2,7 +2,6 @@
 (with full backward hooks) the gradient reaching each layer's output."""
 
 import math
-from fnmatch import fnmatchcase
 from functools import partial
 
 import lightning as L
@@ -11,7 +10,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from project.callbacks.layers import clean_name, is_compiled, log_metrics, network, select_layers
+from project.callbacks.layers import clean_name, is_compiled, log_metrics, matches, network, select_layers
 
 #: Modules whose output gradient is watched when ``output_grads`` is on and no ``types`` are given.
 DEFAULT_OUTPUT_TYPES = ("ResidualBlock", "Conv2d", "Linear")
@@ -101,7 +100,7 @@ class GradientStatistics(L.Callback):
         self._groups = groups
 
     def _wanted(self, layer: str) -> bool:
-        return self.layers is None or any(fnmatchcase(layer, pattern) for pattern in self.layers)
+        return self.layers is None or matches(layer, self.layers)
 
     def _record_output(self, name: str, module: nn.Module, grad_input, grad_output) -> None:
         if self._recording and grad_output and grad_output[0] is not None:

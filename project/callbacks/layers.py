@@ -1,7 +1,7 @@
 """What the hook callbacks share: the network inside the LightningModule, its layers by name or type, logging."""
 
+import re
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 
 import lightning as L
 from torch import nn
@@ -46,7 +46,7 @@ def select_layers(
     chosen = {
         clean_name(name): module
         for name, module in net.named_modules()
-        if name and (type(module).__name__ in type_names or any(fnmatchcase(clean_name(name), p) for p in patterns))
+        if name and (type(module).__name__ in type_names or matches(clean_name(name), patterns))
     }
     if not chosen:
         available = sorted({type(m).__name__ for _, m in net.named_modules()})
@@ -55,6 +55,20 @@ def select_layers(
             f"give name patterns such as 'conv1' or 'stages.*', or types among {', '.join(available)}."
         )
     return chosen
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Glob match on dotted module names: ``*`` stays within one part, ``**`` spans parts.
+
+    ``stages.*`` matches the stages themselves, ``stages.*.*`` their blocks and ``stages.**``
+    everything below them.
+    """
+    return any(re.fullmatch(_glob_regex(p), name) for p in patterns)
+
+
+def _glob_regex(pattern: str) -> str:
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    return "".join({"**": ".*", "*": "[^.]*", "?": "[^.]"}.get(part, re.escape(part)) for part in parts)
 
 
 def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:

@@ -18,7 +18,8 @@ from project.data import CIFAR10_MEAN, CIFAR10_STD
 
 
 class PredictionPlots(L.Callback):
-    """Draw ``<stage>-...-confusion.png`` and ``<stage>-...-predictions.png`` into ``<run dir>/plots/``.
+    """Draw ``<stage>[-epochE]-confusion.png`` (with its counts in ``.csv``) and ``...-predictions.png``
+    into ``<run dir>/plots/``, and log the two images to every WandbLogger.
 
     The confusion matrix counts every validation (or test) image of every process (torchmetrics
     syncs it across DDP ranks); the prediction grid shows the first ``num_samples`` images that
@@ -127,6 +128,8 @@ class PredictionPlots(L.Callback):
         stem = f"{stage}-epoch{epoch:03d}" if epoch is not None else stage
         title = f"{stage}, epoch {epoch}" if epoch is not None else stage
         written = {"confusion_matrix": plots.save(plots.confusion_matrix_figure(matrix, self._classes, title), self._dir / f"{stem}-confusion.png")}
+        # The counts as numbers too: rows are true classes, columns predicted ones.
+        np.savetxt(self._dir / f"{stem}-confusion.csv", matrix, fmt="%d", delimiter=",", header=",".join(self._classes), comments="")
         if samples:
             images, labels, preds = (torch.cat(parts) for parts in zip(*samples))
             written["predictions"] = plots.save(

@@ -1,0 +1,168 @@
+"""project.checkpoints: every checkpoint layout this template writes becomes the plain net's state_dict,
+safely, with one clear error for what does not fit; `python -m project.checkpoints` converts."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from project.checkpoints import CheckpointError, convert, load_into, main, plain_state_dict, read_checkpoint, strip_prefixes
+from project.classifier import ImageClassifier
+from project.cli import main as cli_main
+from project.models import LeNet, ResNet20
+from tests.conftest import QUIET, REPO
+
+
+@pytest.fixture(scope="module")
+def lenet_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return LeNet().state_dict()
+
+
+def same(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("prefix", ["", "net.", "module.net.", "_forward_module.net.", "model.net.", "_orig_mod.", "net._orig_mod.",
+                                    "_orig_mod.net.", "module._orig_mod."])
+def test_wrapper_prefixes_are_stripped(lenet_state, prefix):
+    wrapped = {f"{prefix}{k}": v for k, v in lenet_state.items()}
+    if "net." in prefix:  # the classifier's own entries beside the net's are dropped
+        wrapped["metrics.val_metrics.acc.tp"] = torch.zeros(1)
+    assert same(strip_prefixes(wrapped), lenet_state)
+
+
+def test_wrapper_parts_inside_keys_are_removed():
+    """FSDP units, activation checkpointing and compiled submodules insert parts mid-key."""
+    state = {"net.stages.0._fsdp_wrapped_module.0.conv1.weight": torch.ones(1),
+             "net.stages.0._fsdp_wrapped_module._checkpoint_wrapped_module.1.bn1.bias": torch.ones(1),
+             "net.fc._orig_mod.weight": torch.ones(1)}
+    assert list(strip_prefixes(state)) == ["stages.0.0.conv1.weight", "stages.0.1.bn1.bias", "fc.weight"]
+
+
+def test_colliding_keys_are_refused():
+    with pytest.raises(CheckpointError, match="both become 'conv1.weight'"):
+        strip_prefixes({"net.conv1.weight": torch.ones(1), "net.module.conv1.weight": torch.ones(1)})
+
+
+def test_compiled_model_state_dict_loads_into_the_plain_class(lenet_state):
+    """torch.compile(model) wraps it (keys gain _orig_mod.); nothing is compiled until it is called."""
+    compiled = torch.compile(LeNet())
+    compiled.load_state_dict({f"_orig_mod.{k}": v for k, v in lenet_state.items()})
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    plain = load_into(LeNet(), compiled.state_dict())
+    assert same(plain.state_dict(), lenet_state)
+
+
+def test_classifier_compile_keeps_plain_keys():
+    """model.compile compiles the net in place (Module.compile), so the keys never change."""
+    model = ImageClassifier(LeNet(), compile=True)
+    before = list(model.state_dict())
+    model.configure_model()  # what Lightning calls; compilation itself is lazy
+    assert model.net._compiled_call_impl is not None and list(model.state_dict()) == before
+
+
+def test_mismatch_is_one_error_listing_keys_and_shapes(lenet_state):
+    with pytest.raises(CheckpointError) as err:
+        load_into(LeNet(num_classes=100), {**lenet_state, "extra.weight": torch.zeros(1)})
+    message = str(err.value)
+    assert "unexpected keys [extra.weight] (1)" in message
+    assert "fc3.weight: file (10, 84) vs model (100, 84)" in message and "fc3.bias: file (10,) vs model (100,)" in message
+    with pytest.raises(CheckpointError, match=r"missing keys \[conv1.bias"):
+        load_into(LeNet(), {k: v for k, v in lenet_state.items() if k != "conv1.bias"})
+
+
+def test_loading_is_weights_only_by_default(tmp_path, lenet_state):
+    path = tmp_path / "odd.pt"
+    torch.save({"state_dict": lenet_state, "extra": os.path.join}, path)  # a pickled function
+    with pytest.raises(CheckpointError, match="could run code"):
+        read_checkpoint(path)
+    assert same(plain_state_dict(read_checkpoint(path, weights_only=False)), lenet_state)
+
+
+def write_sharded_checkpoint(path, lenet_state, meta: dict | None = None) -> None:
+    """A torch.distributed.checkpoint directory in the layout of Lightning's FSDP sharded checkpoints
+    ({"model": ..., "optimizer_0": ...} plus meta.pt), written by one process without a process group."""
+    state = {"model": {f"net.{k}": v.clone() for k, v in lenet_state.items()},
+             "optimizer_0": {"state": {"net.conv1.weight": {"momentum_buffer": torch.ones(6, 3, 5, 5)}}}}
+    dcp.save(state, checkpoint_id=path, no_dist=True)
+    torch.save(meta or {"epoch": 3, "global_step": 12}, path / "meta.pt")
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
+def test_sharded_checkpoint_directory_is_read_in_one_process(tmp_path, lenet_state):
+    path = tmp_path / "last.ckpt"
+    write_sharded_checkpoint(path, lenet_state)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["epoch"] == 3 and "optimizer_0" not in checkpoint, "metadata from meta.pt, optimiser state skipped"
+    assert same(plain_state_dict(checkpoint), lenet_state)
+    assert same(load_into(LeNet(), path).state_dict(), lenet_state)
+    convert(path, tmp_path / "net.pt")
+    assert same(torch.load(tmp_path / "net.pt", weights_only=True), lenet_state)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
+def test_sharded_checkpoint_metadata_cannot_run_code(tmp_path, lenet_state):
+    path = tmp_path / "evil.ckpt"
+    write_sharded_checkpoint(path, lenet_state)
+    payload = _RunsCode()
+    payload.marker = tmp_path / "pwned"
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(payload, f)
+    with pytest.raises(CheckpointError, match="could run code"):
+        read_checkpoint(path)
+    assert not payload.marker.exists()
+
+
+def test_deepspeed_directory(tmp_path, lenet_state):
+    """The ZeRO 1/2 layout, written here by torch.save since DeepSpeed is not installed (a stand-in
+    for its files): the full weights sit under "module", behind Lightning's _forward_module. prefix."""
+    ckpt = tmp_path / "epoch=0.ckpt"
+    (ckpt / "checkpoint").mkdir(parents=True)
+    torch.save({"module": {f"_forward_module.net.{k}": v for k, v in lenet_state.items()}, "global_step": 5},
+               ckpt / "checkpoint" / "mp_rank_00_model_states.pt")
+    assert same(plain_state_dict(read_checkpoint(ckpt)), lenet_state)
+    torch.save({"module": {}}, ckpt / "checkpoint" / "mp_rank_00_model_states.pt")
+    torch.save({}, ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match="ZeRO stage 3.*zero_to_fp32.py"):
+        read_checkpoint(ckpt)
+
+
+def test_unknown_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="neither a torch.distributed.checkpoint"):
+        read_checkpoint(tmp_path)
+
+
+def test_convert_command_on_a_real_lightning_checkpoint(tmp_path, tiny_npz, capsys):
+    cli = cli_main(["fit", "-c", str(REPO / "experiments/resnet20.yaml"), f"--data.npz={tiny_npz}", *QUIET,
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--data.val_size=16",
+                    "--data.batch_size=16", "--test_after_fit=false", "--plots.enabled=false"])
+    run = cli.run_dir
+    out = main([str(run / "checkpoints/last.ckpt"), str(tmp_path / "converted.pt")])
+    assert "Wrote" in capsys.readouterr().out
+    converted, exported = torch.load(out, weights_only=True), torch.load(run / "net.pt", weights_only=True)
+    assert same(converted, exported) and "input_stats.count" in converted and "input_stats.std" not in converted
+    load_into(ResNet20(), out)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.pt")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_convert_runs_as_a_module_with_torch_alone(tmp_path, lenet_state):
+    """The command imports no Lightning: a collaborator with only torch can run it."""
+    torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}}, tmp_path / "x.ckpt")
+    code = ("import sys, runpy; sys.argv = ['x', sys.argv[1], sys.argv[2]]; runpy.run_module('project.checkpoints', run_name='__main__');"
+            "assert not any(m.startswith('lightning') for m in sys.modules), 'lightning was imported'")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.ckpt"), str(tmp_path / "net.pt")],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert same(torch.load(tmp_path / "net.pt", weights_only=True), lenet_state)

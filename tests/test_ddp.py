@@ -1,0 +1,168 @@
+"""Real multi-process training on CPU: 2 processes (gloo) launched by the CLI itself, as a user runs it.
+
+DDP (Lightning re-runs the command per rank), ddp_spawn, and FSDP with sharded checkpoints (on CPU
+through tests.probes.CPUFSDPStrategy, since Lightning's FSDP strategy insists on GPUs). Every run
+writes into one run directory; tests.probes.RankDump records what each rank saw.
+"""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from project.checkpoints import load_into, plain_state_dict, read_checkpoint
+from project.classifier import ImageClassifier
+from project.cli import main
+from project.data import CIFAR10DataModule
+from project.models import LeNet, ResNet20
+from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
+
+DDP_CPU = ["-c", "experiments/presets/ddp_cpu.yaml"]
+SMALL = [*QUIET, "--data.val_size=16", "--data.batch_size=8", "--trainer.max_epochs=1", "--plots.enabled=false"]
+PER_RANK_IMAGES = 24  # 64 random images - 16 for validation = 48 training images, half per rank
+
+
+def ddp_fit(root, npz, config: str, *extra: str, timeout: float = 300):
+    out = run_cli(["fit", "-c", config, *DDP_CPU, f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={root}",
+                   "--trainer.callbacks+=tests.probes.RankDump", *extra], timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def metrics(run) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def ranks(run) -> list[dict]:
+    return [torch.load(run / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """ResNet-20 with every hook callback (experiments/resnet20_hooks.yaml) under DDP on 2 CPU
+    processes for one epoch, then the DDP test of its best checkpoint (test_after_fit)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    npz = make_npz(tmp / "d.npz")
+    ddp_fit(tmp / "runs", npz, "experiments/resnet20_hooks.yaml")
+    (run,) = run_dirs(tmp / "runs", "resnet20_hooks")
+    return {"npz": npz, "root": tmp / "runs", "run": run}
+
+
+def test_one_run_directory_and_one_logger_for_all_ranks(ddp_run):
+    run = ddp_run["run"]
+    assert run_dirs(ddp_run["root"], "resnet20_hooks") == [run]
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["buffers.json", "checkpoints", "config.yaml", "hparams.yaml", "metrics.csv", "net.pt", "rank0.pt", "rank1.pt"]
+    assert [r["world_size"] for r in ranks(run)] == [2, 2], "both ranks wrote into the same directory"
+    steps = [r["step"] for r in metrics(run) if "grad/total_norm" in r]
+    assert steps == [0], "rank 0's logger alone writes; a second logger would duplicate every row"
+
+
+def test_gradient_statistics_use_the_synchronised_gradients(ddp_run):
+    """Each rank trained on a different shard, yet both computed the same per-layer norms: they
+    read the gradients after DDP's all-reduce. Local gradients would differ between the ranks."""
+    rank0, rank1 = ranks(ddp_run["run"])
+    assert rank0["first_labels"] != rank1["first_labels"], "the ranks must see different data for this to prove anything"
+    grads0, grads1 = rank0["stats"]["GradientStatistics"], rank1["stats"]["GradientStatistics"]
+    assert "grad/stages.0.0.conv1/norm" in grads0 and "grad/stages.2.2/output_norm" in grads0
+    assert grads0 == grads1
+    assert rank0["weights_sum"] == rank1["weights_sum"]
+    logged = next(r for r in metrics(ddp_run["run"]) if "grad/total_norm" in r)
+    assert logged["grad/total_norm"] == pytest.approx(grads0["grad/total_norm"])
+    assert rank0["stats"]["ActivationStatistics"] == rank1["stats"]["ActivationStatistics"], "averaged over ranks"
+
+
+def test_saved_buffers_are_rank0s_broadcast_values(ddp_run):
+    """DDP broadcasts buffers from rank 0 before each forward pass instead of reducing them: the
+    checkpoint holds rank 0's statistics, which count rank 0's 24 images, not all 48."""
+    run = ddp_run["run"]
+    rank0, rank1 = ranks(run)
+    state = read_checkpoint(run / "checkpoints/last.ckpt")["state_dict"]
+    assert state["net.input_stats.count"].item() == PER_RANK_IMAGES
+    for name in ("input_stats.count", "input_stats.mean", "input_stats.var", "stem.1.running_mean", "stages.2.2.bn2.running_var"):
+        assert torch.equal(state[f"net.{name}"], rank0["buffers"][name]), name
+        assert torch.equal(rank1["buffers"][name], rank0["buffers"][name]), name
+    assert "net.input_stats.std" not in state and "input_stats.std" in rank0["buffers"]
+    report = {b["name"]: b for b in json.loads((run / "buffers.json").read_text())["buffers"]}
+    assert report["net.input_stats.count"]["values"] == PER_RANK_IMAGES
+    assert "broadcast from rank 0" in json.loads((run / "buffers.json").read_text())["synchronisation"]
+
+
+def test_ddp_checkpoint_and_net_pt_give_the_same_predictions_in_one_process(ddp_run):
+    run = ddp_run["run"]
+    net = ResNet20()
+    net.load_state_dict(torch.load(run / "net.pt", weights_only=True))
+    model = ImageClassifier.load_from_checkpoint(run / "checkpoints/last.ckpt", weights_only=True)
+    assert isinstance(model.net, ResNet20)
+    dm = CIFAR10DataModule(npz=ddp_run["npz"], val_size=16)
+    dm.setup()
+    images = next(iter(dm.test_dataloader()))[0]
+    net.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(net(images), model(images))
+    assert list(plain_state_dict(read_checkpoint(run / "checkpoints/last.ckpt"))) == list(net.state_dict())
+
+
+def test_ddp_metrics_equal_single_process_metrics_on_the_same_data(ddp_run, tmp_path):
+    """test_after_fit ran under DDP (16 test images per rank); the same checkpoint tested in one
+    process over all 32 gives the same accuracy and loss."""
+    run = ddp_run["run"]
+    (ddp,) = [r for r in metrics(run) if "test/acc" in r]
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    single = main(["test", "-c", str(REPO / "experiments/resnet20.yaml"), f"--data.npz={ddp_run['npz']}", *QUIET,
+                   "--data.val_size=16", f"--trainer.default_root_dir={tmp_path}", "--plots.enabled=false", f"--ckpt_path={best}"])
+    assert single.trainer.world_size == 1
+    (one,) = [r for r in metrics(single.run_dir) if "test/acc" in r]
+    assert one["test/acc"] == ddp["test/acc"] and one["test/acc_top5"] == ddp["test/acc_top5"]
+    assert one["test/loss"] == pytest.approx(ddp["test/loss"], rel=1e-5)
+
+
+def test_single_process_checkpoint_resumes_under_ddp(tmp_path):
+    npz = make_npz(tmp_path / "d.npz")
+    common = ["-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}",
+              "--test_after_fit=false"]
+    run = main(["fit", *common]).run_dir
+    first = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert first["global_step"] == 6  # 48 images / batch 8 in one process
+    out = run_cli(["fit", *common, *DDP_CPU, "--trainer.max_epochs=2", f"--ckpt_path={run / 'checkpoints/last.ckpt'}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Restored all states from the checkpoint" in out.stderr + out.stdout
+    assert run_dirs(tmp_path, "lenet") == [run], "the resumed run continues in the checkpoint's directory"
+    resumed = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 6 + 3  # then 24 images / batch 8 per rank
+    load_into(LeNet(), run / "net.pt")
+
+
+def test_ddp_spawn_fit(tmp_path):
+    npz = make_npz(tmp_path / "d.npz")
+    out = run_cli(["fit", "-c", "experiments/lenet.yaml", "-c", "experiments/presets/ddp_spawn.yaml", "--trainer.accelerator=cpu",
+                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false"], timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (run,) = run_dirs(tmp_path, "lenet")
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3, "2 processes, 3 steps each"
+    load_into(LeNet(), run / "net.pt")
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
+def test_fsdp_sharded_checkpoint_converts_to_the_plain_net(ddp_run, tmp_path):
+    """FSDP on 2 CPU processes (a stand-in for GPUs) with every ResidualBlock its own unit and
+    sharded checkpoints: the directory converts to the exported net.pt, and the hook callbacks
+    report the same layers as under DDP, with norms summed over the gradient shards."""
+    npz = make_npz(tmp_path / "d.npz")
+    ddp_fit(tmp_path, npz, "experiments/resnet20_hooks.yaml", "--trainer.strategy=tests.probes.CPUFSDPStrategy",
+            "--trainer.strategy.state_dict_type=sharded", "--trainer.strategy.auto_wrap_policy=[project.models.ResidualBlock]",
+            "--test_after_fit=false")
+    (run,) = run_dirs(tmp_path, "resnet20_hooks")
+    last = run / "checkpoints/last.ckpt"
+    assert last.is_dir() and (last / ".metadata").is_file() and (last / "__1_0.distcp").is_file()
+    exported = torch.load(run / "net.pt", weights_only=True)
+    converted = plain_state_dict(read_checkpoint(last))
+    assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
+    load_into(ResNet20(), exported)
+    rank0, rank1 = ranks(run)
+    assert rank0["stats"]["GradientStatistics"] == rank1["stats"]["GradientStatistics"]
+    ddp_grads = ranks(ddp_run["run"])[0]["stats"]["GradientStatistics"]
+    assert set(rank0["stats"]["GradientStatistics"]) == set(ddp_grads), "same layer names under FSDP and DDP"
+    assert rank0["stats"]["GradientStatistics"]["grad/stages.1.0.conv1/norm"] > 0

@@ -1,0 +1,231 @@
+"""SLURM without a SLURM controller: job-step detection, requeue on the signal, auto-resume, sbatch scripts.
+
+No test here has a real ``slurmctld``: the environment variables a job step sets are set by hand,
+and ``scontrol`` is either absent from PATH or a two-line shell script that records its arguments.
+The signal itself is real (``os.kill``), and so are the checkpoints and the resumed training.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from project.callbacks import LastCheckpoint
+from project.classifier import ImageClassifier
+from project.cli import ProjectCLI
+from project.cluster import SLURMRequeue, requeue_job, slurm_job_id
+from project.data import CIFAR10DataModule
+from project.models import LeNet
+from tests.conftest import QUIET, REPO, kill_group, run_cli
+
+SLURM_SCRIPTS = sorted((REPO / "experiments" / "slurm").glob("*.sbatch"))
+
+
+def job_step_env(job_id="4242", nodes=1, tasks_per_node=1, proc_id=0, name="train") -> dict[str, str]:
+    """The variables ``srun`` sets in each task of a job step (those Lightning and this template read)."""
+    return {
+        "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": name, "SLURM_NNODES": str(nodes),
+        "SLURM_NTASKS": str(nodes * tasks_per_node), "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+        "SLURM_PROCID": str(proc_id), "SLURM_LOCALID": str(proc_id % tasks_per_node),
+        "SLURM_NODEID": str(proc_id // tasks_per_node), "SLURM_NODELIST": "node[001-002]" if nodes > 1 else "node001",
+    }
+
+
+def fake_scontrol(folder: Path, exit_code: int = 0) -> Path:
+    """An ``scontrol`` that appends its arguments to ``folder/scontrol.log`` and exits with ``exit_code``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/scontrol.log"\n'
+                      + (f'echo "scontrol: error: Invalid job id specified" >&2\nexit {exit_code}\n' if exit_code else ""))
+    script.chmod(0o755)
+    return folder / "scontrol.log"
+
+
+def test_job_step_environment_gives_world_size_and_ranks(tmp_path, monkeypatch):
+    """Task 5 of a 2-node x 4-task job step: rank 5 of 8, local rank 1 on node 1, run dir slurm-<job id>."""
+    for key in ("PROJECT_RUN_DIR", "MASTER_ADDR", "MASTER_PORT", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+                "WANDB_SWEEP_ID", "WANDB_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in job_step_env(job_id="777", nodes=2, tasks_per_node=4, proc_id=5).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # the Trainer sets it to 5; restored after
+    monkeypatch.setattr(sys, "argv", ["project"])  # LightningCLI warns when pytest's own arguments are there
+    cli = ProjectCLI(args=["-c", str(REPO / "experiments/lenet.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                           "--trainer.accelerator=cpu", "--trainer.devices=4", "--trainer.num_nodes=2",
+                           "--trainer.strategy=ddp", *QUIET], run=False)
+    trainer = cli.trainer
+    assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (8, 5, 1, 1)
+    assert trainer.strategy.cluster_environment.main_address == "node001"
+    assert cli.run_dir == (tmp_path / "lenet" / "slurm-777").resolve()
+
+
+def test_interactive_allocation_is_not_a_job_step(monkeypatch):
+    """``srun --job-name=interactive --pty bash``: Lightning's documented way to opt out of SLURM handling."""
+    for key, value in job_step_env(name="interactive").items():
+        monkeypatch.setenv(key, value)
+    assert not SLURMEnvironment.detect()
+
+
+def test_requeue_job_runs_scontrol_and_explains_every_failure(tmp_path, monkeypatch):
+    log = fake_scontrol(tmp_path / "ok")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'ok'}{os.pathsep}{os.environ['PATH']}")
+    assert requeue_job("4242") is None
+    assert requeue_job("4242_3") is None
+    assert log.read_text().splitlines() == ["requeue 4242", "requeue 4242_3"]
+
+    fake_scontrol(tmp_path / "failing", exit_code=1)
+    monkeypatch.setenv("PATH", str(tmp_path / "failing"))
+    assert requeue_job("4242") == "`scontrol requeue 4242` failed with exit code 1: scontrol: error: Invalid job id specified"
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "`scontrol` is not on PATH" in requeue_job("4242")
+    assert requeue_job("42; rm -rf /") == "'42; rm -rf /' is not a SLURM job id"  # never reaches a shell anyway
+
+
+def test_array_task_is_requeued_by_its_own_id(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "1001")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1000")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert slurm_job_id() == "1000_1"
+
+
+class SignalAtStep(L.Callback):
+    """Sends the requeue signal to this process after training step ``step`` (what SLURM does at --signal time)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _fit(root: Path, npz: Path, *callbacks, ckpt_path=None) -> ImageClassifier:
+    L.seed_everything(3)
+    model = ImageClassifier(LeNet(), lr=0.02)
+    # The device pipeline orders and augments each epoch from (seed, epoch) alone, and resumes mid-epoch.
+    data = CIFAR10DataModule(npz=str(npz), pipeline="device", val_size=16, batch_size=4)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root,
+                        callbacks=[LastCheckpoint(dirpath=str(root / "checkpoints")), *callbacks])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model
+
+
+def test_requeue_signal_mid_epoch_saves_explains_and_resumes_exactly(tmp_path, tiny_npz, monkeypatch):
+    """Signal after step 17 of 36 (epoch 1, batch 5 of 12) on a node without scontrol: the checkpoint is
+    written at that step, the run exits with a message saying so and how to resume, and the resumed fit
+    ends with exactly the weights of a run that was never interrupted."""
+    reference = _fit(tmp_path / "reference", tiny_npz)
+
+    for key, value in job_step_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-scontrol-here"))
+    with pytest.raises(SystemExit) as stopped:
+        _fit(tmp_path / "job", tiny_npz, SignalAtStep(17), SLURMRequeue())  # signal first: handled at the same step
+    message = str(stopped.value.code)
+    ckpt = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    assert message == (f"Saved {ckpt} at step 17, but the job was not requeued: `scontrol` is not on PATH on this node "
+                       f"(is this really a SLURM compute node?). To resume, run the same command with --ckpt_path {ckpt}.")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 17
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler does not outlive the fit
+
+    resumed = _fit(tmp_path / "job", tiny_npz, SLURMRequeue(), ckpt_path=str(ckpt))
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_signal_is_ignored_outside_slurm(tmp_path, tiny_npz, monkeypatch):
+    """Without a SLURM job the callback installs nothing: SIGUSR1 keeps its default meaning."""
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    callback = SLURMRequeue()
+    L.seed_everything(0)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(ImageClassifier(LeNet()), datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=0, batch_size=8))
+    assert not callback._installed and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_requeued_job_resumes_in_its_own_run_directory_with_identical_weights(tmp_path, tiny_npz):
+    """End to end through the CLI, as sbatch runs it: a fit in a SLURM job gets SIGUSR1 while training,
+    saves, calls ``scontrol requeue <job id>`` and exits 0; the requeued job (same job id, same command)
+    finds its run directory ``slurm-<job id>``, resumes from the newest checkpoint there without being
+    told, and its net.pt equals that of a fit that was never interrupted."""
+    args = ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", "--data.pipeline=device",
+            "--data.val_size=16", "--data.batch_size=4", "--trainer.max_epochs=5", "--trainer.accelerator=cpu",
+            "--test_after_fit=false", "--plots.enabled=false", "--last_checkpoint.every_n_train_steps=1", *QUIET]
+    uninterrupted = run_cli([*args, f"--trainer.default_root_dir={tmp_path / 'uninterrupted'}"])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    scontrol_log = fake_scontrol(tmp_path / "bin")
+    env = {**os.environ, "PYTHONPATH": str(REPO), **job_step_env(job_id="4242"),
+           "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PROJECT_RUN_DIR", None)
+    job = [sys.executable, "-m", "project", *args, f"--trainer.default_root_dir={tmp_path / 'job'}"]
+    run_dir = tmp_path / "job" / "lenet" / "slurm-4242"
+    proc = subprocess.Popen(job, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the fit never wrote a checkpoint"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert scontrol_log.read_text() == "requeue 4242\n"
+    stopped_at = int(re.search(r"at step (\d+) and requeued SLURM job 4242", err).group(1))
+    assert stopped_at < 5 * 12 and not (run_dir / "net.pt").exists()  # it stopped early, and exported nothing
+
+    requeued = subprocess.run(job, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert f"Resuming from {run_dir / 'checkpoints'}" in requeued.stderr
+    (reference,) = (tmp_path / "uninterrupted" / "lenet").glob("*/net.pt")
+    expected, got = torch.load(reference, weights_only=True), torch.load(run_dir / "net.pt", weights_only=True)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.mark.parametrize("script", SLURM_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_scripts_parse_and_carry_the_required_directives(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+    text = script.read_text()
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+    for required in ("partition", "account", "time", "signal", "requeue", "output", "open-mode"):
+        assert required in directives, f"{script.name} lacks #SBATCH --{required}"
+    assert directives["signal"] in ("SIGUSR1@90", "SIGUSR2@90")
+    assert re.search(r"^\s*srun ", text, re.M), f"{script.name} must start its tasks with srun"
+    if script.name != "sweep_agent.sbatch":
+        # One task per device, and the trainer told the same numbers SLURM gave the job.
+        assert "ntasks-per-node" in directives and "gpus-per-node" in directives
+        assert directives["ntasks-per-node"] == directives["gpus-per-node"]
+        assert '--trainer.devices "${SLURM_NTASKS_PER_NODE}"' in text and '--trainer.num_nodes "${SLURM_NNODES}"' in text
+    # Every expansion is inside double quotes, and no command is assembled from a string.
+    for line in text.splitlines():
+        assert not unquoted_expansions(line), f"{script.name}: unquoted expansion in: {line}"
+        assert not re.search(r"\beval\b|\b(ba)?sh -c\b", line), f"{script.name}: {line}"
+
+
+def unquoted_expansions(line: str) -> list[str]:
+    """The ``$...`` in a line of shell that stand outside double quotes (comments and single quotes excluded)."""
+    found, quote = [], None
+    for i, ch in enumerate(line):
+        if quote is None and ch == "#" and (i == 0 or line[i - 1].isspace()):
+            break
+        if ch in "\"'" and quote in (None, ch) and (i == 0 or line[i - 1] != "\\"):
+            quote = None if quote == ch else ch
+        elif ch == "$" and quote is None:
+            found.append(line[i : i + 20])
+    return found
