@@ -15,6 +15,7 @@ many images/s the data pipeline alone delivers compared with what the training s
 import argparse
 import contextlib
 import copy
+import gc
 import tempfile
 import warnings
 
@@ -244,6 +245,7 @@ def main() -> None:
             # Alternate the order so slow drifts of a shared machine hit every variant alike.
             order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
             for name in order:
+                gc.collect()  # so garbage from the previous variant is not collected inside this one's timing
                 if name == "plain":
                     run = run_plain(args, initial_state, images, labels, device)
                 else:

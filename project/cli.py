@@ -20,9 +20,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from project import checkpoints, tracking
 from project.callbacks.checkpointing import AtomicCheckpointIO
-from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, RandomState
+from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, RandomState, SyncBuffers
 from project.classifier import ImageClassifier
-from project.cluster import SLURMRequeue
+from project.cluster import SLURMRequeue, slurm_job_id
 from project.data import CIFAR10DataModule, DatasetError
 
 #: Set by the process that chose the run directory, so the processes Lightning launches for
@@ -53,11 +53,10 @@ def choose_run_dir(root: Path, name: str, explicit: str | None, resume_last: boo
     if sweep_run:
         # One directory per trial, also when one SLURM job runs a `wandb agent` for many trials.
         return experiment / sweep_run
-    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    job_id = slurm_job_id()
     if job_id and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
         # Stable across requeues of the same job, so a requeued job finds its own checkpoints.
-        return experiment / (f"slurm-{job_id}" + (f"_{task}" if task else ""))
+        return experiment / f"slurm-{job_id}"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
         run_id = os.environ["TORCHELASTIC_RUN_ID"]
         if run_id == "none":
@@ -84,12 +83,22 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resume_checkpoint_file(ckpt_path: str | None, run_dir: Path) -> Path | None:
-    """The file a fit with ``ckpt_path`` resumes from: the path itself, or for ``last`` the run's newest ``last*.ckpt``."""
+    """The checkpoint a fit with ``ckpt_path`` resumes from: the path itself, or for ``last`` the
+    run's newest ``last*.ckpt`` (a file, or an FSDP sharded checkpoint directory)."""
     if ckpt_path == "last":
         return max(run_dir.glob("checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
-    if ckpt_path and Path(ckpt_path).is_file():
+    if ckpt_path and Path(ckpt_path).exists():
         return Path(ckpt_path)
     return None
+
+
+def stored_hyperparameters(path: Path) -> dict:
+    """The model hyperparameters in a checkpoint file, or in a sharded directory's ``meta.pt``."""
+    if path.is_dir():
+        path = path / "meta.pt"
+        if not path.is_file():
+            return {}
+    return checkpoints.load_file(path, mmap=True).get("hyper_parameters") or {}
 
 
 def model_differences(stored: dict, current: dict) -> list[str]:
@@ -166,6 +175,7 @@ class ProjectCLI(LightningCLI):
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(ExportNet, "export")
         parser.add_lightning_class_args(RandomState, "random_state")
+        parser.add_lightning_class_args(SyncBuffers, "sync_buffers")
         parser.add_lightning_class_args(PredictionPlots, "plots")
         parser.add_lightning_class_args(SLURMRequeue, "requeue")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -242,7 +252,7 @@ class ProjectCLI(LightningCLI):
         path = resume_checkpoint_file(config.get("ckpt_path"), self.run_dir)
         if path is None:
             return
-        stored = checkpoints.load_file(path, mmap=True).get("hyper_parameters") or {}
+        stored = stored_hyperparameters(path)
         differences = model_differences(stored, config.model.as_dict())
         if differences:
             raise ValueError(

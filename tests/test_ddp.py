@@ -7,6 +7,7 @@ writes into one run directory; tests.probes.RankDump records what each rank saw.
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -148,8 +149,9 @@ def test_ddp_spawn_fit(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
 def test_fsdp_sharded_checkpoint_converts_to_the_plain_net(ddp_run, tmp_path):
     """FSDP on 2 CPU processes (a stand-in for GPUs) with every ResidualBlock its own unit and
-    sharded checkpoints: the directory converts to the exported net.pt, and the hook callbacks
-    report the same layers as under DDP, with norms summed over the gradient shards."""
+    sharded checkpoints: the directory converts to the exported net.pt (buffers included: SyncBuffers
+    gives FSDP DDP's rank-0 rule), and the hook callbacks report the same layers as under DDP, with
+    norms summed over the gradient shards."""
     npz = make_npz(tmp_path / "d.npz")
     ddp_fit(tmp_path, npz, "experiments/resnet20_hooks.yaml", "--trainer.strategy=tests.probes.CPUFSDPStrategy",
             "--trainer.strategy.state_dict_type=sharded", "--trainer.strategy.auto_wrap_policy=[project.models.ResidualBlock]",
@@ -162,7 +164,61 @@ def test_fsdp_sharded_checkpoint_converts_to_the_plain_net(ddp_run, tmp_path):
     assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
     load_into(ResNet20(), exported)
     rank0, rank1 = ranks(run)
+    assert all(torch.equal(rank0["buffers"][k], rank1["buffers"][k]) for k in rank0["buffers"])
+    assert rank0["buffers"]["input_stats.count"].item() == PER_RANK_IMAGES
+    assert "by SyncBuffers" in json.loads((run / "buffers.json").read_text())["synchronisation"]
     assert rank0["stats"]["GradientStatistics"] == rank1["stats"]["GradientStatistics"]
+    with pytest.raises(SystemExit) as exit_info:  # the sharded directory's meta.pt is checked on resume too
+        main(["fit", "-c", str(REPO / "experiments/resnet20_hooks.yaml"), f"--data.npz={npz}", *SMALL,
+              f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={last}", "--model.lr=0.5"])
+    assert exit_info.value.code == 2
     ddp_grads = ranks(ddp_run["run"])[0]["stats"]["GradientStatistics"]
     assert set(rank0["stats"]["GradientStatistics"]) == set(ddp_grads), "same layer names under FSDP and DDP"
     assert rank0["stats"]["GradientStatistics"]["grad/stages.1.0.conv1/norm"] > 0
+
+
+PRESETS = sorted((REPO / "experiments/presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_every_preset_parses_on_top_of_an_experiment(preset, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(REPO / "experiments/resnet20.yaml"), "-c", str(preset), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: project.models.ResNet20" in capsys.readouterr().out
+
+
+def gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
+def test_one_gpu_with_hooks_bf16_and_compile(tmp_path):
+    npz = make_npz(tmp_path / "d.npz")
+    out = run_cli(["fit", "-c", "experiments/resnet20_hooks.yaml", "-c", "experiments/presets/gpu.yaml", "-c", "experiments/presets/bf16.yaml",
+                   "-c", "experiments/presets/compile.yaml", f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}"], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (run,) = run_dirs(tmp_path, "resnet20_hooks")
+    grads = next(r for r in metrics(run) if "grad/total_norm" in r)
+    acts = next(r for r in metrics(run) if "act/fc/std" in r)
+    assert all(map(math.isfinite, [grads["grad/total_norm"], acts["act/fc/std"]]))
+    net = ResNet20()
+    net.load_state_dict(torch.load(run / "net.pt", weights_only=True))  # no _orig_mod. in the keys
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("preset", ["ddp", "fsdp_sharded"])
+def test_multi_gpu_fit_converts_and_agrees_across_ranks(tmp_path, preset):
+    npz = make_npz(tmp_path / "d.npz")
+    out = run_cli(["fit", "-c", "experiments/resnet20_hooks.yaml", "-c", f"experiments/presets/{preset}.yaml", "--trainer.devices=2",
+                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=tests.probes.RankDump",
+                   "--test_after_fit=false"], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (run,) = run_dirs(tmp_path, "resnet20_hooks")
+    rank0, rank1 = ranks(run)
+    assert rank0["stats"]["GradientStatistics"] == pytest.approx(rank1["stats"]["GradientStatistics"])
+    converted = plain_state_dict(read_checkpoint(run / "checkpoints/last.ckpt"))
+    exported = torch.load(run / "net.pt", weights_only=True)
+    assert all(torch.equal(converted[k].cpu(), exported[k]) for k in exported)

@@ -1,7 +1,7 @@
 """Lightning callbacks: hooks, buffers, state_dict persistence and plots."""
 
 from project.callbacks.activations import ActivationStatistics
-from project.callbacks.buffers import BufferReport
+from project.callbacks.buffers import BufferReport, SyncBuffers
 from project.callbacks.checkpointing import LastCheckpoint
 from project.callbacks.export import ExportNet
 from project.callbacks.gradients import GradientStatistics
@@ -16,4 +16,5 @@ __all__ = [
     "LastCheckpoint",
     "PredictionPlots",
     "RandomState",
+    "SyncBuffers",
 ]

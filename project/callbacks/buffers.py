@@ -1,11 +1,13 @@
-"""BufferReport: which buffers the model keeps, which of them the state_dict saves, and how they are synchronised."""
+"""Buffers across processes: SyncBuffers gives every strategy DDP's rule (rank 0's buffers win), and
+BufferReport shows which buffers the model keeps, which the state_dict saves, and how they are synchronised."""
 
 import json
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from project.callbacks.layers import clean_name
@@ -33,18 +35,60 @@ def buffer_table(module: torch.nn.Module, max_values: int = 16) -> list[dict]:
     return rows
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every buffer of ``module`` with process ``src``'s values: one broadcast per dtype."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        groups.setdefault((buf.dtype, buf.device), []).append(buf)
+    for buffers in groups.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=src)
+        for buf, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buf.copy_(value.view_as(buf))
+
+
+class SyncBuffers(L.Callback):
+    """Give every multi-process strategy DDP's rule for buffers: rank 0's values, broadcast before each batch.
+
+    DDP broadcasts buffers (BatchNorm's running statistics, ResNet's ``input_stats``) from rank 0
+    before every forward pass; FSDP leaves each rank with its own, so the ranks drift apart and
+    a checkpoint holds whichever rank's copy the writer picked (a sharded checkpoint may take
+    another rank's than the full state_dict in ``net.pt``). This callback broadcasts rank 0's
+    buffers before every training and validation batch under any multi-process strategy except
+    DDP (which does it already), so buffers mean the same under DDP and FSDP. On by default in
+    the CLI (``sync_buffers.enabled``).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def active(self, trainer: L.Trainer) -> bool:
+        return (self.enabled and trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy)
+                and dist.is_available() and dist.is_initialized())
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self.active(trainer):
+            with torch.no_grad():
+                broadcast_buffers(pl_module)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
 def sync_policy(trainer: L.Trainer) -> str:
-    """How the strategy keeps buffers consistent across processes, in words."""
+    """How buffers are kept consistent across processes in this run, in words."""
     strategy = trainer.strategy
     if trainer.world_size <= 1:
         return "one process: nothing to synchronise"
     if isinstance(strategy, DDPStrategy):
         if getattr(strategy, "_ddp_kwargs", {}).get("broadcast_buffers", True):
-            return "DDP: broadcast from rank 0 before every training forward pass (checkpoints hold rank 0's values)"
+            return "DDP: broadcast from rank 0 before every forward pass (checkpoints hold rank 0's values)"
         return "DDP with broadcast_buffers=False: every rank keeps its own (checkpoints hold rank 0's values)"
-    if isinstance(strategy, FSDPStrategy):
-        return "FSDP: every rank keeps its own, nothing is broadcast during training (checkpoints hold rank 0's values)"
-    return f"{type(strategy).__name__}: see the strategy's documentation"
+    if any(isinstance(cb, SyncBuffers) and cb.active(trainer) for cb in trainer.callbacks):
+        return (f"{type(strategy).__name__}: broadcast from rank 0 before every training and validation batch "
+                "by SyncBuffers (checkpoints hold rank 0's values)")
+    return f"{type(strategy).__name__}: every rank keeps its own; nothing synchronises them"
 
 
 class BufferReport(L.Callback):
