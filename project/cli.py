@@ -152,7 +152,16 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         kwargs.setdefault("auto_configure_optimizers", False)
         self.run_dir: Path | None = None
-        super().__init__(ImageClassifier, CIFAR10DataModule, *args, **kwargs)
+        try:
+            super().__init__(ImageClassifier, CIFAR10DataModule, *args, **kwargs)
+        finally:
+            self.forget_run_dir()  # also when a check or instantiation fails after the directory was chosen
+
+    def forget_run_dir(self) -> None:
+        """Unset PROJECT_RUN_DIR if this command set it: the variable is for this command's own child
+        processes only, never for a later run started from the same Python process (tests, notebooks)."""
+        if os.environ.get(RUN_DIR_ENV) == str(self.run_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            os.environ.pop(RUN_DIR_ENV, None)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
@@ -286,10 +295,7 @@ class ProjectCLI(LightningCLI):
             self.check_checkpoint_fits(self.config_init[subcommand].get("ckpt_path"))
             super()._run_subcommand(subcommand)
         finally:
-            # The variable is for this command's own child processes only; never leak it into a
-            # later run started from the same Python process (tests, notebooks).
-            if os.environ.get(RUN_DIR_ENV) == str(self.run_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-                os.environ.pop(RUN_DIR_ENV, None)
+            self.forget_run_dir()
         if self.trainer.is_global_zero:
             print(f"Run directory: {self.run_dir}", file=sys.stderr)
 

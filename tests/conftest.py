@@ -67,6 +67,11 @@ def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complete
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
     try:
         out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        kill_group(proc)
+        _, err = proc.communicate()
+        expired.add_note(f"stderr of the killed command, last 3000 characters:\n{(err or '')[-3000:]}")
+        raise
     except BaseException:
         kill_group(proc)
         raise

@@ -2,6 +2,7 @@
 resume time either honoured or refused with one clear error (never silently replaced)."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -86,6 +87,7 @@ def test_changed_model_settings_are_refused(runs, capsys, checkpoint):
     assert exit_info.value.code == 2
     assert "model.lr (checkpoint 0.05, now 0.1)" in err and "model.net.init_args.init (checkpoint 'default', now 'xavier_uniform')" in err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "nothing written"
+    assert "PROJECT_RUN_DIR" not in os.environ, "a refused run must not hand its directory to the next one"
 
 
 def test_run_settings_given_at_resume_are_honoured(runs):

@@ -6,9 +6,8 @@ from functools import partial
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from project.callbacks.layers import is_compiled, log_metrics, network, select_layers
+from project.callbacks.layers import HookCallback, log_metrics, select_layers
 
 #: Layers watched when neither ``layers`` nor ``types`` is given.
 DEFAULT_TYPES = ("Conv2d", "Linear", "ReLU", "ResidualBlock")
@@ -34,7 +33,7 @@ def activation_summary(output: torch.Tensor) -> torch.Tensor:
     return torch.stack([mean, std, zeros, dead])
 
 
-class ActivationStatistics(L.Callback):
+class ActivationStatistics(HookCallback):
     """Every ``every_n_steps`` training steps, log ``act/<layer>/{mean,std,zeros,dead}`` for chosen layers.
 
     Forward hooks (``register_forward_hook``) are registered in ``setup``, which Lightning calls
@@ -69,25 +68,19 @@ class ActivationStatistics(L.Callback):
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"ActivationStatistics.every_n_steps must be >= 1, got {every_n_steps}.")
+        super().__init__()
         self.every_n_steps = every_n_steps
         self.layers, self.types, self.prefix = layers, types, prefix
         self.names: list[str] = []
         #: The values logged last, as plain floats (for tests and notebooks).
         self.last: dict[str, float] = {}
-        self._handles: list[RemovableHandle] = []
         self._stats: dict[str, torch.Tensor] = {}
-        self._recording = False
         self._logged_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self._handles:
             return
-        net = network(pl_module)
-        if is_compiled(net):
-            raise RuntimeError(
-                "ActivationStatistics must register its hooks before torch.compile, but the net is already compiled; "
-                "set model.compile=true instead of compiling the net yourself (the classifier compiles after callbacks' setup)."
-            )
+        net = self.hookable_net(pl_module)
         chosen = select_layers(net, self.layers, self.types, DEFAULT_TYPES, "ActivationStatistics")
         self.names = list(chosen)
         self._handles = [module.register_forward_hook(partial(self._record, name)) for name, module in chosen.items()]
@@ -123,15 +116,3 @@ class ActivationStatistics(L.Callback):
         }
         log_metrics(trainer, self.last, self._logged_step)
         self._stats.clear()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.remove_hooks()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.remove_hooks()
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._recording = False

@@ -8,15 +8,14 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from project.callbacks.layers import clean_name, is_compiled, log_metrics, matches, network, select_layers
+from project.callbacks.layers import HookCallback, clean_name, log_metrics, matches, network, select_layers
 
 #: Modules whose output gradient is watched when ``output_grads`` is on and no ``types`` are given.
 DEFAULT_OUTPUT_TYPES = ("ResidualBlock", "Conv2d", "Linear")
 
 
-class GradientStatistics(L.Callback):
+class GradientStatistics(HookCallback):
     """Every ``every_n_steps`` optimiser steps, log per-layer gradient statistics.
 
     - ``grad/<layer>/norm`` and ``grad/total_norm``: the 2-norm of each layer's parameter
@@ -62,29 +61,23 @@ class GradientStatistics(L.Callback):
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"GradientStatistics.every_n_steps must be >= 1, got {every_n_steps}.")
+        super().__init__()
         self.every_n_steps = every_n_steps
         self.update_ratio, self.output_grads = update_ratio, output_grads
         self.layers, self.types, self.prefix = layers, types, prefix
         #: The values logged last, as plain floats (for tests and notebooks).
         self.last: dict[str, float] = {}
         self._groups: dict[str, list[nn.Parameter]] = {}
-        self._handles: list[RemovableHandle] = []
         self._output_names: list[str] = []
         self._output_norms: dict[str, torch.Tensor] = {}
         self._before: dict[str, list[torch.Tensor]] = {}
-        self._recording = False
         self._recorded_step = -1
         self._sharded = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.output_grads or self._handles:
             return
-        net = network(pl_module)
-        if is_compiled(net):
-            raise RuntimeError(
-                "GradientStatistics must register its backward hooks before torch.compile, but the net is already "
-                "compiled; set model.compile=true instead of compiling the net yourself."
-            )
+        net = self.hookable_net(pl_module)
         chosen = select_layers(net, self.layers, self.types, DEFAULT_OUTPUT_TYPES, "GradientStatistics")
         self._output_names = list(chosen)
         self._handles = [m.register_full_backward_hook(partial(self._record_output, name)) for name, m in chosen.items()]
@@ -160,15 +153,3 @@ class GradientStatistics(L.Callback):
         if self._sharded:
             stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
         return stacked.tolist()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.remove_hooks()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.remove_hooks()
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._recording = False

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import lightning as L
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 #: Segments that wrappers insert into parameter and module names (FSDP, activation checkpointing,
 #: torch.compile); removed so a layer has one name under every strategy.
@@ -79,3 +80,33 @@ def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> Non
     """
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
+
+
+class HookCallback(L.Callback):
+    """Base of the callbacks that put hooks on the net: it checks they come before torch.compile
+    and removes every handle at ``teardown`` or on an exception, so no hook outlives ``fit``."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+        self._recording = False
+
+    def hookable_net(self, pl_module: L.LightningModule) -> nn.Module:
+        net = network(pl_module)
+        if is_compiled(net):
+            raise RuntimeError(
+                f"{type(self).__name__} must register its hooks before torch.compile, but the net is already compiled; "
+                "set model.compile=true instead of compiling the net yourself (the classifier compiles after callbacks' setup)."
+            )
+        return net
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.remove_hooks()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.remove_hooks()
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._recording = False
