@@ -15,6 +15,23 @@ SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 # No test talks to a wandb server, and runs never inherit a run directory from the environment.
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.pop("PROJECT_RUN_DIR", None)
+# Nor a cluster job's or a launcher's identity (the suite may run inside `salloc` or a sweep agent):
+# the tests that need these variables set them themselves.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+for _key in list(os.environ):
+    if _key in LAUNCH_VARIABLES or _key.startswith(("SLURM_", "TORCHELASTIC_", "WANDB_SWEEP_", "WANDB_RUN_")):
+        del os.environ[_key]
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Give every test the environment the previous one started with. Lightning writes MASTER_ADDR,
+    MASTER_PORT and rank variables into os.environ while it sets up a strategy; left behind, a
+    fake SLURM job's node name would send every later DDP run looking for that host."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 #: Arguments that make a CLI run quiet and small; tests add their own on top.
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0"]
