@@ -9,7 +9,7 @@ normalisation) of uint8 CIFAR-shaped images, delivered on the target device; not
 
 import argparse
 
-import report  # noqa: F401  (puts the repository on sys.path)
+import report  # also puts the repository on sys.path
 import torch
 
 from project.data import CIFAR10_MEAN, CIFAR10_STD
@@ -32,13 +32,7 @@ def parse_args() -> argparse.Namespace:
 def epoch_images_per_s(loader, device: torch.device, epoch: int) -> float:
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
-    start = report.now(device)
-    n = 0
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        n += len(images)
-    return n / (report.now(device) - start)
+    return report.images_per_s(loader, device)
 
 
 def main() -> None:

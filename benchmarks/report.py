@@ -64,6 +64,17 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def images_per_s(batches, device: torch.device) -> float:
+    """Images per second while ``batches`` of (images, labels) are drawn and moved to ``device``."""
+    start = now(device)
+    n = 0
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        n += len(images)
+    return n / (now(device) - start)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -16,10 +16,11 @@ import argparse
 import contextlib
 import copy
 import gc
+import itertools
 import tempfile
 import warnings
 
-import report  # noqa: F401  (puts the repository on sys.path)
+import report  # also puts the repository on sys.path
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -210,14 +211,8 @@ def matmul_ceiling(device: torch.device) -> tuple[float, str]:
 def pipeline_images_per_s(args, images, labels, device, batches: int) -> float:
     loader = make_loader(args, images, labels, device)
     iterator = iter(loader)
-    next(iterator)
-    start = report.now(device)
-    n = 0
-    for _ in range(batches):
-        x, _ = next(iterator)
-        x = x.to(device, non_blocking=True)
-        n += len(x)
-    return n / (report.now(device) - start)
+    next(iterator)  # warm-up
+    return report.images_per_s(itertools.islice(iterator, batches), device)
 
 
 def main() -> None:
