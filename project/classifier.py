@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
@@ -198,4 +199,33 @@ class ImageClassifier(L.LightningModule):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         else:
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total_steps)
+        self._replan_resumed_schedule(scheduler, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before configure_optimizers and loads checkpoint["lr_schedulers"]
+        # into the new schedulers after it: keep a reference so the schedule can be re-planned.
+        self._resumed_schedulers = checkpoint.get("lr_schedulers")
+
+    def _replan_resumed_schedule(self, scheduler, total_steps: int) -> None:
+        """A resumed fit that runs a different number of steps (``--trainer.max_epochs`` changed)
+        re-plans its per-step schedule for the new length instead of keeping the old one (whose
+        cosine would climb back up after its end, and whose one-cycle would refuse to step on)."""
+        resumed, self._resumed_schedulers = getattr(self, "_resumed_schedulers", None), None
+        if not resumed:
+            return
+        stored = resumed[0]
+        planned = stored.get("T_max", stored.get("total_steps"))
+        if planned is None or planned == total_steps:
+            return
+        # The new schedule's state at the step reached: cosine continues from the current learning
+        # rate (its update is relative) down to zero at the new end; one-cycle, which is computed
+        # from the step alone, follows the curve planned for the new length from there on.
+        replanned = scheduler.state_dict()
+        replanned.update({key: stored[key] for key in ("last_epoch", "_step_count", "_last_lr") if key in stored})
+        stored.clear()
+        stored.update(replanned)
+        rank_zero_info(
+            f"Resumed {self.hparams.scheduler} schedule re-planned from {planned} to {total_steps} steps "
+            f"(the fit now runs {total_steps} optimiser steps in all; {replanned['last_epoch']} are done)."
+        )

@@ -92,13 +92,14 @@ def resume_checkpoint_file(ckpt_path: str | None, run_dir: Path) -> Path | None:
     return None
 
 
-def stored_hyperparameters(path: Path) -> dict:
-    """The model hyperparameters in a checkpoint file, or in a sharded directory's ``meta.pt``."""
+def stored_checkpoint(path: Path) -> dict:
+    """A checkpoint file's contents (memory-mapped), or a sharded directory's ``meta.pt`` (its
+    hyperparameters and loop state, without the tensors)."""
     if path.is_dir():
         path = path / "meta.pt"
         if not path.is_file():
             return {}
-    return checkpoints.load_file(path, mmap=True).get("hyper_parameters") or {}
+    return checkpoints.load_file(path, mmap=True)
 
 
 def model_differences(stored: dict, current: dict) -> list[str]:
@@ -176,7 +177,7 @@ class ProjectCLI(LightningCLI):
             "checkpoint.save_last": False,
             "checkpoint.filename": "best-epoch{epoch:03d}-step{step:06d}",
             "checkpoint.auto_insert_metric_name": False,
-            "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+            "trainer.logger": {"class_path": "project.tracking.CSVLogger", "init_args": {"save_dir": "runs"}},
             "trainer.default_root_dir": "runs",
         })
         parser.add_argument("--test_after_fit", type=bool, default=False,
@@ -222,6 +223,8 @@ class ProjectCLI(LightningCLI):
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if hasattr(logger, "class_path") and logger.class_path.rsplit(".", 1)[-1] in LOGGERS_WITH_SAVE_DIR:
+                if logger.class_path == "lightning.pytorch.loggers.CSVLogger":
+                    logger.class_path = "project.tracking.CSVLogger"  # the same, but a resumed fit keeps metrics.csv
                 logger.init_args.save_dir = str(self.run_dir)
                 if logger.class_path.endswith("CSVLogger") or logger.class_path.endswith("TensorBoardLogger"):
                     # name="" and version="" make the logger write straight into the run directory.
@@ -261,7 +264,7 @@ class ProjectCLI(LightningCLI):
         path = resume_checkpoint_file(config.get("ckpt_path"), self.run_dir)
         if path is None:
             return
-        stored = stored_hyperparameters(path)
+        stored = stored_checkpoint(path).get("hyper_parameters") or {}
         differences = model_differences(stored, config.model.as_dict())
         if differences:
             raise ValueError(
@@ -282,6 +285,15 @@ class ProjectCLI(LightningCLI):
                 "pass a .ckpt file from a run's checkpoints/ folder."
             )
         checkpoints.load_into(self.model.net, checkpoint, dry_run=True, name=str(ckpt_path))
+
+    def before_fit(self) -> None:
+        path = resume_checkpoint_file(self.config.fit.get("ckpt_path"), self.run_dir)
+        if path is None:
+            return
+        step = stored_checkpoint(path).get("global_step")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, tracking.CSVLogger) and step is not None:
+                logger.continue_at(step)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):

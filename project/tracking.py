@@ -1,4 +1,8 @@
-"""Experiment tracking with wandb: run names and ids tied to run directories, and the logged config.
+"""Experiment tracking: run names and ids tied to run directories, the logged config, and a CSV log
+that a resumed fit continues.
+
+- ``metrics.csv`` survives a resumed fit (``--ckpt_path last``, a requeued SLURM job): the new rows
+  are appended, and rows that the interrupted run logged after its checkpoint are dropped.
 
 - A run's wandb name is ``<experiment>/<run dir name>``, so the web page and the folder match.
 - A fit that continues in a run directory (a requeued SLURM job, ``--run_dir``) continues the
@@ -10,6 +14,7 @@
   (``model.lr``, ``data.batch_size``, ...).
 """
 
+import csv
 import os
 import re
 from collections.abc import Mapping
@@ -18,9 +23,60 @@ from typing import Any
 
 import lightning as L
 import lightning.pytorch.loggers
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 #: ``wandb/run-20250101_120000-<id>`` (online) or ``wandb/offline-run-...-<id>`` (offline).
 _RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
+
+
+class ContinuingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted.
+
+    ``continue_at``: the step a resumed fit starts from; rows the interrupted run logged from that
+    step on (after its checkpoint) are dropped at the first save, since the fit logs them again.
+    """
+
+    def __init__(self, log_dir: str, continue_at: int | None = None) -> None:
+        super().__init__(log_dir)
+        self.continue_at = continue_at
+
+    def _check_log_dir_exists(self) -> None:
+        self._continuing = self._fs.isfile(self.metrics_file_path)
+        if self._continuing:
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(next(csv.reader(file), []))
+
+    def save(self) -> None:
+        if self._continuing and self.metrics and self.continue_at is not None:
+            self._continuing = False
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                rows = [row for row in csv.DictReader(file) if int(row["step"]) < self.continue_at]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(rows)
+        super().save()
+
+
+class CSVLogger(lightning.pytorch.loggers.CSVLogger):
+    """Lightning's CSVLogger whose ``metrics.csv`` a resumed fit continues (see ContinuingExperimentWriter)."""
+
+    _continue_at: int | None = None
+
+    def continue_at(self, step: int) -> None:
+        """The fit resumes at ``step``: earlier rows stay, later ones are replaced by the new ones."""
+        self._continue_at = step
+        if isinstance(self._experiment, ContinuingExperimentWriter):
+            self._experiment.continue_at = step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ContinuingExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuingExperimentWriter(self.log_dir, continue_at=self._continue_at)
+        return self._experiment
 
 
 class WandbSetupError(ValueError):

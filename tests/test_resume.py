@@ -11,6 +11,7 @@ import torch
 from project.callbacks.random_state import capture_random_state, restore_random_state
 from project.cli import main
 from project.models import LeNet
+from project.plots import read_metrics
 from tests.conftest import QUIET, REPO, run_dirs
 from tests.probes import Interrupted
 
@@ -56,6 +57,26 @@ def test_resume_last_ends_with_the_uninterrupted_weights(runs):
     expected, got = weights(runs["reference"]), weights(run)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+    # metrics.csv is continued, not restarted: every series is the uninterrupted run's, step for step.
+    reference_metrics, resumed_metrics = read_metrics(runs["reference"] / "metrics.csv"), read_metrics(run / "metrics.csv")
+    assert resumed_metrics.keys() == reference_metrics.keys()
+    for column, (steps, values) in reference_metrics.items():
+        assert resumed_metrics[column][0].tolist() == steps.tolist(), column
+        assert resumed_metrics[column][1].tolist() == pytest.approx(values.tolist(), rel=1e-6), column
+
+
+def test_rows_logged_after_the_checkpoint_are_replaced_not_repeated(runs):
+    """A run killed after its checkpoint logged steps that the resumed fit runs again."""
+    root, run = copy_of_interrupted(runs, "replayed")
+    metrics = run / "metrics.csv"
+    header, *rows = metrics.read_text().splitlines()
+    columns = header.split(",")
+    stale = dict.fromkeys(columns, "")
+    stale.update({"epoch": "1", "step": "7", "train/loss_epoch": "99.0"})  # logged after the checkpoint (step 6)
+    metrics.write_text("\n".join([header, *rows, ",".join(stale[c] for c in columns)]) + "\n")
+    main(fit_args(root, runs["npz"], "--ckpt_path=last"))
+    steps, values = read_metrics(metrics)["train/loss_epoch"]
+    assert steps.tolist() == [5, 11] and 99.0 not in values.tolist()
 
 
 def test_without_the_random_state_the_resumed_run_differs(runs):
@@ -95,6 +116,26 @@ def test_run_settings_given_at_resume_are_honoured(runs):
     cli = main(fit_args(root, runs["npz"], "--ckpt_path=last", "--model.tta_flip=true", "--trainer.max_epochs=3"))
     assert cli.model.hparams.tta_flip is True and cli.model.hparams.lr == 0.05
     assert cli.trainer.current_epoch == 3 and cli.trainer.global_step == 3 * 6
+    # The cosine schedule was planned for 2 epochs; re-planned for 3 it still ends at zero.
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.T_max == 3 * 6
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_one_cycle_schedule_is_replanned_when_a_resumed_fit_runs_longer(runs):
+    """Without re-planning, the restored OneCycleLR refuses its 7th step ("Tried to step 7 times")."""
+    root = runs["tmp"] / "onecycle"
+    first = main(fit_args(root, runs["npz"], "--model.scheduler=onecycle", "--trainer.max_epochs=1"))
+    assert first.trainer.global_step == 6
+    cli = main(fit_args(root, runs["npz"], "--model.scheduler=onecycle", "--trainer.max_epochs=2", "--ckpt_path=last"))
+    assert cli.run_dir == first.run_dir and cli.trainer.global_step == 12
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 12
+    # Where a 12-step cycle planned from the start ends up after 12 steps.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    planned = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=12)
+    for _ in range(12):
+        optimizer.step()
+        planned.step()
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(planned.get_last_lr()[0])
 
 
 def test_evaluation_takes_the_model_from_the_checkpoint_but_keeps_run_settings(runs, tmp_path):
