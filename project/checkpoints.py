@@ -11,6 +11,8 @@ DeepSpeed ZeRO stage 1/2 directories, and state_dicts of ``torch.compile``'d or 
 """
 
 import argparse
+import io
+import os
 import pickle
 import sys
 import zipfile
@@ -60,21 +62,24 @@ def load_file(path: str | Path, weights_only: bool = True, mmap: bool = False) -
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREFIXES) -> dict[str, torch.Tensor]:
-    """Remove wrapper parts (:data:`WRAPPER_PARTS`, anywhere) and prefixes (repeatedly, in any order) from every key.
+    """Remove wrapper parts (:data:`WRAPPER_PARTS`, anywhere) and wrapper prefixes from every key.
 
-    Keys that do not belong to ``net.`` when others do (the classifier's metric states, for
-    example) are dropped: only the plain network's entries are kept.
+    Outer wrappers (``_forward_module.``, ``module.``, ``model.``) are peeled repeatedly. When keys
+    of the classifier's ``net.`` are among them, only those are kept (not the metric states, for
+    example) and exactly one ``net.`` is removed, so a net whose own child is called ``model`` or
+    ``net`` keeps that name. Without ``net.`` keys, wrapper prefixes are peeled in any order.
     """
     outer = tuple(p for p in prefixes if p != "net.")
-    unwrapped = {_peel(_drop_wrapper_parts(key), outer): key for key in state_dict}
-    if any(k.startswith("net.") for k in unwrapped):
-        unwrapped = {k: original for k, original in unwrapped.items() if k.startswith("net.")}
+    pairs = [(_peel(_drop_wrapper_parts(key), outer), key) for key in state_dict]
+    if any(key.startswith("net.") for key, _ in pairs):
+        pairs = [(key.removeprefix("net."), original) for key, original in pairs if key.startswith("net.")]
+    else:
+        pairs = [(_peel(key, prefixes), original) for key, original in pairs]
     out = {}
-    for key, original in unwrapped.items():
-        new = _peel(key, prefixes)
-        if new in out:
-            raise CheckpointError(f"Two entries of the checkpoint both become {new!r} once wrapper prefixes are removed.")
-        out[new] = state_dict[original]
+    for key, original in pairs:
+        if key in out:
+            raise CheckpointError(f"Two entries of the checkpoint both become {key!r} once wrapper prefixes are removed.")
+        out[key] = state_dict[original]
     return out
 
 
@@ -101,16 +106,43 @@ def plain_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return strip_prefixes(state)
 
 
+def _unwrapped_state(checkpoint: Mapping) -> dict[str, torch.Tensor] | None:
+    """A plain state_dict's keys with only wrapper parts (``_orig_mod``, FSDP units) removed."""
+    if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return None
+    return {_drop_wrapper_parts(k): v for k, v in checkpoint.items()}
+
+
 def save_net(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     """Write a plain state_dict (tensors only, on CPU) so ``torch.load(path, weights_only=True)`` reads it.
 
-    The file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    The write is atomic (see :func:`save_atomically`).
     """
+    return save_atomically({k: v.detach().cpu().clone() for k, v in state_dict.items()}, path)
+
+
+def save_atomically(obj: object, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync it, rename it over ``path`` and
+    fsync the directory: a process killed at any moment leaves either the old file or the new
+    one, complete, under ``path`` (at worst a stray ``.<name>.<pid>.tmp`` beside it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialise fully before touching the disk
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return path
 
 
@@ -124,6 +156,12 @@ def load_into(
     checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     state = plain_state_dict(checkpoint)
     expected = model.state_dict()
+    if set(state) != set(expected):
+        # A plain state_dict of a net whose own children are called ``model`` or ``module``: the
+        # prefixes were the net's, not a wrapper's.
+        as_saved = _unwrapped_state(checkpoint)
+        if as_saved is not None and set(as_saved) == set(expected):
+            state = as_saved
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [

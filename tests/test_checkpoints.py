@@ -46,7 +46,26 @@ def test_wrapper_parts_inside_keys_are_removed():
 
 def test_colliding_keys_are_refused():
     with pytest.raises(CheckpointError, match="both become 'conv1.weight'"):
-        strip_prefixes({"net.conv1.weight": torch.ones(1), "net.module.conv1.weight": torch.ones(1)})
+        strip_prefixes({"conv1.weight": torch.ones(1), "module.conv1.weight": torch.ones(1)})
+
+
+class Holder(torch.nn.Module):
+    """A net whose own children are called ``model`` and ``net``: the names wrappers use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Linear(4, 3)
+        self.net = torch.nn.Linear(3, 2)
+
+
+def test_a_nets_own_children_named_like_wrappers_keep_their_names(tmp_path):
+    holder = Holder()
+    classifier = ImageClassifier(holder, num_classes=2)
+    for wrapped in (classifier.state_dict(), {f"module.{k}": v for k, v in classifier.state_dict().items()}):
+        assert same(strip_prefixes(wrapped), holder.state_dict())
+    # A plain state_dict of such a net loads as it is, and so does the classifier's checkpoint.
+    assert same(load_into(Holder(), holder.state_dict()).state_dict(), holder.state_dict())
+    assert same(load_into(Holder(), {"state_dict": classifier.state_dict()}).state_dict(), holder.state_dict())
 
 
 def test_compiled_model_state_dict_loads_into_the_plain_class(lenet_state):

@@ -24,6 +24,7 @@ KILL_MID_WRITE = textwrap.dedent(
     """
     import sys, torch
     import project.callbacks.checkpointing as ck
+    import project.checkpoints as writer  # where AtomicCheckpointIO's (and net.pt's) writes happen
 
     real_open = open
 
@@ -41,7 +42,7 @@ KILL_MID_WRITE = textwrap.dedent(
     io = ck.AtomicCheckpointIO()
     path = sys.argv[1]
     io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 1}, path)
-    ck.open = lambda p, mode="r": Stalling(real_open(p, mode))
+    writer.open = lambda p, mode="r": Stalling(real_open(p, mode))
     io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "global_step": 2}, path)
     """
 )

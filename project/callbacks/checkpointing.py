@@ -1,9 +1,6 @@
 """How checkpoints are written and kept: atomic, fsynced files, an always-fresh ``last.ckpt``,
 and a final save when the cluster sends SIGTERM."""
 
-import io
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from project.checkpoints import save_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -24,25 +23,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options.")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)  # serialise fully before touching the disk
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        # Make the rename itself durable.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        save_atomically(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = True) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
