@@ -1,12 +1,10 @@
 """ImageClassifier: parameter groups, optimisers and schedules, metrics, hyperparameters."""
 
-import configparser
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from project.classifier import ImageClassifier
@@ -101,19 +99,3 @@ def test_python_built_model_checkpoint(tmp_path):
     torch.load(tmp_path / "m.ckpt", weights_only=True)  # nothing but plain data inside
     loaded = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt", net=LeNet())
     assert loaded.hparams.lr == 0.02 and torch.equal(loaded.net.fc1.weight, model.net.fc1.weight)
-
-
-def _requirements() -> tuple[set[str], set[str]]:
-    cfg = configparser.ConfigParser()
-    cfg.read(REPO / "setup.cfg")
-    setup = {line.strip() for line in cfg["options"]["install_requires"].splitlines() if line.strip()}
-    setup |= {line.strip() for line in cfg["options.extras_require"]["test"].splitlines() if line.strip()}
-    conda = yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"]
-    (pip,) = [d["pip"] for d in conda if isinstance(d, dict)]
-    env = {req for req in pip if not req.startswith("-e")}
-    return setup, env
-
-
-def test_setup_cfg_and_environment_yml_agree():
-    setup, env = _requirements()
-    assert setup == env, f"only in setup.cfg: {setup - env}; only in environment.yml: {env - setup}"
