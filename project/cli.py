@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -34,7 +35,7 @@ LOGGERS_WITH_SAVE_DIR = ("CSVLogger", "WandbLogger", "TensorBoardLogger")
 #: difference is refused (see ProjectCLI.check_resume_settings).
 RESUME_HONOURED = ("compile", "channels_last", "tta_flip", "on_nonfinite_loss", "max_nonfinite_skips")
 #: Filled in from the data module by argument links, so never compared.
-LINKED_MODEL_KEYS = ("num_classes", "net.init_args.num_classes")
+LINKED_MODEL_KEYS = ("num_classes", "net.init_args.num_classes", "image_shape")
 
 
 def new_run_name() -> str:
@@ -120,6 +121,19 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix[:-1]: list(value) if isinstance(value, (tuple, list)) else value}
 
 
+def check_devices(trainer_config) -> None:
+    """Refuse more CPU processes than the machine has CPUs (Lightning would start them all, each
+    waiting for the slowest); Lightning itself checks GPU counts."""
+    accelerator, devices = trainer_config.get("accelerator"), trainer_config.get("devices")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    available = os.cpu_count() or 1
+    if on_cpu and isinstance(devices, int) and devices > available:
+        raise ValueError(
+            f"trainer.devices={devices} asks for {devices} CPU processes, but this machine has {available} CPUs; "
+            f"give --trainer.devices {available} or fewer (or run on GPUs)."
+        )
+
+
 def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
     """``<run>`` when ``ckpt_path`` is ``<run>/checkpoints/<file>.ckpt`` written by this template."""
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
@@ -155,8 +169,20 @@ class ProjectCLI(LightningCLI):
         self.run_dir: Path | None = None
         try:
             super().__init__(ImageClassifier, CIFAR10DataModule, *args, **kwargs)
+        except BaseException:
+            self.remove_empty_run_dir()
+            raise
         finally:
             self.forget_run_dir()  # also when a check or instantiation fails after the directory was chosen
+
+    def remove_empty_run_dir(self) -> None:
+        """A command that failed before writing anything leaves no empty run directory behind."""
+        if self.run_dir is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            for directory in (self.run_dir / "checkpoints", self.run_dir):
+                try:
+                    directory.rmdir()  # only ever removes an empty directory
+                except OSError:
+                    pass
 
     def forget_run_dir(self) -> None:
         """Unset PROJECT_RUN_DIR if this command set it: the variable is for this command's own child
@@ -190,6 +216,7 @@ class ProjectCLI(LightningCLI):
         parser.add_lightning_class_args(SLURMRequeue, "requeue")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -204,6 +231,7 @@ class ProjectCLI(LightningCLI):
             explicit = run_dir_of_checkpoint(ckpt_path)
         elif self.subcommand != "fit":
             explicit = None
+        check_devices(config.trainer)
         root = Path(config.trainer.default_root_dir or "runs")
         run_dir = choose_run_dir(root, config.name, explicit, resume_last=self.subcommand == "fit" and ckpt_path == "last")
         self.run_dir = run_dir.resolve()

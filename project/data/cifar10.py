@@ -120,6 +120,11 @@ class CIFAR10DataModule(L.LightningDataModule):
     def classes(self) -> tuple[str, ...]:
         return CLASSES
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of every image the model is given."""
+        return (3, 32, 32)
+
     def prepare_data(self) -> None:
         """Download and extract once per node (Lightning calls this on local rank 0 only)."""
         if self.npz is not None:
