@@ -127,6 +127,7 @@ def check_devices(trainer_config) -> None:
     accelerator, devices = trainer_config.get("accelerator"), trainer_config.get("devices")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     available = os.cpu_count() or 1
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices  # "4" parses as a str
     if on_cpu and isinstance(devices, int) and devices > available:
         raise ValueError(
             f"trainer.devices={devices} asks for {devices} CPU processes, but this machine has {available} CPUs; "

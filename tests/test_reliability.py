@@ -107,13 +107,17 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, tiny_npz):
     (run,) = run_dirs(tmp_path, "lenet")
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     stopped_at = int(err.split("SIGTERM received: saved")[1].split("at step ")[1].split(";")[0])
-    assert ckpt["global_step"] == stopped_at and stopped_at < 500 * 7
+    assert ckpt["global_step"] == stopped_at and stopped_at < 500 * 8  # 64 images, batch 8: 8 steps per epoch
 
-    resumed = run_cli([*args[:-4], "--trainer.max_epochs=" + str(ckpt["epoch"] + 2), "--ckpt_path=last", "--test_after_fit=false"], timeout=300)
+    same_run = [a for a in args if not a.startswith("--trainer.max_epochs")]
+    resumed = run_cli([*same_run, f"--trainer.max_epochs={ckpt['epoch'] + 2}", "--ckpt_path=last"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run_dirs(tmp_path, "lenet") == [run]  # resumed into the same run directory
     final = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
-    assert final["global_step"] > stopped_at
+    # Continued from the saved step with the same batch size (8 steps per epoch; batch 128 would make it 1)
+    # to the end of the next epoch; last.ckpt is written every 5 steps, so it holds the last multiple of 5.
+    end = (ckpt["epoch"] + 2) * 8
+    assert final["global_step"] == end - end % 5 and final["global_step"] > stopped_at
 
 
 class _NaNData(L.LightningDataModule):
@@ -199,6 +203,10 @@ def _bad_files(root: Path) -> dict[str, Path]:
     files["npz_keys"] = make_npz(root / "keys.npz", y_test=None)
     files["npz_size"] = make_npz(root / "size.npz", x_test=np.zeros((32, 28, 28, 3), np.uint8))
     files["npz_labels"] = make_npz(root / "labels.npz", y_train=np.full(64, 12, np.uint8))
+    files["npz_dtype"] = make_npz(root / "dtype.npz", x_train=np.zeros((64, 32, 32, 3), np.float32))
+    files["classes100"] = root / "classes100.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in LeNet(num_classes=100).state_dict().items()}, "hyper_parameters": {}},
+               files["classes100"])
     return files
 
 
@@ -212,13 +220,17 @@ BAD_INPUT = [
     ("unknown model", ["--model.net=project.models.VGG16"], "VGG16"),
     ("unknown strategy", ["--trainer.strategy=warp_drive"], "warp_drive"),
     ("unknown optimizer", ["--model.optimizer=adam"], "adam"),
-    ("gpu not available", ["--trainer.accelerator=gpu"], "error:"),
+    ("gpu not available", ["--trainer.accelerator=gpu"], "error: No supported gpu backend found!"),
+    ("more CPU processes than CPUs", ["--trainer.accelerator=cpu", f"--trainer.devices={(os.cpu_count() or 1) + 1}"],
+     f"error: trainer.devices={(os.cpu_count() or 1) + 1} asks for {(os.cpu_count() or 1) + 1} CPU processes, but this machine has"),
     ("truncated checkpoint", ["--ckpt_path={truncated}"], "is not a PyTorch checkpoint (not a torch.save archive)"),
     ("not a checkpoint", ["--ckpt_path={text}"], "is not a PyTorch checkpoint"),
     ("other architecture", ["--ckpt_path={resnet}"], "resnet.ckpt does not fit LeNet (missing keys [conv1.bias, conv1.weight"),
+    ("other number of classes", ["--ckpt_path={classes100}"], "does not fit LeNet (shape mismatches [fc3.weight: file (100, 84) vs model (10, 84), fc3.bias: file (100,) vs model (10,)]"),
     ("npz wrong keys", ["--data.npz={npz_keys}"], "lacks the arrays y_test"),
     ("npz wrong image size", ["--data.npz={npz_size}"], "x_test is uint8 (32, 28, 28, 3), expected uint8 (N, 32, 32, 3)"),
     ("npz labels out of range", ["--data.npz={npz_labels}"], "labels in [12, 12], outside 0..9"),
+    ("npz wrong dtype", ["--data.npz={npz_dtype}"], "x_train is float32 (64, 32, 32, 3), expected uint8"),
 ]
 
 
@@ -227,18 +239,20 @@ def test_bad_input_fails_clearly_and_touches_nothing(existing_run, case, extra, 
     root, npz = existing_run
     files = _bad_files(root) if not (root / "truncated.ckpt").exists() else {
         "truncated": root / "truncated.ckpt", "text": root / "notes.ckpt", "resnet": root / "resnet.ckpt",
-        "npz_keys": root / "keys.npz", "npz_size": root / "size.npz", "npz_labels": root / "labels.npz"}
+        "npz_keys": root / "keys.npz", "npz_size": root / "size.npz", "npz_labels": root / "labels.npz",
+        "npz_dtype": root / "dtype.npz", "classes100": root / "classes100.ckpt"}
     before = _snapshot(root)
     runs_before = run_dirs(root, "lenet")
     args = [a.format(**files) for a in extra]
     sub = "test" if any(a.startswith("--ckpt_path") for a in args) else "fit"
     out = run_cli([sub, "-c", "experiments/lenet.yaml", f"--data.npz={npz}", f"--trainer.default_root_dir={root}",
-                   *QUIET, "--trainer.max_epochs=1", *args], timeout=120)
+                   *QUIET, "--data.val_size=16", "--trainer.max_epochs=1", *args], timeout=120)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr, f"{case}: a user error must not end in a traceback"
     assert _snapshot(root) == before
     for run in run_dirs(root, "lenet"):
+        assert run in runs_before or any(run.iterdir()), f"{case} left an empty run directory"
         assert run in runs_before or not any(run.rglob("*.ckpt")), f"{case} left a new run with checkpoints"
 
 
