@@ -115,3 +115,12 @@ def test_bad_config_value_fails_fast(tmp_path, tiny_npz):
     out = run_cli(["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", "--model.optimizer=adam", f"--trainer.default_root_dir={tmp_path}"], timeout=120)
     assert out.returncode != 0 and "adam" in out.stderr
     assert not (tmp_path / "lenet").exists()
+
+
+def test_the_cli_writes_checkpoints_atomically(tmp_path, tiny_npz):
+    from project.callbacks.checkpointing import AtomicCheckpointIO
+    from project.cli import ProjectCLI
+
+    cli = ProjectCLI(args=["-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={tiny_npz}",
+                           f"--trainer.default_root_dir={tmp_path}", *QUIET], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO

@@ -299,16 +299,17 @@ def test_memory_stays_flat_with_hook_callbacks(tmp_path, subset_npz):
 
 
 def test_secrets_never_reach_the_run_directory(tmp_path, tiny_npz):
-    """WANDB_API_KEY in the environment of a run with the wandb logger (offline, no server)."""
-    secret = "wandb-secret-" + "x7" * 20
+    """WANDB_API_KEY and other credentials in the environment of a run with the wandb logger (offline, no server)."""
+    secrets = {name: f"{name.lower()}-secret-" + "x7" * 20 for name in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY")}
     out = run_cli(["fit", "-c", "experiments/lenet.yaml", "-c", "experiments/loggers/wandb.yaml", f"--data.npz={tiny_npz}",
                    f"--trainer.default_root_dir={tmp_path}", *QUIET, "--data.val_size=16", "--trainer.max_epochs=1"],
-                  env={"WANDB_API_KEY": secret, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}, timeout=300)
+                  env={**secrets, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any("wandb" in str(p) for p in files), "the wandb logger wrote nothing; the test would prove nothing"
-    leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
-    assert leaked == [] and secret not in out.stdout + out.stderr
+    for secret in secrets.values():
+        leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
+        assert leaked == [] and secret not in out.stdout + out.stderr
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):

@@ -210,6 +210,9 @@ def test_sbatch_scripts_parse_and_carry_the_required_directives(script):
     for required in ("partition", "account", "time", "signal", "requeue", "output", "open-mode"):
         assert required in directives, f"{script.name} lacks #SBATCH --{required}"
     assert directives["signal"] in ("SIGUSR1@90", "SIGUSR2@90")
+    # The run must listen for the signal SLURM is told to send; one edited without the other breaks requeue.
+    listened = re.findall(r"--requeue\.signal[ =](\w+)", text) or ["SIGUSR1"]  # not given: SLURMRequeue's default
+    assert listened == [directives["signal"].split("@")[0]], f"{script.name}: --requeue.signal {listened} vs --signal"
     assert re.search(r"^\s*srun ", text, re.M), f"{script.name} must start its tasks with srun"
     if script.name != "sweep_agent.sbatch":
         # One task per device, and the trainer told the same numbers SLURM gave the job.
