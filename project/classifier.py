@@ -42,7 +42,7 @@ class ImageClassifier(L.LightningModule):
             and without adding ``_orig_mod.`` to the state_dict keys. ``true``, or a mapping of
             ``torch.compile`` keyword arguments, e.g. ``{mode: max-autotune}``.
         image_shape: (channels, height, width) the net is trained on; any other input is refused
-            with a clear error (the CLI links it from the data module).
+            with a clear error. The CLI links it from the data module; ``None`` checks nothing.
         on_nonfinite_loss: what a NaN or infinite training loss does: ``stop`` the run with an
             error naming the step (checkpoints written before it stay as they are), or ``skip``
             the batch without an optimiser step, at most ``max_nonfinite_skips`` times per run.
@@ -67,7 +67,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool | dict[str, Any] = False,
         on_nonfinite_loss: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 10,
-        image_shape: tuple[int, int, int] = (3, 32, 32),
+        image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -109,8 +109,8 @@ class ImageClassifier(L.LightningModule):
             self.net.compile(**(options if isinstance(options, dict) else {}))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        expected = tuple(self.hparams.get("image_shape") or images.shape[1:])
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        expected = self.hparams.get("image_shape")
+        if expected is not None and (images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected)):
             raise ValueError(
                 f"The model takes images of shape (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}: "
                 f"resize or crop the images to {expected[1]}x{expected[2]} with {expected[0]} channels, as in training."

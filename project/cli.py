@@ -122,8 +122,11 @@ def _flatten(value, prefix: str = "") -> dict:
 
 
 def check_devices(trainer_config) -> None:
-    """Refuse more CPU processes than the machine has CPUs (Lightning would start them all, each
-    waiting for the slowest); Lightning itself checks GPU counts."""
+    """Refuse more CPU processes than the machine has CPUs when Lightning would start them itself
+    (each waiting for the slowest); processes started by srun or torchrun are the launcher's
+    business, and Lightning itself checks GPU counts."""
+    if "SLURM_NTASKS" in os.environ or "WORLD_SIZE" in os.environ:
+        return
     accelerator, devices = trainer_config.get("accelerator"), trainer_config.get("devices")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     available = os.cpu_count() or 1

@@ -104,7 +104,7 @@ def test_python_built_model_checkpoint(tmp_path):
 def test_images_of_another_size_are_refused_with_one_sentence():
     """LeNet would fail deep inside with a matmul shape error, a ResNet would silently accept them."""
     for net in (LeNet(), ResNet20()):
-        model = ImageClassifier(net).eval()
+        model = ImageClassifier(net, image_shape=(3, 32, 32)).eval()  # the CLI links it from the data module
         assert model.predict_step(torch.rand(2, 3, 32, 32), 0)["preds"].shape == (2,)
         with pytest.raises(ValueError, match=r"takes images of shape \(N, 3, 32, 32\), got \(2, 3, 28, 28\): resize or crop"):
             model.predict_step(torch.rand(2, 3, 28, 28), 0)
