@@ -171,6 +171,8 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         kwargs.setdefault("auto_configure_optimizers", False)
         self.run_dir: Path | None = None
+        #: The global step of the checkpoint a fit resumes from (read by check_resume_settings).
+        self.resume_step: int | None = None
         try:
             super().__init__(ImageClassifier, CIFAR10DataModule, *args, **kwargs)
         except BaseException:
@@ -292,11 +294,14 @@ class ProjectCLI(LightningCLI):
                 self.config[f"{subcommand}.model.{key}"] = value
 
     def check_resume_settings(self, config) -> None:
-        """Refuse a resumed fit whose model settings differ from the checkpoint's (except RESUME_HONOURED)."""
+        """Refuse a resumed fit whose model settings differ from the checkpoint's (except RESUME_HONOURED);
+        note the step it resumes from, where metrics.csv continues (before_fit)."""
         path = resume_checkpoint_file(config.get("ckpt_path"), self.run_dir)
         if path is None:
             return
-        stored = stored_checkpoint(path).get("hyper_parameters") or {}
+        checkpoint = stored_checkpoint(path)
+        self.resume_step = checkpoint.get("global_step")
+        stored = checkpoint.get("hyper_parameters") or {}
         differences = model_differences(stored, config.model.as_dict())
         if differences:
             raise ValueError(
@@ -319,13 +324,11 @@ class ProjectCLI(LightningCLI):
         checkpoints.load_into(self.model.net, checkpoint, dry_run=True, name=str(ckpt_path))
 
     def before_fit(self) -> None:
-        path = resume_checkpoint_file(self.config.fit.get("ckpt_path"), self.run_dir)
-        if path is None:
+        if self.resume_step is None:
             return
-        step = stored_checkpoint(path).get("global_step")
         for logger in self.trainer.loggers:
-            if isinstance(logger, tracking.CSVLogger) and step is not None:
-                logger.continue_at(step)
+            if isinstance(logger, tracking.CSVLogger):
+                logger.continue_at(self.resume_step)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):

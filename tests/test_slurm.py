@@ -54,11 +54,7 @@ def test_job_step_environment_gives_world_size_and_ranks(tmp_path, monkeypatch):
     """Task 5 of a 2-node x 4-task job step: rank 5 of 8, local rank 1 on node 1, run dir slurm-<job id>."""
     for key in ("PROJECT_RUN_DIR", "MASTER_ADDR", "MASTER_PORT", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
                 "WANDB_SWEEP_ID", "WANDB_RUN_ID"):
-        # Set, then delete: monkeypatch forgets a variable that was absent, and Lightning sets
-        # MASTER_ADDR/PORT from the job's node list; left behind, they would send every later DDP
-        # run of this pytest process looking for "node001".
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
+        monkeypatch.delenv(key, raising=False)  # what Lightning adds (MASTER_ADDR=node001) conftest removes after the test
     for key, value in job_step_env(job_id="777", nodes=2, tasks_per_node=4, proc_id=5).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # the Trainer sets it to 5; restored after
