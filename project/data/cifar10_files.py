@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from project.errors import UserError
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -25,7 +27,7 @@ TEST_BATCHES = ("test_batch",)
 IMAGE_SHAPE = (3, 32, 32)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """The dataset is missing or malformed; the message says which file and what to do."""
 
 
