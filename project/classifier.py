@@ -4,6 +4,7 @@ It owns what is about training, not about the network: the loss, the metrics, th
 its schedule. The network stays a plain ``torch.nn.Module`` under ``self.net``.
 """
 
+import math
 import warnings
 from typing import Any, Literal
 
@@ -15,9 +16,15 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from project.errors import UserError
+
 Optimizer = Literal["sgd", "adamw"]
 Scheduler = Literal["none", "cosine", "onecycle", "step"]
 STAGES = ("train", "val", "test")
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """The training loss became NaN or infinite (a learning rate too high, bad data): the run stops."""
 
 
 class ImageClassifier(L.LightningModule):
@@ -71,17 +78,21 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if lr <= 0:
-            raise ValueError(f"model.lr must be > 0, got {lr}.")
+            raise UserError(f"model.lr must be > 0, got {lr}.")
         if weight_decay < 0:
-            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}.")
+            raise UserError(f"model.weight_decay must be >= 0, got {weight_decay}.")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
+            raise UserError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
         if num_classes < 2:
-            raise ValueError(f"model.num_classes must be at least 2, got {num_classes}.")
+            raise UserError(f"model.num_classes must be at least 2, got {num_classes}.")
+        if not 0 <= momentum < 1 or not all(0 <= beta < 1 for beta in betas):
+            raise UserError(f"model.momentum and model.betas must be in [0, 1), got {momentum} and {tuple(betas)}.")
+        if step_size < 1 or gamma <= 0:
+            raise UserError(f"model.step_size must be >= 1 and model.gamma > 0, got {step_size} and {gamma}.")
         if max_nonfinite_skips < 0:
-            raise ValueError(f"model.max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}.")
+            raise UserError(f"model.max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}.")
         if not isinstance(net, nn.Module):
-            raise TypeError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
+            raise UserError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
         with warnings.catch_warnings():
             # From the CLI the net arrives as its config (class_path + init_args), which is what
             # load_from_checkpoint needs; built in Python it is a module object, which we drop
@@ -111,7 +122,7 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         expected = self.hparams.get("image_shape")
         if expected is not None and (images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected)):
-            raise ValueError(
+            raise UserError(
                 f"The model takes images of shape (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}: "
                 f"resize or crop the images to {expected[1]}x{expected[2]} with {expected[0]} channels, as in training."
             )
@@ -163,7 +174,7 @@ class ImageClassifier(L.LightningModule):
             self.nonfinite_skips += 1
             self.print(f"Skipping batch with non-finite loss at {step} ({self.nonfinite_skips} skipped so far).")
             return None  # Lightning skips backward and the optimiser step
-        raise FloatingPointError(
+        raise NonFiniteLoss(
             f"The training loss became {loss.item()} at {step}; the run stopped and the checkpoints written "
             "before it are intact: lower model.lr, or set model.on_nonfinite_loss=skip to skip such batches."
         )
@@ -212,29 +223,37 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning calls this before configure_optimizers and loads checkpoint["lr_schedulers"]
-        # into the new schedulers after it: keep a reference so the schedule can be re-planned.
-        self._resumed_schedulers = checkpoint.get("lr_schedulers")
+        # Lightning calls this before configure_optimizers and loads the checkpoint's optimiser and
+        # scheduler states after it: keep a reference so the schedule can be re-planned.
+        self._resumed = checkpoint
 
     def _replan_resumed_schedule(self, scheduler, total_steps: int) -> None:
         """A resumed fit that runs a different number of steps (``--trainer.max_epochs`` changed)
         re-plans its per-step schedule for the new length instead of keeping the old one (whose
-        cosine would climb back up after its end, and whose one-cycle would refuse to step on)."""
-        resumed, self._resumed_schedulers = getattr(self, "_resumed_schedulers", None), None
-        if not resumed:
+        cosine would sit at zero or climb back up after its end, and whose one-cycle would refuse
+        to step on): from the step reached it follows the curve planned for the new length."""
+        resumed, self._resumed = getattr(self, "_resumed", None), None
+        if not resumed or not resumed.get("lr_schedulers"):
             return
-        stored = resumed[0]
+        stored = resumed["lr_schedulers"][0]
         planned = stored.get("T_max", stored.get("total_steps"))
         if planned is None or planned == total_steps:
             return
-        # The new schedule's state at the step reached: cosine continues from the current learning
-        # rate (its update is relative) down to zero at the new end; one-cycle, which is computed
-        # from the step alone, follows the curve planned for the new length from there on.
+        done = stored.get("last_epoch", 0)
         replanned = scheduler.state_dict()
-        replanned.update({key: stored[key] for key in ("last_epoch", "_step_count", "_last_lr") if key in stored})
+        replanned.update({key: stored[key] for key in ("last_epoch", "_step_count") if key in stored})
+        if "T_max" in stored:
+            # CosineAnnealingLR updates the rate relative to the current one, so the current one must
+            # be where the new curve is at this step (a finished run's is 0 and would stay 0).
+            groups = resumed["optimizer_states"][0]["param_groups"]
+            for group in groups:
+                group["lr"] = group["initial_lr"] * (1 + math.cos(math.pi * min(done, total_steps) / total_steps)) / 2
+            replanned["_last_lr"] = [group["lr"] for group in groups]
+        elif "_last_lr" in stored:
+            replanned["_last_lr"] = stored["_last_lr"]  # OneCycleLR computes each rate from the step alone
         stored.clear()
         stored.update(replanned)
         rank_zero_info(
             f"Resumed {self.hparams.scheduler} schedule re-planned from {planned} to {total_steps} steps "
-            f"(the fit now runs {total_steps} optimiser steps in all; {replanned['last_epoch']} are done)."
+            f"(the fit now runs {total_steps} optimiser steps in all; {done} are done)."
         )

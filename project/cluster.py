@@ -12,12 +12,10 @@ the signal handler, i.e. possibly in the middle of an optimiser step, and never 
 """
 
 import logging
-import os
 import re
 import shutil
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import lightning as L
@@ -26,16 +24,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from project.callbacks import LastCheckpoint
+from project.errors import UserError
+from project.runs import slurm_job_id, stop_signals
 
 log = logging.getLogger(__name__)
-
-
-def slurm_job_id() -> str | None:
-    """The id ``scontrol requeue`` needs: ``<array job id>_<task id>`` for array tasks, else ``$SLURM_JOB_ID``."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{array_job}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 def requeue_job(job_id: str) -> str | None:
@@ -76,45 +68,36 @@ class SLURMRequeue(L.Callback):
         try:
             self.signum = _signal_from_name(signal)
         except ValueError as err:
-            raise ValueError(f"requeue.signal: {err}") from None
+            raise UserError(f"requeue.signal: {err}") from None
         self.enabled = enabled
-        self.requested = False
         self.checkpoint_path: Path | None = None
         self._active = False
-        self._installed = False
-        self._previous_handler = None
+
+    @property
+    def requested(self) -> bool:
+        return stop_signals.pending(self.signum)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.requested = False
         if not (self.enabled and stage == "fit" and SLURMEnvironment.detect()):
             return
-        environment = trainer._accelerator_connector.cluster_environment
-        if isinstance(environment, SLURMEnvironment):
-            environment.auto_requeue = False  # this callback does the requeueing (see the module docstring)
         # log_dir is broadcast from rank zero: every rank asks for it here.
         self.checkpoint_path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         self._active = True
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Installed after Lightning has recorded the signal handlers it restores at the end of a run.
-        if self._active and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.getsignal(self.signum)
-            signal.signal(self.signum, self._on_signal)
-            self._installed = True
-
-    def _on_signal(self, signum, frame) -> None:
-        # Only note it: saving here could catch the model in the middle of an optimiser step.
-        self.requested = True
-        log.info(f"Received {signal.Signals(signum).name}: will checkpoint and requeue after this batch.")
+        # From here (before the sanity check) to the end of the command (after test_after_fit, when
+        # the CLI's run closes): a signal during validation or testing is noted like one in training,
+        # instead of killing the job (SIGUSR1's default action).
+        stop_signals.install(self.signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self._active:
-            return
+        if self._active and self._stop_decided(trainer):
+            self._save(trainer)
+            self._requeue_and_exit(trainer, saved=self.checkpoint_path)
+
+    def _stop_decided(self, trainer: L.Trainer) -> bool:
         # Every rank must stop at the same step, also when the signal reached them at different times.
-        stop = trainer.strategy.reduce_boolean_decision(self.requested, all=False) if trainer.world_size > 1 else self.requested
-        if not stop:
-            return
-        self._save(trainer)
+        return trainer.strategy.reduce_boolean_decision(self.requested, all=False) if trainer.world_size > 1 else self.requested
+
+    def _requeue_and_exit(self, trainer: L.Trainer, saved: Path | None) -> None:
         problem = None
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -123,13 +106,12 @@ class SLURMRequeue(L.Callback):
             job_id = slurm_job_id()
             problem = requeue_job(job_id) if job_id else "SLURM_JOB_ID is not set"
         problem = trainer.strategy.broadcast(problem)
+        done = f"Saved {saved} at step {trainer.global_step}" if saved else f"Training was complete (step {trainer.global_step})"
         if problem is None:
-            rank_zero_info(f"Saved {self.checkpoint_path} at step {trainer.global_step} and requeued SLURM job {slurm_job_id()}; exiting.")
+            rank_zero_info(f"{done} and requeued SLURM job {slurm_job_id()}; exiting.")
             raise SystemExit(0)
-        raise SystemExit(
-            f"Saved {self.checkpoint_path} at step {trainer.global_step}, but the job was not requeued: {problem}. "
-            f"To resume, run the same command with --ckpt_path {self.checkpoint_path}."
-        )
+        resume = f"--ckpt_path {saved}" if saved else "--ckpt_path last"
+        raise SystemExit(f"{done}, but the job was not requeued: {problem}. To resume, run the same command with {resume}.")
 
     def _save(self, trainer: L.Trainer) -> None:
         """Write the resume checkpoint through LastCheckpoint when the trainer has one (as the CLI's does)."""
@@ -140,17 +122,17 @@ class SLURMRequeue(L.Callback):
                 return
         trainer.save_checkpoint(self.checkpoint_path)
 
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # The test after fit (--test_after_fit): training is over and its checkpoints are written;
+        # requeue, and the requeued job resumes the finished fit and tests again.
+        if self._active and self._stop_decided(trainer):
+            self._requeue_and_exit(trainer, saved=None)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        if self._installed and threading.current_thread() is threading.main_thread():
-            previous = self._previous_handler
-            signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
-            self._installed = False
+        if stage == "fit":
+            # Stay active for the test that may follow the fit; the signal handler stays until the
+            # command ends (project.runs.Run.close restores it).
+            return
         self._active = False
 
 

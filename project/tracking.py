@@ -14,9 +14,9 @@ that a resumed fit continues.
   (``model.lr``, ``data.batch_size``, ...).
 """
 
-import csv
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,9 @@ import lightning.pytorch.loggers
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from project import runs
+from project.errors import UserError
+
 #: ``wandb/run-20250101_120000-<id>`` (online) or ``wandb/offline-run-...-<id>`` (offline).
 _RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
 
@@ -34,52 +37,50 @@ class ContinuingExperimentWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted.
 
     ``continue_at``: the step a resumed fit starts from; rows the interrupted run logged from that
-    step on (after its checkpoint) are dropped at the first save, since the fit logs them again.
+    step on (after its checkpoint) are dropped, since the fit logs them again.
     """
 
     def __init__(self, log_dir: str, continue_at: int | None = None) -> None:
-        super().__init__(log_dir)
-        self.continue_at = continue_at
-
-    def _check_log_dir_exists(self) -> None:
-        self._continuing = self._fs.isfile(self.metrics_file_path)
-        if self._continuing:
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                self.metrics_keys = sorted(next(csv.reader(file), []))
-
-    def save(self) -> None:
-        if self._continuing and self.metrics and self.continue_at is not None:
-            self._continuing = False
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                rows = [row for row in csv.DictReader(file) if int(row["step"]) < self.continue_at]
-            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(rows)
-        super().save()
+        path = Path(log_dir) / self.NAME_METRICS_FILE
+        kept = path.with_name(path.name + ".continued")
+        keys: list[str] = []
+        if continue_at is not None and path.is_file():
+            keys = runs.keep_metrics_before(path, continue_at)
+            os.replace(path, kept)  # out of the way of Lightning's writer, which deletes an existing file
+        with warnings.catch_warnings():
+            # "...exists and is not empty. Previous log files ... will be deleted": not here, see above.
+            warnings.filterwarnings("ignore", message=".*exists and is not empty")
+            super().__init__(log_dir)
+        if kept.is_file():
+            os.replace(kept, path)
+            self.metrics_keys = keys  # new rows are appended under the same header
 
 
 class CSVLogger(lightning.pytorch.loggers.CSVLogger):
-    """Lightning's CSVLogger whose ``metrics.csv`` a resumed fit continues (see ContinuingExperimentWriter)."""
+    """Lightning's CSVLogger whose ``metrics.csv`` a resumed fit continues (see ContinuingExperimentWriter).
+    Local paths only (``save_dir`` on a remote filesystem: use Lightning's CSVLogger)."""
 
-    _continue_at: int | None = None
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step: int | None = None
+        self.writer: ContinuingExperimentWriter | None = None
 
     def continue_at(self, step: int) -> None:
         """The fit resumes at ``step``: earlier rows stay, later ones are replaced by the new ones."""
-        self._continue_at = step
-        if isinstance(self._experiment, ContinuingExperimentWriter):
-            self._experiment.continue_at = step
+        if self.writer is not None:
+            raise RuntimeError("continue_at must be called before the logger writes anything.")
+        self.resume_step = step
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ContinuingExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = ContinuingExperimentWriter(self.log_dir, continue_at=self._continue_at)
-        return self._experiment
+        if self.writer is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self.writer = ContinuingExperimentWriter(self.log_dir, continue_at=self.resume_step)
+        return self.writer
 
 
-class WandbSetupError(ValueError):
+class WandbSetupError(UserError):
     """wandb cannot start a run (no API key, for example); the message says what to do."""
 
 
@@ -99,12 +100,7 @@ class WandbLogger(lightning.pytorch.loggers.WandbLogger):
             ) from None
 
 
-def sweep_run_name() -> str | None:
-    """``sweep-<sweep id>-<run id>`` inside a trial started by ``wandb agent``, else ``None``."""
-    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-    if sweep and run and re.fullmatch(r"[\w-]+", sweep + run):
-        return f"sweep-{sweep}-{run}"
-    return None
+sweep_run_name = runs.sweep_run_name
 
 
 def wandb_run_id(run_dir: Path) -> str | None:
@@ -136,15 +132,10 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def log_config(trainer: L.Trainer, pl_module: L.LightningModule, config: Mapping) -> None:
-    """Log ``config`` (flattened) as every logger's hyperparameters, instead of Lightning's default.
-
-    Lightning would log the model's and the data module's ``hparams`` (a part of the config, under
-    other names) at the start of every fit, validate and test; the resolved config replaces them.
-    """
+def log_config(trainer: L.Trainer, config: Mapping) -> None:
+    """Log ``config`` (flattened) as every logger's hyperparameters. The CLI switches Lightning's
+    own hyperparameter logging off (``Trainer(enable_autolog_hparams=False)``), which would log the
+    model's and the data module's ``hparams`` (parts of the config, under other names) instead."""
     flat = flatten(config)
     for logger in trainer.loggers:
         logger.log_hyperparams(flat)
-    for owner in (pl_module, trainer.datamodule):
-        if owner is not None:
-            owner._log_hyperparams = False

@@ -17,10 +17,10 @@ def full_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor]:
     """
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
-            return strategy.model.state_dict()
+        # torch's public API: gathers the full tensors (to the CPU, on rank 0 only).
+        return get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return strategy.lightning_module_state_dict()
 
 

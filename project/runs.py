@@ -1,0 +1,378 @@
+"""The life of one run, outside Lightning: its directory, its lock, the checkpoint it resumes from,
+its metrics.csv, and the signals that stop it cleanly.
+
+The CLI (project/cli.py) asks :meth:`Run.open` for a run once the configuration is parsed, and
+closes it when the command ends. Nothing here imports Lightning, so the policy reads (and tests)
+on its own. See the README's "Run directories" for what a user sees.
+"""
+
+import csv
+import fcntl
+import io
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from project import checkpoints
+from project.errors import UserError
+
+#: Set by the process that chose the run directory, so the processes Lightning launches for
+#: DDP (which re-run this command line) write into the same one. Users may set it themselves.
+RUN_DIR_ENV = "PROJECT_RUN_DIR"
+#: Held (flock) by the process that writes into a run directory, for as long as its command runs.
+LOCK_FILE = "run.lock"
+#: ``--ckpt_path`` values that name a checkpoint of the experiment's newest run.
+NAMED_CHECKPOINTS = {"last": "last*.ckpt", "best": "best*.ckpt"}
+#: What a fit writes before its first step; a new run dir holding only these after a failure is removed.
+STARTUP_FILES = ("config.yaml", "hparams.yaml", LOCK_FILE)
+
+
+def new_run_name() -> str:
+    """A sortable, collision-free directory name: local time plus random hex."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` needs: ``<array job id>_<task id>`` for array tasks, else ``$SLURM_JOB_ID``."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def sweep_run_name() -> str | None:
+    """``sweep-<sweep id>-<run id>`` inside a trial started by ``wandb agent``, else ``None``."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run and re.fullmatch(r"[\w-]+", sweep + run):
+        return f"sweep-{sweep}-{run}"
+    return None
+
+
+def is_primary_process() -> bool:
+    """False in the processes a launcher started beside the first one (DDP workers, srun tasks,
+    torchrun ranks): they share the first one's run directory, its lock and its resume plan."""
+    return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def choose_run_dir(root: Path, name: str, explicit: str | Path | None, resume_last: bool) -> Path:
+    """Where this run writes; see the README's "Run directories" for the policy."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    experiment = root / name
+    sweep_run = sweep_run_name()
+    if sweep_run:
+        # One directory per trial, also when one SLURM job runs a `wandb agent` for many trials.
+        return experiment / sweep_run
+    job_id = slurm_job_id()
+    if job_id and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        # Stable across requeues of the same job, so a requeued job finds its own checkpoints.
+        return experiment / f"slurm-{job_id}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        run_id = os.environ["TORCHELASTIC_RUN_ID"]
+        if run_id == "none":
+            raise UserError(
+                "Under torchrun every rank must agree on the run directory: pass torchrun --rdzv-id=<unique id> "
+                f"or give --run_dir (or set {RUN_DIR_ENV})."
+            )
+        return experiment / f"torchrun-{run_id}"
+    if resume_last:
+        newest = newest_run_with(experiment, NAMED_CHECKPOINTS["last"])
+        if newest is not None:
+            return newest
+    return experiment / new_run_name()
+
+
+def newest_run_with(experiment: Path, pattern: str) -> Path | None:
+    """The run of ``experiment`` whose ``checkpoints/<pattern>`` was written last."""
+    found = [p for p in experiment.glob(f"*/checkpoints/{pattern}")]
+    newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
+    return newest.parent.parent if newest is not None else None
+
+
+def newest_checkpoint(run_dir: Path, pattern: str = "*.ckpt") -> Path | None:
+    """The most recently written ``<run_dir>/checkpoints/<pattern>`` (a file, or an FSDP sharded
+    checkpoint directory), if any."""
+    return max((run_dir / "checkpoints").glob(pattern), key=lambda p: p.stat().st_mtime, default=None)
+
+
+def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
+    """``<run>`` when ``ckpt_path`` is ``<run>/checkpoints/<file>.ckpt`` written by this template."""
+    if not ckpt_path or ckpt_path in NAMED_CHECKPOINTS or ckpt_path in ("hpc", "registry"):
+        return None
+    path = Path(ckpt_path)
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent
+    return None
+
+
+def check_checkpoint_path(ckpt_path: str) -> Path:
+    """``ckpt_path`` as a path to read, or one sentence saying why it cannot be."""
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise UserError(f"--ckpt_path {ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder, or `last`.")
+    if path.is_dir() and not (path / "meta.pt").is_file() and not (path / ".metadata").is_file():
+        raise UserError(f"--ckpt_path {ckpt_path} is a directory, not a checkpoint; give a .ckpt file from a run's checkpoints/ folder.")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"--ckpt_path {ckpt_path} is not readable by this user; check its permissions.")
+    return path
+
+
+def find_named_checkpoint(experiment: Path, name: str) -> Path:
+    """The newest ``last``/``best`` checkpoint among ``experiment``'s runs, or one sentence saying there is none."""
+    run = newest_run_with(experiment, NAMED_CHECKPOINTS[name])
+    if run is None:
+        raise UserError(
+            f"--ckpt_path {name} found no {NAMED_CHECKPOINTS[name]} under {experiment}/*/checkpoints/; "
+            "train first (fit), give the experiment's --name, or pass the checkpoint file itself."
+        )
+    return newest_checkpoint(run, NAMED_CHECKPOINTS[name])
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """Refuse a directory option that names a file or lies under a folder this user cannot write."""
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise UserError(f"{option} {path}: {existing} is a broken symbolic link; remove it or choose another directory.")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {path}: {existing} is a file, not a directory; choose another directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: this user cannot write to {existing}; choose a directory you can write to.")
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a fit resumes from, read from its checkpoint once: the path, the optimiser step
+    reached (where metrics.csv continues) and the model settings it was trained with."""
+
+    checkpoint: Path
+    global_step: int | None
+    hyper_parameters: dict
+    #: The whole checkpoint, memory-mapped (tensors are read only when used); for a sharded
+    #: checkpoint directory, its ``meta.pt`` (loop state and hyperparameters, no tensors).
+    contents: dict = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> "ResumePlan":
+        stored = path / "meta.pt" if path.is_dir() else path
+        contents = checkpoints.load_file(stored, mmap=True) if stored.is_file() else {}
+        return cls(path, contents.get("global_step"), dict(contents.get("hyper_parameters") or {}), contents)
+
+
+class RunLocked(UserError):
+    """Another process is writing into the run directory."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run dir>/run.lock``, held while a command writes into the run.
+
+    The file names its holder (host, pid, command, start time) for the error a second process
+    gets. It is removed on release; a lock left by a killed process is not held (the kernel
+    drops flocks with their process), so the next run takes it over.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunLocked(
+                    f"{self.path.parent} is in use by {holder}; wait for that command to finish (or stop it), "
+                    "or start a new run without --ckpt_path/--run_dir."
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder removed the file between our open and our lock: try again
+                break
+            os.close(fd)
+        holder = f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:4])}..., since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+        os.ftruncate(fd, 0)
+        os.write(fd, holder.encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held, so no one locks a file that is going away
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class Run:
+    """One command's run directory: chosen, created (remembering which folders are new), locked
+    by the primary process, and closed when the command ends."""
+
+    directory: Path
+    resume: ResumePlan | None = None
+    created: list[Path] = field(default_factory=list)
+    lock: RunLock | None = None
+
+    @classmethod
+    def open(cls, *, subcommand: str, root: Path, name: str, run_dir: str | None, ckpt_path: str | None) -> "Run":
+        """Choose, check, create and lock the directory of this command; ``ckpt_path`` as given."""
+        if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS:
+            check_checkpoint_path(ckpt_path)
+        explicit = None
+        if subcommand == "fit":
+            explicit = run_dir or run_dir_of_checkpoint(ckpt_path)
+            if explicit is not None:
+                check_writable_dir(Path(explicit), "--run_dir")
+        check_writable_dir(root, "--trainer.default_root_dir")
+        directory = choose_run_dir(root, name, explicit, resume_last=subcommand == "fit" and ckpt_path == "last")
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"The run directory {directory} is a file; remove it or choose another --run_dir.")
+        run = cls(directory.resolve())
+        if is_primary_process():
+            run.created = _make_dirs(run.directory)
+            run.lock = RunLock(run.directory)
+            try:
+                run.lock.acquire()
+            except BaseException:
+                run.lock = None
+                run.remove_if_unused()
+                raise
+        if subcommand == "fit":
+            resume_from = run.fit_checkpoint(ckpt_path)
+            run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
+        return run
+
+    def fit_checkpoint(self, ckpt_path: str | None) -> Path | None:
+        """The checkpoint a fit resumes from: the one given; for ``last``, this run's newest
+        ``last*.ckpt``; without ``--ckpt_path``, the newest checkpoint already in the directory (a
+        requeued job, ``--run_dir``). ``None``: a fresh start."""
+        if ckpt_path == "last":
+            return newest_checkpoint(self.directory, NAMED_CHECKPOINTS["last"])
+        if ckpt_path == "best":
+            return newest_checkpoint(self.directory, NAMED_CHECKPOINTS["best"])
+        if ckpt_path:
+            return Path(ckpt_path)
+        return newest_checkpoint(self.directory)
+
+    def remove_if_unused(self) -> None:
+        """Remove the folders this command created when it failed before writing results into them
+        (anything beyond the config it saved at the start and empty folders)."""
+        if self.directory in self.created:
+            leftovers = [p for p in self.directory.rglob("*") if p.is_file()]
+            if all(p.parent == self.directory and p.name in STARTUP_FILES for p in leftovers):
+                for path in leftovers:
+                    path.unlink()
+        for directory in reversed(self.created):
+            for leftover in (directory / "checkpoints", directory):
+                try:
+                    leftover.rmdir()  # only ever removes an empty directory
+                except OSError:
+                    pass
+        self.created = []
+
+    def close(self, failed: bool) -> None:
+        """Release the lock; after a failure, take back the folders that stayed empty."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if failed:
+            self.remove_if_unused()
+        stop_signals.restore()
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """``mkdir -p`` that returns the folders it created, outermost first."""
+    missing = []
+    for folder in (directory, *directory.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def keep_metrics_before(path: Path, step: int) -> list[str]:
+    """Rewrite ``metrics.csv`` without the rows logged at or after ``step`` (the interrupted run's
+    steps past its checkpoint, which the resumed fit logs again); returns the header's keys."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        keys = list(reader.fieldnames or [])
+        rows = [row for row in reader if row.get("step", "").isdigit() and int(row["step"]) < step]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(buffer.getvalue())
+    os.replace(partial, path)
+    return keys
+
+
+class StopSignals:
+    """Signals that ask a command to stop at a safe point: the handler only notes them (saving
+    inside it could catch the model in the middle of an optimiser step); callbacks act at the next
+    batch boundary (project.cluster.SLURMRequeue for the requeue signal).
+
+    SIGINT (Ctrl-C) is turned into the SIGTERM that Lightning already handles during a run: the
+    run saves ``last.ckpt`` at the next batch boundary, all DDP ranks together (Lightning
+    broadcasts it), and the CLI exits with status 130 instead of 143. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.received: set[int] = set()
+        self._previous: dict[int, object] = {}
+
+    def install(self, *signums: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in signums:
+            if signum not in self._previous:
+                self.received.discard(signum)
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._note)
+
+    def _note(self, signum, frame) -> None:
+        first = signum not in self.received
+        self.received.add(signum)
+        if signum != signal.SIGINT:
+            print(f"Received {signal.Signals(signum).name}: stopping at the next batch boundary.", file=sys.stderr, flush=True)
+            return
+        if not first or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # a second Ctrl-C, or no run in progress to save
+        print("Received SIGINT: saving at the next batch boundary (Ctrl-C again to stop at once, without saving).",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def pending(self, signum: int) -> bool:
+        """Whether ``signum`` arrived since it was installed (still true after restore)."""
+        return signum in self.received
+
+    def restore(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+#: The one set of stop signals of this process.
+stop_signals = StopSignals()
