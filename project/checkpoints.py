@@ -38,27 +38,58 @@ class CheckpointError(RuntimeError):
 def load_file(path: str | Path, weights_only: bool = True, mmap: bool = False) -> dict:
     """``torch.load`` on CPU with pickle code execution refused, and one clear error per failure.
 
-    ``mmap=True`` maps tensors from the file instead of reading them (cheap for a quick look).
+    It reads both of ``torch.save``'s formats: the zip archive (the default since torch 1.6) and
+    the legacy one (``_use_new_zipfile_serialization=False``). ``mmap=True`` maps tensors from a
+    zip archive instead of reading them (cheap for a quick look); a legacy file, which cannot be
+    mapped, is read whole.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; pass a .ckpt or .pt file.")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist; check the path.")
-    if not zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and not _is_legacy_torch_file(path):
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (not a torch.save archive): it is truncated or another kind of file."
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap and is_zip)
     except Exception as err:
         if "Weights only load failed" in str(err):
             raise CheckpointError(
                 f"{path} contains Python objects beyond tensors and plain containers, so it was not loaded "
                 "(it could run code); only load it with weights_only=False if you trust its source."
             ) from err
+        if not is_zip:
+            raise CheckpointError(
+                f"{path} is a legacy-format torch.save file that cannot be read ({type(err).__name__}: {err}): "
+                "it is truncated or corrupted; save or copy it again."
+            ) from err
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}).") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict.")
     return dict(obj)
+
+
+#: The number a legacy (non-zip) ``torch.save`` file begins with, pickled (torch.serialization.MAGIC_NUMBER).
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"{module}.{name} is not a plain number")
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    """True when ``path`` starts like a legacy ``torch.save`` file: its first pickled object is the
+    magic number (unpickled from the first bytes alone, without resolving any Python global)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    try:
+        return _NoGlobalsUnpickler(io.BytesIO(head)).load() == LEGACY_MAGIC_NUMBER
+    except Exception:
+        return False
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREFIXES) -> dict[str, torch.Tensor]:
@@ -281,12 +312,47 @@ def _check_metadata(path: Path) -> None:
 
 
 def convert(source: str | Path, out: str | Path, weights_only: bool = True) -> dict[str, torch.Tensor]:
-    """Write the plain network's state_dict from any checkpoint ``source`` to ``out`` (``net.pt``)."""
+    """Write the plain network's state_dict from any checkpoint ``source`` to ``out`` (``net.pt``).
+
+    ``out`` is checked before anything is read (see :func:`check_output`) and written atomically,
+    so a refused or failed conversion leaves every file as it was.
+    """
+    check_output(source, out)
     state = plain_state_dict(read_checkpoint(source, weights_only=weights_only))
     if not state:
         raise CheckpointError(f"{source} holds no tensors to export.")
-    save_net(state, out)
+    try:
+        save_net(state, out)
+    except OSError as err:
+        raise CheckpointError(f"Cannot write {out} ({err.strerror or err}); choose another output path.") from err
     return state
+
+
+def check_output(source: str | Path, out: str | Path) -> None:
+    """Refuse an output path that would overwrite the checkpoint being converted (also through a
+    symlink or hard link, or inside a checkpoint directory), is a directory, or lies in a directory
+    that is missing or not writable."""
+    # os.path's tests answer False instead of raising (e.g. for a name too long), like a write would fail.
+    source, out = Path(source), Path(out)
+    if not os.path.exists(source):
+        raise CheckpointError(f"Checkpoint {source} does not exist; check the path.")
+    if os.path.exists(out) and os.path.samefile(source, out):
+        raise CheckpointError(
+            f"The output {out} is the checkpoint being converted, which would be replaced by its plain weights; "
+            "give another output path, e.g. net.pt."
+        )
+    if os.path.isdir(source) and out.resolve().is_relative_to(source.resolve()):
+        raise CheckpointError(
+            f"The output {out} lies inside the checkpoint directory {source}; give a path outside it, e.g. net.pt."
+        )
+    if os.path.isdir(out):
+        raise CheckpointError(f"The output {out} is a directory; give a file path, e.g. {out / 'net.pt'}.")
+    parent = out.parent
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise CheckpointError(f"The output's directory {parent} {what}; create it first or give another output path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"The output's directory {parent} is not writable; give an output path in a directory you can write.")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

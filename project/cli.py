@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from project import checkpoints, runs, tracking
 from project.callbacks.checkpointing import AtomicCheckpointIO
-from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, RandomState, SyncBuffers
+from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, RandomState, SyncBuffers
 from project.classifier import ImageClassifier
 from project.cluster import SLURMRequeue
 from project.data import CIFAR10DataModule
@@ -170,6 +170,7 @@ class ProjectCLI(LightningCLI):
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(SyncBuffers, "sync_buffers")
         parser.add_lightning_class_args(PredictionPlots, "plots")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(SLURMRequeue, "requeue")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")

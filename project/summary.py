@@ -17,18 +17,27 @@ import torch
 import yaml
 from torch import nn
 
+from project.errors import UserError
+
 
 def build_model(class_path: str, init_args: dict | None = None) -> nn.Module:
-    """Instantiate ``package.module.Class`` with keyword arguments, e.g. ``project.models.ResNet20``."""
+    """Instantiate ``package.module.Class`` with keyword arguments, e.g. ``project.models.ResNet20``.
+
+    What ``class_path`` names is called only once it is known to be a ``torch.nn.Module`` subclass
+    (as ``fit`` requires of ``model.net``): a config naming, say, ``os.system`` runs nothing.
+    """
     module_name, _, class_name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"Cannot import the model class {class_path!r} ({err}); give a dotted path such as project.models.LeNet.") from err
-    model = cls(**(init_args or {}))
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{class_path} built a {type(model).__name__}, not a torch.nn.Module.")
-    return model
+        raise UserError(f"Cannot import the model class {class_path!r} ({err}); give a dotted path such as project.models.LeNet.") from err
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        kind = f"the class {cls.__name__}" if isinstance(cls, type) else f"a {type(cls).__name__}"
+        raise UserError(
+            f"{class_path} is {kind}, not a torch.nn.Module subclass, so it was not called; "
+            "give a model class such as project.models.LeNet."
+        )
+    return cls(**(init_args or {}))
 
 
 def _shape(value) -> str:

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from project.checkpoints import CheckpointError, convert, load_into, main, plain_state_dict, read_checkpoint, strip_prefixes
+from project.checkpoints import (CheckpointError, convert, load_file, load_into, main, plain_state_dict, read_checkpoint,
+                                 strip_prefixes)
 from project.classifier import ImageClassifier
 from project.cli import main as cli_main
 from project.models import LeNet, ResNet20
@@ -185,3 +186,144 @@ def test_convert_runs_as_a_module_with_torch_alone(tmp_path, lenet_state):
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert same(torch.load(tmp_path / "net.pt", weights_only=True), lenet_state)
+
+
+# --------------------------------------------------------------------------- the converter's path arguments
+
+
+def _snapshot(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _convert_fails(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, f"not one line: {err!r}"
+    return err
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "dotted", "symlink", "hardlink"])
+def test_converter_refuses_to_overwrite_its_input(tmp_path, monkeypatch, capsys, lenet_state, spelling):
+    """`python -m project.checkpoints X.ckpt X.ckpt` once replaced the checkpoint with its plain weights."""
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}, "epoch": 3}, ckpt)
+    monkeypatch.chdir(tmp_path)
+    out = {"same": ckpt, "relative": "last.ckpt", "dotted": tmp_path / "sub" / ".." / "last.ckpt",
+           "symlink": tmp_path / "link.pt", "hardlink": tmp_path / "hard.pt"}[spelling]
+    (tmp_path / "sub").mkdir()
+    if spelling == "symlink":
+        out.symlink_to(ckpt)
+    if spelling == "hardlink":
+        os.link(ckpt, out)
+    before = _snapshot(tmp_path)
+    err = _convert_fails(capsys, [ckpt, out])
+    assert "is the checkpoint being converted" in err and "give another output path" in err
+    assert _snapshot(tmp_path) == before
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 3, "the checkpoint is intact"
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("input missing", "does not exist; check the path"),
+    ("input is a plain directory", "is a directory but neither a torch.distributed.checkpoint"),
+    ("input is not a checkpoint", "is not a PyTorch checkpoint (not a torch.save archive)"),
+    ("input is empty", "is not a PyTorch checkpoint (not a torch.save archive)"),
+    ("output is a directory", "is a directory; give a file path"),
+    ("output directory missing", "does not exist; create it first"),
+    ("output directory is a file", "is not a directory; create it first"),
+    ("output inside a sharded checkpoint", "lies inside the checkpoint directory"),
+    ("output name too long", "Cannot write"),
+])
+def test_converter_path_mistakes_are_one_sentence_and_write_nothing(tmp_path, capsys, lenet_state, case, message):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}}, ckpt)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "plain_dir").mkdir()
+    (tmp_path / "outdir").mkdir()
+    source, out = ckpt, tmp_path / "net.pt"
+    if case == "input missing":
+        source = tmp_path / "missing.ckpt"
+    elif case == "input is a plain directory":
+        source = tmp_path / "plain_dir"
+    elif case == "input is not a checkpoint":
+        source = tmp_path / "notes.txt"
+    elif case == "input is empty":
+        source = tmp_path / "empty.ckpt"
+    elif case == "output is a directory":
+        out = tmp_path / "outdir"
+    elif case == "output directory missing":
+        out = tmp_path / "nowhere" / "net.pt"
+    elif case == "output directory is a file":
+        out = tmp_path / "notes.txt" / "net.pt"
+    elif case == "output inside a sharded checkpoint":
+        source = tmp_path / "sharded.ckpt"
+        write_sharded_checkpoint(source, lenet_state)
+        out = source / "net.pt"
+    elif case == "output name too long":
+        out = tmp_path / ("x" * 300 + ".pt")  # the write itself fails (ENAMETOOLONG), also for root
+    before = _snapshot(tmp_path)
+    err = _convert_fails(capsys, [source, out])
+    assert message in err
+    assert _snapshot(tmp_path) == before, "nothing was written"
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into any directory")
+def test_converter_refuses_an_unwritable_output_directory(tmp_path, capsys, lenet_state):
+    torch.save(lenet_state, tmp_path / "net.pt")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        err = _convert_fails(capsys, [tmp_path / "net.pt", locked / "out.pt"])
+        assert "is not writable" in err and not any(locked.iterdir())
+    finally:
+        locked.chmod(0o755)
+
+
+# --------------------------------------------------------------------------- torch.save's legacy format
+
+
+def test_legacy_format_files_are_read(tmp_path, capsys, lenet_state):
+    """torch.save(..., _use_new_zipfile_serialization=False) writes no zip archive; it was refused as truncated."""
+    net = tmp_path / "net.pt"
+    torch.save(lenet_state, net, _use_new_zipfile_serialization=False)
+    assert same(load_into(LeNet(), net).state_dict(), lenet_state)
+    assert same(read_checkpoint(net), lenet_state)
+    assert same(load_file(net, mmap=True), lenet_state), "a legacy file cannot be mapped: it is read whole"
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}, "epoch": 2, "global_step": 8,
+                "hyper_parameters": {"lr": 0.1, "net": {"class_path": "project.models.LeNet"}}},
+               ckpt, _use_new_zipfile_serialization=False)
+    assert same(convert(ckpt, tmp_path / "a.pt"), lenet_state)
+    main([str(ckpt), str(tmp_path / "b.pt")])
+    assert "Wrote" in capsys.readouterr().out
+    assert same(torch.load(tmp_path / "b.pt", weights_only=True), lenet_state)
+
+
+def test_legacy_format_is_still_weights_only_and_truncation_is_clear(tmp_path, lenet_state):
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": lenet_state, "extra": os.path.join}, evil, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="could run code"):
+        read_checkpoint(evil)
+    assert same(plain_state_dict(read_checkpoint(evil, weights_only=False)), lenet_state)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(lenet_state, legacy, _use_new_zipfile_serialization=False)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(legacy.read_bytes()[: legacy.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(cut)
+
+
+def test_cli_evaluates_a_legacy_format_checkpoint(tmp_path, tiny_npz):
+    cli = cli_main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={tiny_npz}", *QUIET,
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--data.val_size=16",
+                    "--plots.enabled=false"])
+    last = cli.run_dir / "checkpoints/last.ckpt"
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(torch.load(last, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    fresh = cli_main(["validate", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={tiny_npz}", *QUIET,
+                      f"--trainer.default_root_dir={tmp_path}", "--data.val_size=16", f"--ckpt_path={legacy}"])
+    assert same(fresh.model.net.state_dict(), plain_state_dict(torch.load(last, weights_only=True))), \
+        "the checkpoint's weights were validated"

@@ -62,3 +62,29 @@ def test_runs_as_a_command():
     out = run_bounded([sys.executable, "-m", "project.summary", "--model", "project.models.LeNet"], timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "conv2  Conv2d  [2, 16, 10, 10]" in out.stdout
+
+
+@pytest.mark.parametrize("how", ["config", "model flag"])
+def test_a_class_path_that_is_no_module_is_never_called(tmp_path, capsys, how):
+    """A config naming os.system with init_args once ran the shell command before the nn.Module check."""
+    marker = tmp_path / "created-by-os-system"
+    command = f"touch {marker}"
+    if how == "config":
+        config = tmp_path / "evil.yaml"
+        config.write_text(f"model:\n  net:\n    class_path: os.system\n    init_args:\n      command: {command}\n")
+        args = ["-c", str(config)]
+    else:
+        args = ["--model", "os.system", "--init", f"command={command}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "error: os.system is a builtin_function_or_method, not a torch.nn.Module subclass, so it was not called" in err
+    assert not marker.exists(), "the named callable ran"
+
+
+def test_a_class_that_is_no_module_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "collections.OrderedDict"])
+    assert exit_info.value.code == 2
+    assert "collections.OrderedDict is the class OrderedDict, not a torch.nn.Module subclass" in capsys.readouterr().err
