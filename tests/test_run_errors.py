@@ -5,8 +5,6 @@ import pytest
 from tests.conftest import QUIET, make_npz, run_cli, run_dirs
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9, item 5: cli.py's checkpoint resolution (the lead's rewrite) "
-                                       "still evaluates random weights; remove this marker once it refuses")
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_ckpt_path_last_without_any_run_is_refused(tmp_path, subcommand):
     """`validate --ckpt_path last` in an experiment that has no run with a last checkpoint once
