@@ -193,7 +193,7 @@ class ProjectCLI(LightningCLI):
             return
         if ckpt_path in runs.NAMED_CHECKPOINTS:
             config.ckpt_path = ckpt_path = str(runs.find_named_checkpoint(experiment_dir(config), ckpt_path))
-        if runs.check_checkpoint_path(ckpt_path).is_file():
+        if runs.names_a_path(ckpt_path) and runs.check_checkpoint_path(ckpt_path).is_file():
             checkpoints.load_file(ckpt_path, mmap=True)
         given = {key: config.model.get(key) for key in RESUME_HONOURED}
         super()._parse_ckpt_path()
@@ -235,9 +235,10 @@ class ProjectCLI(LightningCLI):
     def apply_resume_plan(self, config) -> None:
         """Point the fit at the checkpoint the run resumes from (or none), refusing changed model settings."""
         plan, asked = self.run.resume, config.get("ckpt_path")
-        config.ckpt_path = str(plan.checkpoint) if plan is not None else None
+        lightnings_own = asked if asked and asked not in runs.NAMED_CHECKPOINTS and not runs.names_a_path(asked) else None
+        config.ckpt_path = str(plan.checkpoint) if plan is not None else lightnings_own  # hpc, registry
         if plan is None:
-            if asked:
+            if asked and not lightnings_own:
                 rank_zero_info(f"--ckpt_path {asked}: no checkpoint to resume in {self.run.directory}; starting from scratch.")
             return
         rank_zero_info(f"Resuming from {plan.checkpoint}")
@@ -312,8 +313,13 @@ class ProjectCLI(LightningCLI):
             for logger in self.trainer.loggers:
                 if isinstance(logger, tracking.CSVLogger):
                     logger.continue_at(plan.global_step)
-        # Ctrl-C saves a resume checkpoint at the next batch boundary (LastCheckpoint), like SIGTERM.
-        runs.stop_signals.install(signal.SIGINT)
+        # Ctrl-C saves a resume checkpoint at the next batch boundary (LastCheckpoint), like SIGTERM;
+        # the requeue signal of a SLURM job is noted from here to the end of test_after_fit.
+        requeue = self.config_init.fit.get("requeue")
+        signums = [signal.SIGINT]
+        if isinstance(requeue, SLURMRequeue) and requeue.enabled and SLURMEnvironment.detect():
+            signums.append(requeue.signum)
+        runs.stop_signals.install(*signums)
 
     before_validate = before_test = before_predict = check_evaluated_checkpoint
 

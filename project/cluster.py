@@ -58,6 +58,10 @@ class SLURMRequeue(L.Callback):
             or another library already uses SIGUSR1 (change both together).
         enabled: ``false`` leaves signals to Lightning (``--requeue.enabled=false``).
 
+    Used from Python rather than the CLI, give the Trainer
+    ``plugins=[SLURMEnvironment(auto_requeue=False)]`` (the CLI does): with a single device,
+    Lightning's own auto-requeue cannot be switched off later.
+
     After a successful requeue the process exits with status 0 and the job starts again later in
     the same run directory; when the job cannot be requeued (no ``scontrol`` on the node, or it
     fails) the checkpoint is still written and the process exits with status 1 and a message
@@ -72,6 +76,7 @@ class SLURMRequeue(L.Callback):
         self.enabled = enabled
         self.checkpoint_path: Path | None = None
         self._active = False
+        self._installed: list[int] = []
 
     @property
     def requested(self) -> bool:
@@ -82,11 +87,14 @@ class SLURMRequeue(L.Callback):
             return
         # log_dir is broadcast from rank zero: every rank asks for it here.
         self.checkpoint_path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if isinstance(environment, SLURMEnvironment):
+            environment.auto_requeue = False  # this callback requeues (see the module docstring)
         self._active = True
-        # From here (before the sanity check) to the end of the command (after test_after_fit, when
-        # the CLI's run closes): a signal during validation or testing is noted like one in training,
-        # instead of killing the job (SIGUSR1's default action).
-        stop_signals.install(self.signum)
+        # From here, before the sanity check: a signal during validation is noted like one in
+        # training instead of killing the job (SIGUSR1's default action). The CLI installs it
+        # earlier and keeps it until the command ends, after the test that follows the fit.
+        self._installed = stop_signals.install(self.signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._active and self._stop_decided(trainer):
@@ -129,11 +137,16 @@ class SLURMRequeue(L.Callback):
             self._requeue_and_exit(trainer, saved=None)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            # Stay active for the test that may follow the fit; the signal handler stays until the
-            # command ends (project.runs.Run.close restores it).
-            return
-        self._active = False
+        # Under the CLI the handler is the run's (it stays for the test after the fit); used from
+        # Python, the handler installed in setup does not outlive the fit.
+        stop_signals.restore(*self._installed)
+        self._installed = []
+        if stage != "fit":
+            self._active = False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        stop_signals.restore(*self._installed)
+        self._installed = []
 
 
 def _signal_from_name(name: str) -> signal.Signals:

@@ -106,12 +106,17 @@ def newest_checkpoint(run_dir: Path, pattern: str = "*.ckpt") -> Path | None:
 
 def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
     """``<run>`` when ``ckpt_path`` is ``<run>/checkpoints/<file>.ckpt`` written by this template."""
-    if not ckpt_path or ckpt_path in NAMED_CHECKPOINTS or ckpt_path in ("hpc", "registry"):
+    if not names_a_path(ckpt_path):
         return None
     path = Path(ckpt_path)
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
         return path.parent.parent
     return None
+
+
+def names_a_path(ckpt_path: str | None) -> bool:
+    """Whether ``--ckpt_path`` is a path, not ``last``/``best`` or Lightning's ``hpc``/``registry[:...]``."""
+    return bool(ckpt_path) and ckpt_path not in NAMED_CHECKPOINTS and ckpt_path != "hpc" and not ckpt_path.startswith("registry")
 
 
 def check_checkpoint_path(ckpt_path: str) -> Path:
@@ -232,7 +237,7 @@ class Run:
     @classmethod
     def open(cls, *, subcommand: str, root: Path, name: str, run_dir: str | None, ckpt_path: str | None) -> "Run":
         """Choose, check, create and lock the directory of this command; ``ckpt_path`` as given."""
-        if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS:
+        if names_a_path(ckpt_path):
             check_checkpoint_path(ckpt_path)
         explicit = None
         if subcommand == "fit":
@@ -266,8 +271,10 @@ class Run:
             return newest_checkpoint(self.directory, NAMED_CHECKPOINTS["last"])
         if ckpt_path == "best":
             return newest_checkpoint(self.directory, NAMED_CHECKPOINTS["best"])
-        if ckpt_path:
+        if names_a_path(ckpt_path):
             return Path(ckpt_path)
+        if ckpt_path:
+            return None  # hpc / registry: Lightning's own
         return newest_checkpoint(self.directory)
 
     def remove_if_unused(self) -> None:
@@ -341,14 +348,16 @@ class StopSignals:
         self.received: set[int] = set()
         self._previous: dict[int, object] = {}
 
-    def install(self, *signums: int) -> None:
+    def install(self, *signums: int) -> list[int]:
+        """Note ``signums`` from now on; returns those not noted before (for ``restore``)."""
         if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in signums:
-            if signum not in self._previous:
-                self.received.discard(signum)
-                self._previous[signum] = signal.getsignal(signum)
-                signal.signal(signum, self._note)
+            return []
+        new = [signum for signum in signums if signum not in self._previous]
+        for signum in new:
+            self.received.discard(signum)
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._note)
+        return new
 
     def _note(self, signum, frame) -> None:
         first = signum not in self.received
@@ -366,12 +375,14 @@ class StopSignals:
         """Whether ``signum`` arrived since it was installed (still true after restore)."""
         return signum in self.received
 
-    def restore(self) -> None:
+    def restore(self, *signums: int) -> None:
+        """Give ``signums`` (default: all) back to the handlers they had before ``install``."""
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
+        for signum in signums or list(self._previous):
+            if signum in self._previous:
+                previous = self._previous.pop(signum)
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 #: The one set of stop signals of this process.

@@ -115,8 +115,9 @@ def _fit(root: Path, npz: Path, *callbacks, ckpt_path=None) -> ImageClassifier:
     model = ImageClassifier(LeNet(), lr=0.02)
     # The device pipeline orders and augments each epoch from (seed, epoch) alone, and resumes mid-epoch.
     data = CIFAR10DataModule(npz=str(npz), pipeline="device", val_size=16, batch_size=4)
+    # From Python, Lightning's own auto-requeue is switched off as SLURMRequeue's docstring says.
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root,
+                        enable_model_summary=False, default_root_dir=root, plugins=[SLURMEnvironment(auto_requeue=False)],
                         callbacks=[LastCheckpoint(dirpath=str(root / "checkpoints")), *callbacks])
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model
@@ -153,7 +154,7 @@ def test_signal_is_ignored_outside_slurm(tmp_path, tiny_npz, monkeypatch):
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(ImageClassifier(LeNet()), datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=0, batch_size=8))
-    assert not callback._installed and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
 def test_requeued_job_resumes_in_its_own_run_directory_with_identical_weights(tmp_path, tiny_npz):
