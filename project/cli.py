@@ -258,7 +258,7 @@ class ProjectCLI(LightningCLI):
             if isinstance(err, UserError):
                 raise
             # A configured class (a net, a logger, a callback) rejected the arguments it was given.
-            raise UserError(f"The configuration could not be built: {err}") from err
+            raise UserError(str(err)) from err
 
     def instantiate_trainer(self, **kwargs):
         # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's

@@ -91,10 +91,20 @@ class SLURMRequeue(L.Callback):
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False  # this callback requeues (see the module docstring)
         self._active = True
-        # From here, before the sanity check: a signal during validation is noted like one in
-        # training instead of killing the job (SIGUSR1's default action). The CLI installs it
-        # earlier and keeps it until the command ends, after the test that follows the fit.
-        self._installed = stop_signals.install(self.signum)
+
+    def _install(self) -> None:
+        # From the sanity check on (after Lightning has recorded the handlers it restores when the
+        # fit ends): a signal during validation is noted like one in training instead of killing
+        # the job (SIGUSR1's default action). The CLI installs it before the fit and keeps it until
+        # the command ends, after the test that follows the fit; then this is a no-op.
+        if self._active:
+            self._installed += stop_signals.install(self.signum)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._active and self._stop_decided(trainer):
