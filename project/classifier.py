@@ -53,7 +53,7 @@ def _check_param_group_specs(specs: Sequence[Mapping[str, Any]], weight_decay: f
             raise UserError(f"{where} (match {match!r}) needs weight_decay >= 0, got {decay!r}.")
         name = str(spec.get("name", match))
         if name in names:
-            raise UserError(f"{where} is named {name!r} like another group; give it a different name: key.")
+            raise UserError(f"{where} is named {name!r} like another group ({BASE_GROUP!r} is taken too); set its name key to a unique one.")
         names.add(name)
         checked.append({"match": match, "lr_scale": float(lr_scale), "weight_decay": float(decay), "name": name})
     return checked

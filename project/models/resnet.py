@@ -206,8 +206,8 @@ class ResNet(nn.Module):
         x = self.stem(self.input_stats(x))
         for stage in self.stages:
             x = stage(x)
-        features = torch.cat([torch.flatten(pool(x), 1) for pool in self.pool.values()], dim=1)
-        logits = self.fc(features)
+        pooled = [torch.flatten(pool(x), 1) for pool in self.pool.values()]
+        logits = self.fc(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1))
         if self.logit_scale is not None:
             logits = logits * self.logit_scale["scale"] + self.logit_scale["bias"]
         return logits
