@@ -4,8 +4,10 @@ It owns what is about training, not about the network: the loss, the metrics, th
 its schedule. The network stays a plain ``torch.nn.Module`` under ``self.net``.
 """
 
+import fnmatch
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -21,6 +23,89 @@ from project.errors import UserError
 Optimizer = Literal["sgd", "adamw"]
 Scheduler = Literal["none", "cosine", "onecycle", "step"]
 STAGES = ("train", "val", "test")
+#: The keys of one ``model.param_groups`` entry.
+PARAM_GROUP_KEYS = ("match", "lr_scale", "weight_decay", "name")
+#: The name of the group of parameters that no ``param_groups`` entry matches (they train at ``lr``).
+BASE_GROUP = "base"
+#: Wrapper modules that insert themselves into parameter names (FSDP units, activation checkpointing).
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _check_param_group_specs(specs: Sequence[Mapping[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+    """``model.param_groups`` entries with their defaults filled in; a mistake raises a one-sentence UserError."""
+    if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence):
+        raise UserError(f"model.param_groups must be a list such as [{{match: 'fc*', lr_scale: 10}}], got {specs!r}.")
+    checked, names = [], {BASE_GROUP}
+    for i, spec in enumerate(specs):
+        where = f"model.param_groups[{i}]"
+        if not isinstance(spec, Mapping):
+            raise UserError(f"{where} must be a mapping such as {{match: 'fc*', lr_scale: 10}}, got {spec!r}.")
+        unknown = sorted(set(spec) - set(PARAM_GROUP_KEYS))
+        if unknown:
+            raise UserError(f"{where} has the unknown key {unknown[0]!r}; the keys are {', '.join(PARAM_GROUP_KEYS)}.")
+        match = spec.get("match")
+        if not isinstance(match, str) or not match:
+            raise UserError(f"{where} needs match: a glob over parameter names such as 'fc*' or 'stages.0.*', got {match!r}.")
+        lr_scale = spec.get("lr_scale", 1.0)
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
+            raise UserError(f"{where} (match {match!r}) needs lr_scale > 0 (the group's lr is model.lr times it), got {lr_scale!r}.")
+        decay = spec.get("weight_decay", weight_decay)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
+            raise UserError(f"{where} (match {match!r}) needs weight_decay >= 0, got {decay!r}.")
+        name = str(spec.get("name", match))
+        if name in names:
+            raise UserError(f"{where} is named {name!r} like another group ({BASE_GROUP!r} is taken too); set its name key to a unique one.")
+        names.add(name)
+        checked.append({"match": match, "lr_scale": float(lr_scale), "weight_decay": float(decay), "name": name})
+    return checked
+
+
+def group_parameters(
+    net: nn.Module, lr: float, weight_decay: float, param_groups: Sequence[Mapping[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups for ``net``: what ``ImageClassifier`` trains with.
+
+    Each trainable parameter goes to the first ``param_groups`` entry whose ``match`` (a glob over
+    ``net.named_parameters()`` names, e.g. ``fc*``) it matches, or else to the ``base`` group.
+    Every entry makes up to two groups: ``<name>`` with its weights, at ``lr * lr_scale`` with
+    its ``weight_decay`` (default: ``weight_decay``), and ``<name>/no_decay`` with its biases and
+    normalisation parameters (fewer than two dimensions), never decayed. Empty groups are left
+    out. Each group carries ``name`` (LearningRateMonitor's column: ``lr-SGD/<name>``), ``lr``,
+    ``lr_scale``, ``weight_decay``, ``params`` and ``param_names``.
+    """
+    specs = _check_param_group_specs(param_groups or [], weight_decay)
+    base = {"match": None, "lr_scale": 1.0, "weight_decay": float(weight_decay), "name": BASE_GROUP}
+    buckets: list[tuple[list, list]] = [([], []) for _ in range(len(specs) + 1)]
+    for raw_name, param in net.named_parameters():
+        if not param.requires_grad:
+            continue
+        name = raw_name
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        index = next((i for i, spec in enumerate(specs) if fnmatch.fnmatchcase(name, spec["match"])), len(specs))
+        buckets[index][0 if param.ndim >= 2 else 1].append((name, param))
+    for spec, (decay, no_decay) in zip(specs, buckets):
+        if not decay and not no_decay:
+            names = [n for n, p in net.named_parameters() if p.requires_grad]
+            example = f"{names[0]}, {names[-1]}" if names else "none: no trainable parameters"
+            raise UserError(
+                f"model.param_groups entry {spec['name']!r} (match {spec['match']!r}) matches no trainable parameter of "
+                f"{type(net).__name__} that an earlier entry has not taken (the names look like {example}; "
+                "python -m project.summary --internals lists them all): fix the pattern or drop the entry."
+            )
+    groups = []
+    for spec, (decay, no_decay) in zip([*specs, base], buckets):
+        for members, decay_value, suffix in ((decay, spec["weight_decay"], ""), (no_decay, 0.0, "/no_decay")):
+            if members:
+                groups.append({
+                    "name": spec["name"] + suffix,
+                    "params": [p for _, p in members],
+                    "param_names": [n for n, _ in members],
+                    "lr": lr * spec["lr_scale"],
+                    "lr_scale": spec["lr_scale"],
+                    "weight_decay": decay_value,
+                })
+    return groups
 
 
 class NonFiniteLoss(UserError, FloatingPointError):
@@ -37,6 +122,12 @@ class ImageClassifier(L.LightningModule):
         optimizer: ``sgd`` (with ``momentum``, ``nesterov``) or ``adamw`` (with ``betas``).
         lr: peak learning rate. ``weight_decay``: applied to weights only, never to biases or
             normalisation parameters (any parameter with fewer than two dimensions).
+        param_groups: per-layer learning rates: a list of ``{match, lr_scale, weight_decay, name}``,
+            e.g. ``[{match: "fc*", lr_scale: 10}]``. ``match`` is a glob over the net's parameter
+            names; the first entry that matches a parameter takes it; the group trains at
+            ``lr * lr_scale`` (every scheduler scales each group) with its own ``weight_decay``
+            (default: ``weight_decay``; never on biases or norms); unmatched parameters train at
+            ``lr``. See :func:`group_parameters`.
         scheduler: ``none``, ``cosine`` (per step, to zero), ``onecycle`` (per step, peak ``lr``)
             or ``step`` (per epoch: multiply by ``gamma`` every ``step_size`` epochs).
         label_smoothing: passed to the cross-entropy loss during training (evaluation uses 0).
@@ -65,6 +156,7 @@ class ImageClassifier(L.LightningModule):
         nesterov: bool = True,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 5e-4,
+        param_groups: list[dict[str, Any]] | None = None,
         scheduler: Scheduler = "cosine",
         step_size: int = 30,
         gamma: float = 0.1,
@@ -93,6 +185,7 @@ class ImageClassifier(L.LightningModule):
             raise UserError(f"model.max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}.")
         if not isinstance(net, nn.Module):
             raise UserError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
+        group_parameters(net, lr, weight_decay, param_groups)  # a mistake in param_groups fails now, not at fit
         with warnings.catch_warnings():
             # From the CLI the net arrives as its config (class_path + init_args), which is what
             # load_from_checkpoint needs; built in Python it is a module object, which we drop
@@ -191,16 +284,24 @@ class ImageClassifier(L.LightningModule):
         probs = self.evaluate(images).float().softmax(dim=-1)
         return {"preds": probs.argmax(dim=-1), "probs": probs}
 
+    @property
+    def example_input_array(self) -> torch.Tensor | None:
+        """One image of ``image_shape`` (zeros), so Lightning's model summary shows each layer's
+        input and output shapes and the FLOPs of one image. Built on each use in the dtype of the
+        net's weights, which a ``bf16-true`` or ``64-true`` run converts but Lightning does not
+        convert this input to; ``None`` (no shapes, no FLOPs) without ``image_shape`` and under
+        ``compile``, where the summary's extra forward pass would compile for a batch of one."""
+        shape = self.hparams.get("image_shape")
+        if shape is None or self.hparams.get("compile"):
+            return None
+        dtype = next((p.dtype for p in self.net.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        return torch.zeros(1, *shape, dtype=dtype)
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weights get weight decay; biases and normalisation parameters (ndim < 2) do not."""
-        decay, no_decay = [], []
-        for param in self.net.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        """The optimiser's groups: ``model.param_groups`` and the base group, each split into weights
+        (decayed) and biases/normalisation parameters (ndim < 2, never decayed); see :func:`group_parameters`."""
+        hp = self.hparams
+        return group_parameters(self.net, hp.lr, hp.weight_decay, hp.get("param_groups"))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -216,9 +317,11 @@ class ImageClassifier(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         if hp.scheduler == "cosine":
+            # Each group anneals from its own initial lr (lr * lr_scale) to zero.
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         else:
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total_steps)
+            # One peak per group: the one-cycle curve scaled by the group's lr_scale.
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps)
         self._replan_resumed_schedule(scheduler, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

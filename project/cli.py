@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from project import checkpoints, runs, tracking
 from project.callbacks.checkpointing import AtomicCheckpointIO
 from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, RandomState, SyncBuffers
+from project.callbacks.learning_rates import LearningRates
 from project.classifier import ImageClassifier
 from project.cluster import SLURMRequeue
 from project.data import CIFAR10DataModule
@@ -172,6 +173,9 @@ class ProjectCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionPlots, "plots")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(SLURMRequeue, "requeue")
+        # Every parameter group's lr at every step: lr-SGD/base, lr-SGD/<param_groups name>, ...
+        parser.add_lightning_class_args(LearningRates, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")

@@ -85,10 +85,11 @@ def read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def learning_curves_figure(metrics: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Figure:
-    """One panel per quantity (loss, acc, acc_top5, ...), with its train/val/test series against the step."""
+    """One panel per quantity (loss, acc, acc_top5, ...), with its train/val/test series against the step;
+    the learning rates of all parameter groups (``lr-SGD/base``, ...) share one panel, ``lr``, on a log scale."""
     panels: dict[str, list[str]] = {}
     for key in sorted(metrics):
-        quantity = key.split("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
+        quantity = "lr" if key.startswith("lr-") else key.split("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
         panels.setdefault(quantity, []).append(key)
     if not panels:
         raise ValueError("no metric columns to plot (is metrics.csv empty?).")
@@ -100,6 +101,8 @@ def learning_curves_figure(metrics: dict[str, tuple[np.ndarray, np.ndarray]], ti
             steps, values = metrics[key]
             ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, label=key,
                     alpha=0.5 if key.endswith("_step") else 1.0)
+        if quantity == "lr" and all(min(metrics[key][1], default=0) > 0 for key in keys):
+            ax.set_yscale("log")  # per-layer rates may differ by orders of magnitude
         ax.set_xlabel("step")
         ax.set_title(quantity)
         ax.grid(alpha=0.3)

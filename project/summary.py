@@ -2,10 +2,16 @@
 
     python -m project.summary --model project.models.ResNet18 --input-size 3 32 32
     python -m project.summary -c experiments/lenet.yaml --depth 1
+    python -m project.summary --model project.models.ResNet20 --internals --depth 2
 
 The classic "print each layer's output shape" exercise, for any model and input size: a forward
 hook on every submodule records what it returns while one random batch goes through the model
 (in eval mode, without gradients, so no buffer changes); the hooks are removed afterwards.
+
+With ``model.param_groups`` in the config (or ``--param-groups``) it also lists the optimiser's
+parameter groups: which parameters train at which learning rate and weight decay. ``--internals``
+prints, instead of the table, what each module keeps in its ``_parameters``, ``_buffers``,
+``_modules`` and hook dictionaries, and a hook being registered and removed.
 """
 
 import argparse
@@ -116,6 +122,125 @@ def format_table(model: nn.Module, rows: list[dict], max_depth: int | None = Non
     return "\n".join(lines)
 
 
+#: The dictionaries in which an nn.Module keeps its hooks (each maps a handle id to a function).
+HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+    "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _tensor(value) -> str:
+    if value is None:
+        return "None"
+    dtype = "" if value.dtype == torch.get_default_dtype() else f" {str(value.dtype).removeprefix('torch.')}"
+    return f"{list(value.shape)}{dtype}"
+
+
+def _entries(mapping: dict, describe) -> str:
+    return "{" + ", ".join(f"{key}: {describe(value)}" for key, value in mapping.items()) + "}"
+
+
+def _function_name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def module_internals(module: nn.Module) -> dict[str, str]:
+    """What ``module`` itself (not its children) keeps in the dictionaries behind its attributes.
+
+    ``nn.Module.__setattr__`` files an ``nn.Parameter`` under ``_parameters``, a registered buffer
+    under ``_buffers`` and a submodule under ``_modules``; ``register_*_hook`` adds to a hook
+    dictionary. These private dictionaries are read here only to show that machinery; code should
+    use ``named_parameters()``, ``named_buffers()``, ``named_children()`` and the hook handles.
+    """
+    saved = module.state_dict(keep_vars=True)  # holds the persistent buffers, by their own name at the top level
+    rows = {
+        "_parameters": _entries(module._parameters, _tensor),
+        "_buffers": _entries(module._buffers, lambda b: _tensor(b)),
+        "_modules": _entries(module._modules, lambda m: type(m).__name__),
+    }
+    not_saved = [name for name, buffer in module._buffers.items() if buffer is not None and name not in saved]
+    if not_saved:
+        rows["_buffers"] += f"  (non-persistent, not in state_dict: {', '.join(not_saved)})"
+    hooks = {name: getattr(module, name) for name in HOOK_DICTS if getattr(module, name, None)}
+    rows["hooks"] = _entries(hooks, lambda d: _entries(d, _function_name)) if hooks else f"all {len(HOOK_DICTS)} hook dictionaries empty"
+    plain = {name: value for name, value in vars(module).items() if isinstance(value, torch.Tensor)}
+    if plain:
+        rows["plain tensors"] = _entries(plain, _tensor) + "  (not registered: not in parameters(), state_dict() or moved by .to())"
+    return rows
+
+
+def format_internals(model: nn.Module, max_depth: int | None = None) -> str:
+    lines = []
+    for name, module in model.named_modules():
+        depth = name.count(".") + 1 if name else 0
+        if max_depth is not None and depth > max_depth:
+            continue
+        lines.append(f"{'  ' * depth}{name or type(model).__name__} ({type(module).__name__})")
+        lines += [f"{'  ' * depth}  {key:<12} {value}" for key, value in module_internals(module).items()]
+    return "\n".join(lines)
+
+
+def hook_demo(model: nn.Module, module_name: str, input_size: Sequence[int], batch_size: int = 2, device: str = "cpu") -> str:
+    """Register a forward hook on one module, run one batch, remove the hook: its ``_forward_hooks`` at each step."""
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError as err:
+        names = [n for n, _ in model.named_children()]
+        raise ValueError(f"--hook-on {module_name!r} is not a module of {type(model).__name__} ({err}); try one of {', '.join(names)}.") from err
+    label = module_name or type(model).__name__
+    seen = []
+
+    def record_output(mod, inputs, output):
+        seen.append(_shape(output))
+
+    lines = [
+        f"A hook is an entry in one of those dictionaries, keyed by its handle's id ({label}._forward_hooks):",
+        f"before register_forward_hook: {_entries(module._forward_hooks, _function_name)}",
+    ]
+    handle = module.register_forward_hook(record_output)
+    lines.append(f"after handle = {label}.register_forward_hook(record_output): {_entries(module._forward_hooks, _function_name)}")
+    was_training = model.training
+    try:
+        model.to(device).eval()
+        with torch.no_grad():
+            model(torch.randn(batch_size, *input_size, device=device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    lines.append(f"one forward pass: record_output saw {' ; '.join(seen) or 'nothing (the module did not run)'}")
+    lines.append(f"after handle.remove(): {_entries(module._forward_hooks, _function_name)}")
+    return "\n".join(lines)
+
+
+def model_options(path: str | None) -> dict:
+    """``model.lr``, ``model.weight_decay`` and ``model.param_groups`` from an experiment YAML file, where given."""
+    if not path:
+        return {}
+    with open(path) as f:
+        model = (yaml.safe_load(f) or {}).get("model") or {}
+    return {key: model[key] for key in ("lr", "weight_decay", "param_groups") if model.get(key) is not None}
+
+
+def format_param_groups(model: nn.Module, lr: float, weight_decay: float, param_groups) -> str:
+    """The optimiser's parameter groups as ImageClassifier builds them (``project.classifier.group_parameters``)."""
+    from project.classifier import group_parameters  # imports Lightning: only when asked for
+
+    groups = group_parameters(model, lr, weight_decay, param_groups)
+    header = ("Group", "lr", "Weight decay", "Params", "Parameters")
+    cells = []
+    for group in groups:
+        names = group["param_names"]
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3 else "")
+        cells.append((group["name"], f"{group['lr']:.4g}", f"{group['weight_decay']:.4g}",
+                      f"{sum(p.numel() for p in group['params']):,}", shown))
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:>{w}}}" if i in (1, 2, 3) else f"{{:<{w}}}" for i, w in enumerate(widths))
+    lines = [f"Parameter groups (model.lr {lr:g}, model.weight_decay {weight_decay:g}; log columns lr-<Optimizer>/<Group>):", ""]
+    lines += [fmt.format(*header).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+    lines += [fmt.format(*c).rstrip() for c in cells]
+    return "\n".join(lines)
+
+
 def net_from_config(path: str) -> tuple[str, dict]:
     """``model.net``'s class_path and init_args from an experiment YAML file."""
     with open(path) as f:
@@ -148,6 +273,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--depth", type=int, default=None, help="show modules at most this deep (default: all)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--param-groups", metavar="YAML",
+                        help="model.param_groups to show (default: the config's), e.g. '[{match: \"fc*\", lr_scale: 10}]'")
+    parser.add_argument("--internals", action="store_true",
+                        help="print each module's _parameters, _buffers, _modules and hook dictionaries instead of the table")
+    parser.add_argument("--hook-on", default="", metavar="MODULE",
+                        help="with --internals: the module the hook demonstration registers on (default: the model)")
     args = parser.parse_args(argv)
     try:
         class_path, init_args = net_from_config(args.config) if args.config else (None, {})
@@ -156,10 +287,18 @@ def main(argv: Sequence[str] | None = None) -> str:
             parser.error("give --model CLASS_PATH or -c EXPERIMENT.yaml")
         model = build_model(class_path, {**init_args, **parse_init(args.init)})
         rows = layer_table(model, args.input_size, args.batch_size, args.device)
+        sections = [format_internals(model, args.depth) if args.internals else format_table(model, rows, args.depth)]
+        if args.internals:
+            sections.append(hook_demo(model, args.hook_on, args.input_size, args.batch_size, args.device))
+        options = model_options(args.config)
+        if args.param_groups is not None:
+            options["param_groups"] = yaml.safe_load(args.param_groups)
+        if options.get("param_groups"):
+            sections.append(format_param_groups(model, options.get("lr", 0.05), options.get("weight_decay", 5e-4), options["param_groups"]))
     except (ValueError, TypeError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    text = f"{class_path} on input {[args.batch_size, *args.input_size]}\n\n" + format_table(model, rows, args.depth)
+    text = f"{class_path} on input {[args.batch_size, *args.input_size]}\n\n" + "\n\n".join(sections)
     print(text)
     return text
 

@@ -5,9 +5,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
 
 from project.classifier import ImageClassifier
+from project.errors import UserError
 from project.models import LeNet, ResNet20
 from tests.conftest import REPO
 
@@ -108,3 +110,71 @@ def test_images_of_another_size_are_refused_with_one_sentence():
         assert model.predict_step(torch.rand(2, 3, 32, 32), 0)["preds"].shape == (2,)
         with pytest.raises(ValueError, match=r"takes images of shape \(N, 3, 32, 32\), got \(2, 3, 28, 28\): resize or crop"):
             model.predict_step(torch.rand(2, 3, 28, 28), 0)
+
+
+def test_param_groups_first_match_wins_and_keep_the_decay_split():
+    groups = [{"match": "fc*", "lr_scale": 10}, {"match": "fc1.*", "lr_scale": 99}, {"match": "conv1.*", "lr_scale": 0.5, "weight_decay": 0}]
+    with pytest.raises(UserError, match=r"'fc1\.\*' \(match 'fc1\.\*'\) matches no trainable parameter of LeNet that an earlier entry has not taken"):
+        ImageClassifier(LeNet(), param_groups=groups)  # fc* took fc1.* already
+    model = ImageClassifier(LeNet(), lr=0.1, weight_decay=1e-3, param_groups=[groups[0], groups[2]], scheduler="none")
+    optimizer = model.configure_optimizers()
+    by_name = {g["name"]: (g["param_names"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
+    assert by_name == {
+        "fc*": (["fc1.weight", "fc2.weight", "fc3.weight"], pytest.approx(1.0), 1e-3),
+        "fc*/no_decay": (["fc1.bias", "fc2.bias", "fc3.bias"], pytest.approx(1.0), 0.0),
+        "conv1.*": (["conv1.weight"], 0.05, 0.0),  # its own weight_decay
+        "conv1.*/no_decay": (["conv1.bias"], 0.05, 0.0),
+        "base": (["conv2.weight"], 0.1, 1e-3),
+        "base/no_decay": (["conv2.bias"], 0.1, 0.0),
+    }
+
+
+def test_param_groups_in_the_optimiser():
+    model = ImageClassifier(ResNet20(), lr=0.1, weight_decay=1e-3, scheduler="none", param_groups=[
+        {"match": "fc.*", "lr_scale": 10}, {"match": "stages.0.*", "lr_scale": 0.1, "weight_decay": 0.0, "name": "early"}])
+    optimizer = model.configure_optimizers()
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert list(groups) == ["fc.*", "fc.*/no_decay", "early", "early/no_decay", "base", "base/no_decay"]
+    assert groups["fc.*"]["param_names"] == ["fc.weight"] and groups["fc.*/no_decay"]["param_names"] == ["fc.bias"]
+    assert groups["fc.*"]["lr"] == pytest.approx(1.0) and groups["fc.*"]["weight_decay"] == 1e-3
+    assert groups["early"]["lr"] == pytest.approx(0.01) and groups["early"]["weight_decay"] == 0.0
+    assert all(n.startswith("stages.0.") and "conv" in n for n in groups["early"]["param_names"])
+    assert all(n.startswith("stages.0.") and ".bn" in n for n in groups["early/no_decay"]["param_names"])
+    assert groups["base"]["lr"] == 0.1 and "stem.0.weight" in groups["base"]["param_names"]
+    assert all(g["weight_decay"] == 0.0 for name, g in groups.items() if name.endswith("/no_decay"))
+    # Every trainable parameter exactly once.
+    names = [n for g in optimizer.param_groups for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in model.net.named_parameters())
+
+
+@pytest.mark.parametrize(("param_groups", "message"), [
+    ([{"match": "fc*", "lr": 0.1}], r"model.param_groups\[0\] has the unknown key 'lr'; the keys are match, lr_scale, weight_decay, name"),
+    ([{"match": "fc*", "lr_scale": 0}], r"model.param_groups\[0\] \(match 'fc\*'\) needs lr_scale > 0"),
+    ([{"match": "fc*", "lr_scale": -2}], r"needs lr_scale > 0 .*got -2"),
+    ([{"match": "fc*", "weight_decay": -1}], r"needs weight_decay >= 0, got -1"),
+    ([{"lr_scale": 2}], r"model.param_groups\[0\] needs match: a glob over parameter names"),
+    ([{"match": "classifier.*", "lr_scale": 2}], r"'classifier\.\*' .*matches no trainable parameter of LeNet .*names look like conv1.weight, fc3.bias"),
+    ([{"match": "fc*", "name": "base"}], r"named 'base' like another group"),
+    ({"match": "fc*"}, r"model.param_groups must be a list"),
+    (["fc*"], r"model.param_groups\[0\] must be a mapping"),
+])
+def test_param_group_mistakes_are_one_sentence(param_groups, message):
+    with pytest.raises(UserError, match=message) as info:
+        ImageClassifier(LeNet(), param_groups=param_groups)
+    assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")
+
+
+def test_model_summary_shows_shapes_and_flops():
+    """Lightning's ModelSummary runs example_input_array (one image of image_shape) through the model."""
+    model = ImageClassifier(LeNet(), image_shape=(3, 32, 32))
+    summary = ModelSummary(model, max_depth=2)
+    # LeNet's multiply-adds for one image, 2 FLOPs each: conv1 6x28x28x75, conv2 16x10x10x150, fc 400x120 + 120x84 + 84x10.
+    assert summary.total_flops == 2 * (6 * 28 * 28 * 75 + 16 * 10 * 10 * 150 + 400 * 120 + 120 * 84 + 84 * 10)
+    sizes = dict(zip(summary.layer_names, summary.out_sizes))
+    assert sizes["net"] == [1, 10] and sizes["net.conv2"] == [1, 16, 10, 10]
+    assert model.example_input_array.shape == (1, 3, 32, 32)
+    assert "example_input_array" not in dict(model.named_buffers()) and not any(k.startswith("example") for k in model.state_dict())
+    double = ImageClassifier(LeNet(), image_shape=(3, 32, 32)).double()  # e.g. trainer.precision=64-true
+    assert double.example_input_array.dtype == torch.float64 and ModelSummary(double).total_flops > 0
+    assert ImageClassifier(LeNet()).example_input_array is None  # no image_shape: nothing to run
+    assert ImageClassifier(LeNet(), image_shape=(3, 32, 32), compile=True).example_input_array is None

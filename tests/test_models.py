@@ -161,3 +161,93 @@ def test_models_do_not_import_lightning():
     code = "import sys, project.models, project.checkpoints; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_parameter_buffer_and_plain_tensor_attribute():
+    """What each kind of tensor a module holds does in parameters(), state_dict() and .to() (resnet.py's docstring)."""
+    net = ResNet(blocks_per_stage=(1,), widths=(8,), logit_scale=True)
+    net.plain = torch.ones(3)  # a plain tensor attribute: nn.Module.__setattr__ files it nowhere
+    params, buffers, state = dict(net.named_parameters()), dict(net.named_buffers()), net.state_dict()
+    assert {"fc.weight", "logit_scale.scale", "logit_scale.bias"} <= params.keys() and "stem.1.running_mean" not in params
+    assert {"stem.1.running_mean", "input_stats.count", "input_stats.std"} <= buffers.keys()
+    assert {"fc.weight", "logit_scale.scale", "stem.1.running_mean", "input_stats.count"} <= state.keys()
+    assert "input_stats.std" not in state, "non-persistent buffer"
+    assert not any("plain" in name for name in [*params, *buffers, *state])
+    net.to(torch.float64)
+    assert net.fc.weight.dtype == net.logit_scale["scale"].dtype == net.stem[1].running_mean.dtype == net.input_stats.std.dtype == torch.float64
+    assert net.input_stats.count.dtype == torch.int64, "integer buffers keep their dtype"
+    assert net.plain.dtype == torch.float32, ".to() does not touch a plain attribute"
+    net.to("meta")  # a device move, without a GPU
+    assert net.fc.weight.is_meta and net.input_stats.std.is_meta and not net.plain.is_meta
+
+
+def test_pool_is_a_module_dict_chosen_by_name():
+    torch.manual_seed(0)
+    net = ResNet(blocks_per_stage=(1,), widths=(8,), num_classes=3, pool="avgmax")
+    assert isinstance(net.pool, nn.ModuleDict) and list(net.pool) == ["avg", "max"]
+    assert {"pool.avg", "pool.max"} <= {name for name, _ in net.named_modules()}
+    assert net.fc.in_features == 16, "avg and max features concatenated"
+    net.eval()
+    assert not net.pool["max"].training, "a ModuleDict's modules follow .eval()"
+    x = torch.randn(2, 3, 32, 32)
+    features = net.stages[0](net.stem(x))
+    expected = net.fc(torch.cat([features.mean((2, 3)), features.amax((2, 3))], 1))
+    torch.testing.assert_close(net(x), expected)
+    # Parameter-free pools add no state_dict keys: the default head keeps the classic keys.
+    default = ResNet(blocks_per_stage=(1,), widths=(8,), num_classes=3)
+    assert list(default.pool) == ["avg"] and list(net.state_dict()) == list(default.state_dict())
+    assert list(default.state_dict())[-2:] == ["fc.weight", "fc.bias"]
+    with pytest.raises(ValueError, match="Unknown ResNet pool 'mean'"):
+        ResNet(pool="mean")
+
+    class PlainDict(nn.Module):  # the mistake a ModuleDict prevents
+        def __init__(self):
+            super().__init__()
+            self.pool = {"avg": nn.AdaptiveAvgPool2d(1)}
+
+    assert [name for name, _ in PlainDict().named_modules()] == [""], "a plain dict's modules are not registered"
+
+
+def test_logit_scale_is_a_parameter_dict_of_per_class_scale_and_bias():
+    net = ResNet20(num_classes=4, logit_scale=True)
+    assert isinstance(net.logit_scale, nn.ParameterDict)
+    assert net.logit_scale["scale"].shape == net.logit_scale["bias"].shape == (4,)
+    assert list(net.state_dict())[-2:] == ["logit_scale.bias", "logit_scale.scale"]  # a ParameterDict built from a dict sorts its keys
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    plain_logits = net.fc(torch.flatten(net.pool["avg"](_features(net, x)), 1))
+    with torch.no_grad():
+        net.logit_scale["scale"].copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        net.logit_scale["bias"].fill_(0.5)
+    torch.testing.assert_close(net(x), plain_logits * torch.tensor([1.0, 2.0, 3.0, 4.0]) + 0.5)
+    net(x).sum().backward()
+    assert net.logit_scale["scale"].grad is not None, "trained with the rest"
+    assert ResNet20().logit_scale is None and not any(k.startswith("logit_scale") for k in ResNet20().state_dict())
+
+
+def _features(net, x):
+    x = net.stem(net.input_stats(x))
+    for stage in net.stages:
+        x = stage(x)
+    return x
+
+
+def test_model_files_import_torch_and_at_most_one_sibling():
+    """Each file in project/models/ can be copied with at most one other file, into a project with only torch."""
+    import ast
+    from pathlib import Path
+
+    allowed = set(sys.stdlib_module_names) | {"torch"}
+    for path in sorted((Path(__file__).parents[1] / "project" / "models").glob("*.py")):
+        imported = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported.append(node.module)
+        if path.name == "__init__.py":
+            continue
+        siblings = {name for name in imported if name.startswith("project.")}
+        assert all(name.startswith("project.models.") for name in siblings), (path.name, siblings)
+        assert len(siblings) <= 1, f"{path.name} imports {sorted(siblings)}"
+        assert {name.split(".")[0] for name in imported if not name.startswith("project.")} <= allowed, path.name

@@ -55,6 +55,11 @@ def test_learning_curves_from_metrics_csv_by_command(tmp_path):
     fig = plots.learning_curves_figure(series)
     assert [ax.get_title() for ax in fig.axes] == ["loss", "acc"]  # loss first, then the rest by name
     assert sorted(line.get_label() for line in fig.axes[0].lines) == ["train/loss_epoch", "train/loss_step", "val/loss"]
+    series["lr-SGD/base"] = (np.array([9.0, 19.0]), np.array([0.05, 0.01]))
+    series["lr-SGD/fc*"] = (np.array([9.0, 19.0]), np.array([0.5, 0.1]))
+    fig = plots.learning_curves_figure(series)
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "acc", "lr"], "every parameter group's lr in one panel"
+    assert sorted(line.get_label() for line in fig.axes[2].lines) == ["lr-SGD/base", "lr-SGD/fc*"] and fig.axes[2].get_yscale() == "log"
 
     done = subprocess.run([sys.executable, "-m", "project.plots", str(run)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

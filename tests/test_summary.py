@@ -1,12 +1,14 @@
 """`python -m project.summary`: each layer's output shape and parameter/buffer counts from a dry run."""
 
+import re
 import sys
 
 import pytest
 import torch
+import yaml
 
 from project.models import LeNet, ResNet20
-from project.summary import layer_table, main
+from project.summary import hook_demo, layer_table, main, module_internals
 from tests.conftest import REPO, run_bounded
 
 
@@ -88,3 +90,54 @@ def test_a_class_that_is_no_module_is_refused(capsys):
         main(["--model", "collections.OrderedDict"])
     assert exit_info.value.code == 2
     assert "collections.OrderedDict is the class OrderedDict, not a torch.nn.Module subclass" in capsys.readouterr().err
+
+
+def test_internals_print_each_modules_dictionaries():
+    text = main(["--model", "project.models.ResNet20", "--internals", "--init", "logit_scale=true", "pool=avgmax"])
+    assert "Layer  " not in text, "--internals replaces the layer table"
+    assert "_modules     {stem: Sequential, input_stats: InputStatistics, stages: ModuleList, pool: ModuleDict, fc: Linear, logit_scale: ParameterDict}" in text
+    assert "_parameters  {weight: [16, 3, 3, 3], bias: None}" in text, "a conv without bias keeps a None entry"
+    assert "_buffers     {running_mean: [16], running_var: [16], num_batches_tracked: [] int64}" in text
+    assert "_buffers     {count: [] int64, mean: [3], var: [3], std: [3]}  (non-persistent, not in state_dict: std)" in text
+    assert re.search(r"hooks        \{_load_state_dict_post_hooks: \{\d+: _refresh_after_load\}\}", text)
+    assert "_modules     {avg: AdaptiveAvgPool2d, max: AdaptiveMaxPool2d}" in text
+    assert "logit_scale (ParameterDict)\n    _parameters  {bias: [10], scale: [10]}" in text
+
+
+def test_internals_show_a_hook_registered_and_removed():
+    net = LeNet()
+    net.plain = torch.zeros(2)
+    rows = module_internals(net)
+    assert rows["hooks"] == "all 8 hook dictionaries empty" and "plain tensors" in rows and "plain: [2]" in rows["plain tensors"]
+    handle = net.fc3.register_forward_hook(lambda *args: None)
+    assert module_internals(net.fc3)["hooks"] == f"{{_forward_hooks: {{{handle.id}: <lambda>}}}}"
+    handle.remove()
+    assert module_internals(net.fc3)["hooks"] == "all 8 hook dictionaries empty"
+    lines = hook_demo(net, "fc3", (3, 32, 32)).splitlines()
+    assert lines[1] == "before register_forward_hook: {}"
+    assert re.fullmatch(r"after handle = fc3.register_forward_hook\(record_output\): \{\d+: record_output\}", lines[2])
+    assert lines[3] == "one forward pass: record_output saw [2, 10]" and lines[4] == "after handle.remove(): {}"
+    assert not net.fc3._forward_hooks and net.training
+
+
+def test_param_groups_of_the_config_are_shown(tmp_path):
+    config = tmp_path / "groups.yaml"
+    config.write_text(yaml.safe_dump({"model": {"net": {"class_path": "project.models.LeNet"}, "lr": 0.1, "weight_decay": 0.001,
+                                                "param_groups": [{"match": "fc*", "lr_scale": 10}]}}))
+    text = main(["-c", str(config)])
+    assert "Parameter groups (model.lr 0.1, model.weight_decay 0.001" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[-4:]}
+    assert rows["fc*"][:4] == ["fc*", "1", "0.001", "58,920"] and rows["fc*/no_decay"][:4] == ["fc*/no_decay", "1", "0", "214"]
+    assert rows["base"][:4] == ["base", "0.1", "0.001", "2,850"] and rows["base/no_decay"][1:3] == ["0.1", "0"]
+    shown = main(["--model", "project.models.LeNet", "--param-groups", "[{match: 'conv*', lr_scale: 0.5}]"])
+    assert "conv*           0.025" in shown
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "project.models.LeNet", "--param-groups", "[{match: 'nope*'}]"], "'nope*' (match 'nope*') matches no trainable parameter of LeNet"),
+    (["--model", "project.models.LeNet", "--internals", "--hook-on", "fc9"], "--hook-on 'fc9' is not a module of LeNet"),
+])
+def test_internals_and_param_group_mistakes(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -5,6 +5,7 @@ from project.callbacks.buffers import BufferReport, SyncBuffers
 from project.callbacks.checkpointing import LastCheckpoint
 from project.callbacks.export import ExportNet
 from project.callbacks.gradients import GradientStatistics
+from project.callbacks.learning_rates import LearningRates
 from project.callbacks.plots import PredictionPlots
 from project.callbacks.predictions import PredictionWriter
 from project.callbacks.random_state import RandomState
@@ -15,6 +16,7 @@ __all__ = [
     "ExportNet",
     "GradientStatistics",
     "LastCheckpoint",
+    "LearningRates",
     "PredictionPlots",
     "PredictionWriter",
     "RandomState",

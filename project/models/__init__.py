@@ -1,9 +1,9 @@
-"""Plain ``torch.nn.Module`` models. Nothing here imports Lightning: copy a file anywhere."""
+"""Plain ``torch.nn.Module`` models. Nothing here imports Lightning; each file imports torch and at
+most one sibling (``lenet.py`` and ``resnet.py`` use ``init.py``), so copy a file (and that one) anywhere."""
 
 from project.models.init import INIT_SCHEMES, initialize
-from project.models.input_stats import InputStatistics
 from project.models.lenet import LeNet
-from project.models.resnet import ResidualBlock, ResNet, ResNet18, ResNet20, ResNet32, ResNet34, ResNet56
+from project.models.resnet import InputStatistics, ResidualBlock, ResNet, ResNet18, ResNet20, ResNet32, ResNet34, ResNet56
 
 __all__ = [
     "INIT_SCHEMES",

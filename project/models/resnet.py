@@ -1,18 +1,103 @@
-"""Residual networks for 32x32 images: the ResidualBlock and the CIFAR ResNet family.
+"""Residual networks for 32x32 images: the ResidualBlock, InputStatistics and the CIFAR ResNet family.
 
 Two layouts share one class. ``ResNet18``/``ResNet34`` are the ImageNet depths with a 3x3 stem
 and no max-pool (64-128-256-512 channels, 11.2M parameters for ResNet-18); ``ResNet20/32/56``
 are He et al.'s thin CIFAR networks (16-32-64 channels) that train in minutes on a CPU.
+
+The file needs torch and one sibling, ``init.py``: copy both to use it elsewhere.
+
+What a module keeps, and where it goes (``tests/test_models.py`` checks each line):
+
+- ``nn.Parameter`` (``fc.weight``, ``logit_scale["scale"]``): in ``parameters()`` (so the
+  optimiser trains it) and in ``state_dict()``; ``.to(device/dtype)`` moves it.
+- persistent buffer (``bn1.running_mean``, ``input_stats.count``): not in ``parameters()``, in
+  ``state_dict()``; ``.to()`` moves it (an integer one keeps its dtype under ``.to(float64)``).
+- non-persistent buffer (``input_stats.std``): in neither; ``.to()`` still moves it.
+- plain tensor attribute (``self.t = torch.ones(3)``, deliberately none here): in neither, and
+  ``.to()`` leaves it where it was: the bug behind "Expected all tensors to be on the same device".
+
+Containers register what they hold the same way: ``nn.ModuleList`` (``ResNet.stages``),
+``nn.ModuleDict`` (``ResNet.pool``, by name) and ``nn.ParameterDict`` (``ResNet.logit_scale``).
+A plain ``list`` or ``dict`` of modules or parameters would hide them from ``parameters()``,
+``state_dict()``, ``.to()`` and ``.train()``/``.eval()``.
 """
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from project.models.init import InitScheme, initialize
-from project.models.input_stats import InputStatistics
+
+#: Global pooling of the last stage's features, by name; ``avgmax`` concatenates both (2x the features).
+Pooling = Literal["avg", "max", "avgmax"]
+_POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+
+
+class InputStatistics(nn.Module):
+    """The identity on the forward pass; in training mode it also accumulates input statistics.
+
+    A network's buffers hold what it learns without optimising (BatchNorm's running statistics
+    are the classic case). This module adds one a user can read directly: did the inputs reach
+    the network normalised (mean near 0, std near 1 per channel), and how many images has it seen?
+
+    Buffers (``state_dict`` holds the persistent ones; all of them follow ``.to(device)``):
+
+    - ``count`` (persistent, int64): images seen in training mode.
+    - ``mean``, ``var`` (persistent, per channel): mean and population variance over every pixel
+      of those images, merged batch by batch (Chan et al.'s parallel update; exact for images of
+      one size).
+    - ``std`` (non-persistent): ``sqrt(var)``, a cache refreshed after every update and every
+      ``load_state_dict``. Derived state is not saved, so a checkpoint can never hold a ``std``
+      that disagrees with its ``var``.
+
+    Under DDP, buffers are broadcast from rank 0 before every training forward pass, so the
+    saved statistics are rank 0's: the images of its shard, not of all ranks.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"InputStatistics needs channels >= 1, got {channels}.")
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.zeros(channels))
+        self.register_buffer("std", torch.zeros(channels), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update(x)
+        return x
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge the statistics of the batch ``x`` (N, C, ...) into the buffers."""
+        if x.ndim < 2 or x.shape[1] != self.mean.numel():
+            raise ValueError(f"InputStatistics expects (N, {self.mean.numel()}, ...) inputs, got {tuple(x.shape)}.")
+        values = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)
+        batch_var, batch_mean = torch.var_mean(values, dim=1, correction=0)
+        n_old, n_new = self.count.float(), float(x.shape[0])
+        total = n_old + n_new
+        delta = batch_mean - self.mean
+        self.mean.add_(delta * (n_new / total))
+        self.var.copy_((self.var * n_old + batch_var * n_new + delta.square() * (n_old * n_new / total)) / total)
+        self.count.add_(x.shape[0])
+        self.refresh_cache()
+
+    @torch.no_grad()
+    def refresh_cache(self) -> None:
+        self.std.copy_(self.var.clamp_min(0).sqrt())
+
+    def extra_repr(self) -> str:
+        return f"channels={self.mean.numel()}"
+
+
+def _refresh_after_load(module: InputStatistics, incompatible_keys) -> None:
+    # A module-level function, not a lambda, so the module stays picklable (ddp_spawn pickles it).
+    module.refresh_cache()
 
 
 class ResidualBlock(nn.Module):
@@ -43,10 +128,18 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A stem, a ModuleList of stages of ResidualBlocks, global average pooling and a classifier.
+    """A stem, a ModuleList of stages of ResidualBlocks, global pooling and a linear classifier.
 
     ``input_stats`` (an :class:`InputStatistics`) keeps the per-channel mean/std of the training
     inputs in buffers, beside BatchNorm's running statistics; it adds no parameters.
+
+    The head: ``pool`` is an ``nn.ModuleDict`` of the pooling layers named by ``pool`` (``avg``:
+    ``{"avg": AdaptiveAvgPool2d}``; ``avgmax``: both, their features concatenated, as fastai's
+    concat pooling), ``fc`` the linear layer, and with ``logit_scale`` an ``nn.ParameterDict``
+    ``{"scale": ones(num_classes), "bias": zeros(num_classes)}`` that learns a scale and a shift
+    per class on top of the logits (Guo et al.'s vector scaling). The defaults (``avg``, no
+    ``logit_scale``) give the state_dict keys of the classic ResNet, ending in ``fc.weight``,
+    ``fc.bias``; ``logit_scale`` adds ``logit_scale.scale`` and ``logit_scale.bias``.
 
     Args:
         blocks_per_stage: residual blocks in each stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
@@ -55,6 +148,8 @@ class ResNet(nn.Module):
         in_channels: image channels.
         init: weight-initialisation scheme (see :mod:`project.models.init`).
         init_scale: std for ``init="normal"``, bound for ``init="uniform"``.
+        pool: global pooling before ``fc``: ``avg``, ``max`` or ``avgmax`` (both, concatenated).
+        logit_scale: learn a per-class scale and bias of the logits (``logit_scale.scale``, ``.bias``).
     """
 
     def __init__(
@@ -65,6 +160,8 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         init: InitScheme = "kaiming_normal",
         init_scale: float | None = None,
+        pool: Pooling = "avg",
+        logit_scale: bool = False,
     ) -> None:
         super().__init__()
         if len(blocks_per_stage) != len(widths) or not widths:
@@ -74,6 +171,8 @@ class ResNet(nn.Module):
             )
         if min(blocks_per_stage) < 1 or min(widths) < 1 or num_classes < 1:
             raise ValueError("ResNet needs at least one block per stage, positive widths and num_classes >= 1.")
+        if pool not in ("avg", "max", "avgmax"):
+            raise ValueError(f"Unknown ResNet pool {pool!r}; choose avg, max or avgmax.")
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
             nn.BatchNorm2d(widths[0]),
@@ -92,15 +191,26 @@ class ResNet(nn.Module):
             blocks += [ResidualBlock(width, width, 1) for _ in range(n_blocks - 1)]
             self.stages.append(nn.Sequential(*blocks))
             channels = width
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        # Registered by name ("pool.avg", "pool.max"): they show in named_modules() and follow
+        # .train()/.eval(); parameter-free, they add no state_dict keys.
+        names = ("avg", "max") if pool == "avgmax" else (pool,)
+        self.pool = nn.ModuleDict({name: _POOLS[name](1) for name in names})
+        self.fc = nn.Linear(channels * len(names), num_classes)
+        # Registered as parameters "logit_scale.scale" and "logit_scale.bias"; None adds nothing.
+        self.logit_scale = None
+        if logit_scale:
+            self.logit_scale = nn.ParameterDict({"scale": torch.ones(num_classes), "bias": torch.zeros(num_classes)})
         initialize(self, init, init_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(self.input_stats(x))
         for stage in self.stages:
             x = stage(x)
-        return self.fc(torch.flatten(self.pool(x), 1))
+        pooled = [torch.flatten(pool(x), 1) for pool in self.pool.values()]
+        logits = self.fc(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1))
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale["scale"] + self.logit_scale["bias"]
+        return logits
 
 
 class _NamedResNet(ResNet):
@@ -115,8 +225,10 @@ class _NamedResNet(ResNet):
         in_channels: int = 3,
         init: InitScheme = "kaiming_normal",
         init_scale: float | None = None,
+        pool: Pooling = "avg",
+        logit_scale: bool = False,
     ) -> None:
-        super().__init__(self.blocks_per_stage, self.widths, num_classes, in_channels, init, init_scale)
+        super().__init__(self.blocks_per_stage, self.widths, num_classes, in_channels, init, init_scale, pool, logit_scale)
 
 
 class ResNet18(_NamedResNet):

@@ -1,0 +1,113 @@
+"""Per-layer learning rates (model.param_groups) under every scheduler, and every group's lr logged per step."""
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from project.callbacks import LearningRates
+from project.classifier import ImageClassifier
+from project.cli import main
+from project.models import LeNet
+from project.tracking import CSVLogger
+from tests.conftest import QUIET, REPO, make_npz
+
+GROUPS = [{"match": "fc*", "lr_scale": 10}, {"match": "conv1.*", "lr_scale": 0.1, "name": "slow_conv"}]
+#: LearningRateMonitor's columns: lr-<optimizer>/<group name>, weights and (no weight decay) biases apart.
+COLUMNS = {f"lr-SGD/{name}{suffix}": scale for name, scale in (("fc*", 10), ("slow_conv", 0.1), ("base", 1))
+           for suffix in ("", "/no_decay")}
+
+
+def lr_rows(path) -> list[dict[str, float]]:
+    """The metrics.csv rows that hold learning rates, as floats."""
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("lr-SGD/base")]
+    return [{key: float(value) for key, value in row.items() if key.startswith("lr-") or key == "step"} for row in rows]
+
+
+def assert_ratios(rows: list[dict[str, float]]) -> None:
+    for row in rows:
+        base = row["lr-SGD/base"]
+        for column, scale in COLUMNS.items():
+            assert row[column] == pytest.approx(base * scale, rel=1e-6), (row["step"], column)
+
+
+def fit_args(root, npz, *extra):
+    return ["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *QUIET, "--data.val_size=16",
+            "--data.batch_size=8", "--test_after_fit=false", "--plots.enabled=false", "--trainer.log_every_n_steps=1",
+            f"--trainer.default_root_dir={root}", f"--model.param_groups={json.dumps(GROUPS)}", *extra]
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return make_npz(tmp_path_factory.mktemp("lr") / "d.npz")
+
+
+def test_cli_fit_logs_every_groups_lr_per_step(tmp_path, npz):
+    cli = main(fit_args(tmp_path, npz, "--trainer.max_epochs=2"))
+    groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
+    assert set(groups) == {name.removeprefix("lr-SGD/") for name in COLUMNS}
+    assert groups["fc*"]["param_names"] == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    assert groups["slow_conv/no_decay"]["param_names"] == ["conv1.bias"] and groups["slow_conv/no_decay"]["weight_decay"] == 0
+    assert groups["base"]["param_names"] == ["conv2.weight"] and groups["base"]["weight_decay"] == 5e-4
+    rows = lr_rows(cli.run_dir / "metrics.csv")
+    assert [row["step"] for row in rows] == list(range(12)), "one row per optimiser step (2 epochs x 6 batches)"
+    assert rows[0]["lr-SGD/base"] == pytest.approx(0.05) and rows[0]["lr-SGD/fc*"] == pytest.approx(0.5)
+    assert rows[-1]["lr-SGD/base"] < rows[0]["lr-SGD/base"] / 10, "the cosine anneals every group"
+    assert_ratios(rows)
+
+
+def test_a_run_without_a_logger_trains_without_the_lr_monitor(tmp_path, npz):
+    """Lightning's LearningRateMonitor alone stops such a run: 'Cannot use LearningRateMonitor ... no logger'."""
+    cli = main(fit_args(tmp_path, npz, "--trainer.max_epochs=1", "--trainer.logger=false"))
+    assert cli.trainer.global_step == 6 and not (cli.run_dir / "metrics.csv").exists()
+
+
+class _Tiny(L.LightningDataModule):
+    def train_dataloader(self):
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "step", "none"])
+def test_every_scheduler_scales_each_group(tmp_path, scheduler):
+    model = ImageClassifier(LeNet(), lr=0.02, scheduler=scheduler, step_size=1, gamma=0.5, param_groups=GROUPS)
+    trainer = L.Trainer(max_epochs=2, logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        callbacks=[LearningRates(logging_interval="step")], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=_Tiny())
+    rows = lr_rows(tmp_path / "metrics.csv")
+    assert len(rows) == 8
+    assert_ratios(rows)
+    base = [row["lr-SGD/base"] for row in rows]
+    if scheduler == "onecycle":
+        assert [g["max_lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([0.2, 0.2, 0.002, 0.002, 0.02, 0.02])
+        assert max(base) > base[0] * 10 and base[-1] < base[0], "warms up, then anneals"
+    elif scheduler == "step":
+        assert base[:4] == pytest.approx([0.02] * 4) and base[4:] == pytest.approx([0.01] * 4)
+    elif scheduler == "none":
+        assert base == pytest.approx([0.02] * 8)
+
+
+def test_resumed_one_cycle_is_replanned_for_every_group(tmp_path, npz, capsys):
+    first = main(fit_args(tmp_path, npz, "--model.scheduler=onecycle", "--trainer.max_epochs=1"))
+    cli = main(fit_args(tmp_path, npz, "--model.scheduler=onecycle", "--trainer.max_epochs=2", "--ckpt_path=last"))
+    assert cli.run_dir == first.run_dir and cli.trainer.global_step == 12
+    # Where a 12-step cycle planned from the start ends up after 12 steps, for each group's peak.
+    for group in cli.trainer.optimizers[0].param_groups:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=group["max_lr"])
+        planned = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=group["max_lr"], total_steps=12)
+        for _ in range(12):
+            optimizer.step()
+            planned.step()
+        assert group["lr"] == pytest.approx(planned.get_last_lr()[0]), group["name"]
+    rows = lr_rows(cli.run_dir / "metrics.csv")
+    assert [row["step"] for row in rows] == list(range(12))
+    assert_ratios(rows)
+    # Other groups at resume time would not fit the checkpoint's optimiser state: refused.
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, npz, "--model.scheduler=onecycle", "--trainer.max_epochs=3", "--ckpt_path=last",
+                      '--model.param_groups=[{"match": "fc*", "lr_scale": 3}]'))
+    assert exit_info.value.code == 2 and "model.param_groups (checkpoint" in capsys.readouterr().err
