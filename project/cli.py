@@ -234,7 +234,6 @@ class ProjectCLI(LightningCLI):
                     logger.init_args.version = ""
                 elif logger.class_path.endswith("WandbLogger"):
                     tracking.configure_wandb_logger(logger.init_args, self.run.directory, config.name)
-        rank_zero_info(f"Run directory: {self.run.directory}")
 
     def apply_resume_plan(self, config) -> None:
         """Point the fit at the checkpoint the run resumes from (or none), refusing changed model settings."""
@@ -305,11 +304,13 @@ class ProjectCLI(LightningCLI):
         checkpoints.load_into(self.model.net, checkpoint, dry_run=True, name=name)
 
     def check_evaluated_checkpoint(self) -> None:
+        rank_zero_info(f"Run directory: {self.run_dir}")
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
             self.check_checkpoint_fits(checkpoints.load_file(ckpt_path, mmap=True), str(ckpt_path))
 
     def before_fit(self) -> None:
+        rank_zero_info(f"Run directory: {self.run_dir}")
         plan = self.run.resume
         if plan is not None and plan.checkpoint.is_file():
             self.check_checkpoint_fits(plan.contents, str(plan.checkpoint))
