@@ -153,17 +153,22 @@ def save_net(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
 
 
 def save_atomically(obj: object, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, rename it over ``path`` and
+    """``torch.save`` ``obj`` to ``path`` through :func:`write_atomically`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialise fully before touching the disk
+    return write_atomically(buffer.getbuffer(), path)
+
+
+def write_atomically(data: bytes | memoryview, path: str | Path) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path`` and
     fsync the directory: a process killed at any moment leaves either the old file or the new
     one, complete, under ``path`` (at worst a stray ``.<name>.<pid>.tmp`` beside it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)  # serialise fully before touching the disk
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -328,9 +328,7 @@ def keep_metrics_before(path: Path, step: int) -> list[str]:
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(buffer.getvalue())
-    os.replace(partial, path)
+    checkpoints.write_atomically(buffer.getvalue().encode(), path)
     return keys
 
 

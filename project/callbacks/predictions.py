@@ -2,7 +2,6 @@
 
 import csv
 import io
-import os
 import warnings
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from project.checkpoints import write_atomically
 from project.data import CLASSES
 
 
@@ -135,14 +135,4 @@ def write_csv(path: Path, index: torch.Tensor, preds: torch.Tensor, probs: torch
     writer.writerow(["index", "pred", "pred_name", *(f"prob_{n}" for n in names)])
     for i, p, row in zip(index.tolist(), preds.tolist(), probs.tolist()):
         writer.writerow([i, p, names[p], *(f"{v:.6g}" for v in row)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(buffer.getvalue().encode(), path)
