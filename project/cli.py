@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -24,7 +25,8 @@ from project.callbacks.checkpointing import AtomicCheckpointIO
 from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, RandomState, SyncBuffers
 from project.classifier import ImageClassifier
 from project.cluster import SLURMRequeue, slurm_job_id
-from project.data import CIFAR10DataModule, DatasetError
+from project.data import DatasetError
+from project.data.plugins import DataPluginParser, declared
 
 #: Set by the process that chose the run directory, so the processes Lightning launches for
 #: DDP (which re-run this command line) write into the same one. Users may set it themselves.
@@ -170,11 +172,13 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", DataPluginParser)  # one sentence for a bad data: class
         self.run_dir: Path | None = None
         #: The global step of the checkpoint a fit resumes from (read by check_resume_settings).
         self.resume_step: int | None = None
         try:
-            super().__init__(ImageClassifier, CIFAR10DataModule, *args, **kwargs)
+            # data: may name any LightningDataModule (class_path); without one it is CIFAR10DataModule.
+            super().__init__(ImageClassifier, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
         except BaseException:
             self.remove_empty_run_dir()
             raise
@@ -220,9 +224,11 @@ class ProjectCLI(LightningCLI):
         parser.add_lightning_class_args(SyncBuffers, "sync_buffers")
         parser.add_lightning_class_args(PredictionPlots, "plots")
         parser.add_lightning_class_args(SLURMRequeue, "requeue")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
+        parser.set_defaults({"data": {"class_path": "project.data.CIFAR10DataModule"}})
+        # The model is built from what the data module declares (project/data/plugins.py).
+        parser.link_arguments("data", "model.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
+        parser.link_arguments("data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
+        parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

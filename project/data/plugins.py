@@ -1,0 +1,87 @@
+"""Data modules as plug-ins: what the template reads from any LightningDataModule named in a YAML
+``data:`` block, and the checks the CLI makes on it, each failing with one sentence.
+
+Required: ``num_classes`` (int) and ``image_shape`` ((channels, height, width)); the CLI links
+them into the model. Optional: ``classes`` (class names, for the plots; default ``0, 1, ...``)
+and ``mean`` and ``std`` (the per-channel normalisation the module applied; the plots undo it).
+"""
+
+import re
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser
+
+from project.errors import UserError
+
+#: The attributes every data module must have: the CLI sets the model's from them.
+REQUIRED = ("num_classes", "image_shape")
+#: Attributes read when present: class names, and the normalisation the plots undo.
+OPTIONAL = ("classes", "mean", "std")
+RECIPE = 'see the README\'s "Add your own dataset"'
+
+
+class DataModuleError(UserError):
+    """A ``data:`` class that is not a LightningDataModule, cannot be imported, or lacks a required attribute."""
+
+
+def declared(name: str) -> Callable[[LightningDataModule], Any]:
+    """``compute_fn`` of an argument link from the data module: its attribute ``name``, or one sentence
+    saying it is missing (jsonargparse would otherwise skip the link and leave the model's default)."""
+
+    def read(data: LightningDataModule) -> Any:
+        value = getattr(data, name, None)
+        if value is None:
+            raise DataModuleError(
+                f"The data module {type(data).__module__}.{type(data).__qualname__} has no {name}; "
+                f"give it the attributes {' and '.join(REQUIRED)} (the model is built from them), {RECIPE}."
+            )
+        return value
+
+    read.__name__ = f"declared_{name}"
+    return read
+
+
+_NOT_A_DATAMODULE = re.compile(r"Import path (\S+) does not correspond to a subclass of LightningDataModule")
+_NOT_IMPORTABLE = re.compile(r"Problem with given class_path '([^']+)':\s*(.+)")
+
+
+def data_class_problem(message: str) -> str | None:
+    """One sentence for jsonargparse's report on a ``data`` class_path it refused, or None for other errors."""
+    if not message.startswith('Parser key "data":'):
+        return None
+    if found := _NOT_A_DATAMODULE.search(message):
+        return (
+            f"data.class_path {found[1]} is not a LightningDataModule subclass, so it was not called; "
+            f"name a LightningDataModule such as project.data.CIFAR100DataModule, {RECIPE}."
+        )
+    if found := _NOT_IMPORTABLE.search(message):
+        reason = found[2].strip().splitlines()[0].rstrip(".")
+        return (
+            f"data.class_path {found[1]} cannot be used ({reason}); check the spelling and that its package "
+            f"is importable (installed, or on PYTHONPATH), {RECIPE}."
+        )
+    return None
+
+
+class DataPluginParser(LightningArgumentParser):
+    """LightningCLI's parser, with one sentence (and exit status 2) for a bad ``data:`` class and for a
+    data module that lacks a required attribute, instead of a usage screen or a wrapped traceback."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        sentence = data_class_problem(message)
+        if sentence is None or not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"error: {sentence}\n")
+        sys.exit(2)
+
+    def instantiate(self, *args, **kwargs):
+        try:
+            return super().instantiate(*args, **kwargs)
+        except ValueError as err:
+            # jsonargparse wraps what a link's compute_fn raises; the user needs only the sentence.
+            if isinstance(err.__cause__, DataModuleError):
+                raise err.__cause__ from None
+            raise
