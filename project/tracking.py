@@ -142,6 +142,11 @@ def log_config(trainer: L.Trainer, pl_module: L.LightningModule, config: Mapping
     Lightning would log the model's and the data module's ``hparams`` (a part of the config, under
     other names) at the start of every fit, validate and test; the resolved config replaces them.
     """
+    data = config.get("data")
+    if isinstance(data, Mapping) and isinstance(data.get("init_args"), Mapping):
+        # data: {class_path, init_args} logs as data.class_path, data.batch_size, ..., the names the
+        # command line and the sweep files use (--data.batch_size).
+        config = {**config, "data": {"class_path": data.get("class_path"), **data["init_args"]}}
     flat = flatten(config)
     for logger in trainer.loggers:
         logger.log_hyperparams(flat)

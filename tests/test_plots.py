@@ -36,6 +36,16 @@ def test_confusion_matrix_figure_counts_and_names():
         plots.confusion_matrix_figure(np.zeros((2, 2)), ["a", "b", "c"])
 
 
+def test_confusion_matrix_of_many_classes_stays_drawable():
+    """CIFAR-100's 100 classes: names on both axes, shading only (the counts are in the .csv), 17x16 inches at most."""
+    names = [f"class{i}" for i in range(100)]
+    fig = plots.confusion_matrix_figure(np.eye(100, dtype=int) * 3, names)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == names and ax.texts == []
+    assert tuple(fig.get_size_inches()) == (17.0, 16.0)
+    assert ax.get_title() == "(accuracy 100.0% of 300)"
+
+
 def test_prediction_grid_names_the_true_and_predicted_class():
     images = np.random.default_rng(0).random((3, 32, 32, 3))
     fig = plots.prediction_grid_figure(images, [3, 8, 0], [3, 1, 0], list(CIFAR10_CLASSES))

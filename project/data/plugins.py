@@ -45,7 +45,7 @@ def declared(name: str) -> Callable[[LightningDataModule], Any]:
 
 
 _NOT_A_DATAMODULE = re.compile(r"Import path (\S+) does not correspond to a subclass of LightningDataModule")
-_NOT_IMPORTABLE = re.compile(r"Problem with given class_path '([^']+)':\s*(.+)")
+_NOT_IMPORTABLE = re.compile(r"Problem with given class_path '([^']+)':\s*(No module named \S+|module '[^']+' has no attribute '[^']+')")
 
 
 def data_class_problem(message: str) -> str | None:
@@ -58,12 +58,11 @@ def data_class_problem(message: str) -> str | None:
             f"name a LightningDataModule such as project.data.CIFAR100DataModule, {RECIPE}."
         )
     if found := _NOT_IMPORTABLE.search(message):
-        reason = found[2].strip().splitlines()[0].rstrip(".")
         return (
-            f"data.class_path {found[1]} cannot be used ({reason}); check the spelling and that its package "
+            f"data.class_path {found[1]} cannot be imported ({found[2]}); check the spelling and that its package "
             f"is importable (installed, or on PYTHONPATH), {RECIPE}."
         )
-    return None
+    return None  # e.g. a wrong init_args value: jsonargparse's message names the key
 
 
 class DataPluginParser(LightningArgumentParser):
