@@ -41,7 +41,7 @@ def test_confusion_matrix_of_many_classes_stays_drawable():
     names = [f"class{i}" for i in range(100)]
     fig = plots.confusion_matrix_figure(np.eye(100, dtype=int) * 3, names)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == names and ax.texts == []
+    assert [t.get_text() for t in ax.get_yticklabels()] == names and len(ax.texts) == 0
     assert tuple(fig.get_size_inches()) == (17.0, 16.0)
     assert ax.get_title() == "(accuracy 100.0% of 300)"
 
