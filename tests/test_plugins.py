@@ -166,6 +166,16 @@ def test_a_wrong_data_argument_keeps_the_parsers_message(tmp_path, capsys):
     assert 'Parser key "batch_size"' in err and "Expected a <class 'int'>. Got value: many" in err
 
 
+def test_a_value_the_data_module_refuses_keeps_its_own_sentence(tmp_path, capsys):
+    """In subclass mode jsonargparse wraps what the data module's __init__ raises; the CLI shows the original."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "-c", str(REPO / "experiments/resnet18_cifar100.yaml"), "--data.batch_size=0",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: data.batch_size must be at least 1, got 0."
+    assert run_dirs(tmp_path, "resnet18_cifar100") == []
+
+
 def test_a_data_module_without_num_classes_gets_one_sentence(tmp_path, capsys, monkeypatch):
     source = TINY_DATA_MODULE.replace("        num_classes = 3\n", "")
     monkeypatch.syspath_prepend(str(write_package(tmp_path / "src", "no_classes_data", source)))

@@ -67,7 +67,8 @@ def data_class_problem(message: str) -> str | None:
 
 class DataPluginParser(LightningArgumentParser):
     """LightningCLI's parser, with one sentence (and exit status 2) for a bad ``data:`` class and for a
-    data module that lacks a required attribute, instead of a usage screen or a wrapped traceback."""
+    data module that lacks a required attribute or refuses its arguments, instead of a usage screen
+    or a wrapped traceback."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         sentence = data_class_problem(message)
@@ -80,7 +81,12 @@ class DataPluginParser(LightningArgumentParser):
         try:
             return super().instantiate(*args, **kwargs)
         except ValueError as err:
-            # jsonargparse wraps what a link's compute_fn raises; the user needs only the sentence.
-            if isinstance(err.__cause__, DataModuleError):
-                raise err.__cause__ from None
-            raise
+            # In subclass mode jsonargparse wraps what a data module's __init__ or a link's compute_fn
+            # raises ("Does not validate against any of the Union subtypes ..."); re-raise the original,
+            # whose own sentence (and, for a bug, traceback) is what the user needs.
+            cause = err
+            while isinstance(cause.__cause__, Exception):
+                cause = cause.__cause__
+            if cause is err:
+                raise
+            raise cause from None
