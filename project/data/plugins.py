@@ -18,13 +18,11 @@ from project.errors import UserError
 
 #: The attributes every data module must have: the CLI sets the model's from them.
 REQUIRED = ("num_classes", "image_shape")
-#: Attributes read when present: class names, and the normalisation the plots undo.
-OPTIONAL = ("classes", "mean", "std")
 RECIPE = 'see the README\'s "Add your own dataset"'
 
 
 class DataModuleError(UserError):
-    """A ``data:`` class that is not a LightningDataModule, cannot be imported, or lacks a required attribute."""
+    """The configured data module lacks an attribute the model is built from (``REQUIRED``)."""
 
 
 def declared(name: str) -> Callable[[LightningDataModule], Any]:
