@@ -13,8 +13,8 @@ import report  # also puts the repository on sys.path
 import torch
 
 from project.data import CIFAR10_MEAN, CIFAR10_STD
-from project.data.cifar10 import TensorImageDataset, image_transform
-from project.data.cifar10_files import Split
+from project.data.cifar import TensorImageDataset, image_transform
+from project.data.cifar_files import Split
 from project.data.device_loader import DeviceLoader
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     loaders = {"device": DeviceLoader(images, labels, args.batch_size, shuffle=True, augment=True,
                                       mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device)}
     for workers in args.workers:
-        dataset = TensorImageDataset(Split(images, labels), image_transform(augment=True, normalize=True))
+        dataset = TensorImageDataset(Split(images, labels), image_transform(augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD))
         loaders[f"dataloader_{workers}_workers"] = torch.utils.data.DataLoader(
             dataset, args.batch_size, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0)

@@ -30,8 +30,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from project.classifier import ImageClassifier
 from project.data import CIFAR10_MEAN, CIFAR10_STD
-from project.data.cifar10 import TensorImageDataset, image_transform
-from project.data.cifar10_files import Split
+from project.data.cifar import TensorImageDataset, image_transform
+from project.data.cifar_files import Split
 from project.data.device_loader import DeviceLoader
 from project.models import LeNet, ResNet, ResNet18
 
@@ -68,7 +68,7 @@ def make_loader(args, images: torch.Tensor, labels: torch.Tensor, device: torch.
     """A fresh loader over the same images with the same seed: every variant sees identical batches."""
     if args.data == "device":
         return DeviceLoader(images, labels, args.batch_size, shuffle=True, augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD, seed=0, device=device)
-    dataset = TensorImageDataset(Split(images, labels), image_transform(augment=True, normalize=True))
+    dataset = TensorImageDataset(Split(images, labels), image_transform(augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD))
     return torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.num_workers,
                                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
                                        persistent_workers=args.num_workers > 0)

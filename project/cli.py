@@ -1,7 +1,8 @@
 """The command line: LightningCLI with argument links and our defaults.
 
-``python -m project fit -c experiments/lenet.yaml`` builds a CIFAR10DataModule, an
-ImageClassifier around the configured plain net, and a Trainer whose every output (resolved
+``python -m project fit -c experiments/lenet.yaml`` builds the configured data module
+(CIFAR10DataModule unless ``data:`` names another by class_path), an ImageClassifier around the
+configured plain net, and a Trainer whose every output (resolved
 config, checkpoints, metrics.csv, net.pt, wandb files) lands in one run directory of its own.
 The run itself (directory, lock, resume plan, stop signals) is project.runs' business; this
 module hands it the parsed configuration and hands Lightning the directory.
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -28,7 +30,7 @@ from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, Predic
 from project.callbacks.learning_rates import LearningRates
 from project.classifier import ImageClassifier
 from project.cluster import SLURMRequeue
-from project.data import CIFAR10DataModule
+from project.data.plugins import DataPluginParser, declared
 from project.errors import UserError
 
 LOGGERS_WITH_SAVE_DIR = ("CSVLogger", "WandbLogger", "TensorBoardLogger")
@@ -115,17 +117,19 @@ def portable_config(config):
 
 
 class ProjectCLI(LightningCLI):
-    """LightningCLI for ImageClassifier + CIFAR10DataModule with one directory per run (project.runs)."""
+    """LightningCLI for ImageClassifier + any LightningDataModule (CIFAR-10 by default), one directory per run (project.runs)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", DataPluginParser)  # one sentence for a bad data: class
         self.run: runs.Run | None = None
         self.portable_config = None
         failed = True
         try:
-            super().__init__(ImageClassifier, CIFAR10DataModule, *args, **kwargs)
+            # data: may name any LightningDataModule (class_path); without one it is CIFAR10DataModule.
+            super().__init__(ImageClassifier, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
             failed = False
         finally:
             # Also when a check or instantiation fails after the directory was chosen: the lock is
@@ -176,9 +180,11 @@ class ProjectCLI(LightningCLI):
         # Every parameter group's lr at every step: lr-SGD/base, lr-SGD/<param_groups name>, ...
         parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
+        parser.set_defaults({"data": {"class_path": "project.data.CIFAR10DataModule"}})
+        # The model is built from what the data module declares (project/data/plugins.py).
+        parser.link_arguments("data", "model.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
+        parser.link_arguments("data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
+        parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         # PRIVATE LIGHTNING METHOD (1 of 2; test_cli.py::test_lightning_private_hooks_still_exist fails if it goes).

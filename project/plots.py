@@ -18,23 +18,29 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
+#: Up to this many classes each cell shows its count; beyond, only the shading (the .csv has the counts).
+ANNOTATED_CLASSES = 20
+
+
 def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> Figure:
-    """Rows are true classes, columns predicted ones; each cell shows its count, shaded by the row's share."""
+    """Rows are true classes, columns predicted ones; each cell is shaded by the row's share and, for
+    up to ANNOTATED_CLASSES classes, shows its count. The figure grows with the classes, up to 16 inches."""
     matrix = np.asarray(matrix)
     n = len(class_names)
     if matrix.shape != (n, n):
         raise ValueError(f"a confusion matrix for {n} classes must be {n}x{n}, got {matrix.shape}.")
     row_share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.55 * n + 2)
+    size = min(max(4.0, 0.55 * n + 2), 16.0)
     fig = Figure(figsize=(size + 1, size))
     ax = fig.add_subplot()
     image = ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
+    label_size = 10 if n <= ANNOTATED_CLASSES else 5
+    ax.set_xticks(range(n), class_names, rotation=45 if n <= ANNOTATED_CLASSES else 90, ha="right", fontsize=label_size)
+    ax.set_yticks(range(n), class_names, fontsize=label_size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(n):
+    for i in range(n if n <= ANNOTATED_CLASSES else 0):
         for j in range(n):
             ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
                     color="white" if row_share[i, j] > 0.5 else "black")

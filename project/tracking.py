@@ -136,6 +136,11 @@ def log_config(trainer: L.Trainer, config: Mapping) -> None:
     """Log ``config`` (flattened) as every logger's hyperparameters. The CLI switches Lightning's
     own hyperparameter logging off (``Trainer(enable_autolog_hparams=False)``), which would log the
     model's and the data module's ``hparams`` (parts of the config, under other names) instead."""
+    data = config.get("data")
+    if isinstance(data, Mapping) and isinstance(data.get("init_args"), Mapping):
+        # data: {class_path, init_args} logs as data.class_path, data.batch_size, ..., the names the
+        # command line and the sweep files use (--data.batch_size).
+        config = {**config, "data": {"class_path": data.get("class_path"), **data["init_args"]}}
     flat = flatten(config)
     for logger in trainer.loggers:
         logger.log_hyperparams(flat)

@@ -1,9 +1,13 @@
-"""Shared fixtures: the real CIFAR-10 subset (skipped without ../shared), tiny npz files, CLI runners."""
+"""Shared fixtures: the real CIFAR-10 subset (skipped without ../shared), tiny npz files, generated
+archives in the official CIFAR layouts, CLI runners."""
 
+import io
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +49,15 @@ def subset_npz() -> Path:
     return SUBSET
 
 
-def make_npz(path: Path, n_train: int = 64, n_test: int = 32, seed: int = 0, **overrides) -> Path:
-    """A small random npz in the Keras layout; ``overrides`` replace or (with None) drop arrays."""
+def make_npz(path: Path, n_train: int = 64, n_test: int = 32, seed: int = 0, num_classes: int = 10, **overrides) -> Path:
+    """A small random npz in the Keras layout with labels 0..num_classes-1; ``overrides`` replace or
+    (with None) drop arrays."""
     rng = np.random.default_rng(seed)
     arrays = {
         "x_train": rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
-        "y_train": rng.integers(0, 10, n_train).astype(np.uint8),
+        "y_train": rng.integers(0, num_classes, n_train).astype(np.uint8),
         "x_test": rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
-        "y_test": rng.integers(0, 10, n_test).astype(np.uint8),
+        "y_test": rng.integers(0, num_classes, n_test).astype(np.uint8),
     }
     for key, value in overrides.items():
         if value is None:
@@ -107,3 +112,35 @@ def kill_group(proc: subprocess.Popen) -> None:
 def run_dirs(root: Path, name: str) -> list[Path]:
     """Run directories under ``<root>/<name>/``, oldest first."""
     return sorted(p for p in (root / name).iterdir() if p.is_dir()) if (root / name).is_dir() else []
+
+
+def official_archive(path: Path, fmt, per_file: int = 12, seed: int = 0) -> tuple[Path, dict]:
+    """A small tar.gz in the official python layout of ``fmt`` (a CIFARFormat): its folder, train and
+    test pickles (``fmt.label_key`` labels; CIFAR-100's also carry coarse labels, which must be ignored)
+    and the meta file with the class names; returns the path and each file's dict."""
+    rng = np.random.default_rng(seed)
+    contents = {}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in (*fmt.train_files, *fmt.test_files):
+            batch = {
+                "batch_label": f"{name}",
+                fmt.label_key: rng.integers(0, fmt.num_classes, per_file).tolist(),
+                "data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                "filenames": [f"img_{i}.png" for i in range(per_file)],
+            }
+            if fmt.label_key == "fine_labels":
+                batch["coarse_labels"] = rng.integers(0, 20, per_file).tolist()
+            contents[name] = batch
+            _add_to_tar(tar, f"{fmt.folder_name}/{name}", pickle.dumps(batch, protocol=2))
+        meta = {fmt.meta_key: list(fmt.classes)}
+        _add_to_tar(tar, f"{fmt.folder_name}/{fmt.meta_file}", pickle.dumps(meta, protocol=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return path, contents
+
+
+def _add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))

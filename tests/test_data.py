@@ -1,11 +1,10 @@
-"""CIFAR10DataModule: official archive (download, verify, extract), npz, splits, transforms, errors."""
+"""The CIFAR data modules (CIFAR-10, CIFAR-100): official archive (download, verify, extract), npz,
+splits, transforms, errors."""
 
 import functools
 import hashlib
 import http.server
-import io
 import pickle
-import tarfile
 import threading
 from pathlib import Path
 
@@ -13,38 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from project.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES, CIFAR10DataModule, DatasetError
-from project.data import cifar10_files as files
-from tests.conftest import make_npz
+from project.data import (
+    CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_CLASSES, CIFAR10DataModule, CIFAR100DataModule, DatasetError,
+)
+from project.data import cifar_files as files
+from project.data.cifar10 import CIFAR10
+from project.data.cifar100 import CIFAR100
+from tests.conftest import make_npz, official_archive
 
 PER_BATCH = 12
-
-
-def official_archive(path: Path, per_batch: int = PER_BATCH, seed: int = 0) -> tuple[Path, dict]:
-    """A small archive in the official python format: 5 train batches + test_batch + batches.meta."""
-    rng = np.random.default_rng(seed)
-    contents = {}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        names = [*files.TRAIN_BATCHES, *files.TEST_BATCHES]
-        for name in names:
-            batch = {
-                "batch_label": f"{name} of 5",
-                "labels": rng.integers(0, 10, per_batch).tolist(),
-                "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                "filenames": [f"img_{i}.png" for i in range(per_batch)],
-            }
-            contents[name] = batch
-            _add(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
-        _add(tar, "cifar-10-batches-py/batches.meta", pickle.dumps({"label_names": list(CLASSES)}, protocol=2))
-    path.write_bytes(buf.getvalue())
-    return path, contents
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def md5(path: Path) -> str:
@@ -68,12 +44,12 @@ def served(tmp_path):
 
 def test_download_verify_extract_and_read(tmp_path, served):
     www, base = served
-    archive, contents = official_archive(www / files.ARCHIVE_NAME)
+    archive, contents = official_archive(www / CIFAR10.archive_name, CIFAR10)
     data_dir = tmp_path / "data"
-    dm = CIFAR10DataModule(data_dir=data_dir, url=f"{base}/{files.ARCHIVE_NAME}", md5=md5(archive), val_size=10)
+    dm = CIFAR10DataModule(data_dir=data_dir, url=f"{base}/{CIFAR10.archive_name}", md5=md5(archive), val_size=10)
     dm.prepare_data()
-    assert (data_dir / files.ARCHIVE_NAME).read_bytes() == archive.read_bytes()
-    assert (data_dir / files.FOLDER_NAME / "test_batch").is_file()
+    assert (data_dir / CIFAR10.archive_name).read_bytes() == archive.read_bytes()
+    assert (data_dir / CIFAR10.folder_name / "test_batch").is_file()
     dm.setup("fit")
     assert len(dm.train_split) + len(dm.val_split) == 5 * PER_BATCH and len(dm.val_split) == 10
     assert len(dm.test_split) == PER_BATCH
@@ -82,17 +58,17 @@ def test_download_verify_extract_and_read(tmp_path, served):
     assert torch.equal(dm.test_split.images[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
     assert dm.test_split.labels.tolist() == first["labels"]
     # Second prepare_data finds the extracted folder and neither downloads nor extracts again.
-    (www / files.ARCHIVE_NAME).unlink()
+    (www / CIFAR10.archive_name).unlink()
     dm.prepare_data()
 
 
 def test_corrupt_download_is_refused_and_removed(tmp_path, served):
     www, base = served
-    archive, _ = official_archive(www / files.ARCHIVE_NAME)
+    archive, _ = official_archive(www / CIFAR10.archive_name, CIFAR10)
     good_md5 = md5(archive)
     archive.write_bytes(archive.read_bytes()[:-100])  # truncated on the server
     data_dir = tmp_path / "data"
-    dm = CIFAR10DataModule(data_dir=data_dir, url=f"{base}/{files.ARCHIVE_NAME}", md5=good_md5)
+    dm = CIFAR10DataModule(data_dir=data_dir, url=f"{base}/{CIFAR10.archive_name}", md5=good_md5)
     with pytest.raises(DatasetError, match=r"is corrupt \(md5 .*, expected " + good_md5 + r"\); it was deleted"):
         dm.prepare_data()
     assert list(data_dir.iterdir()) == []
@@ -109,7 +85,7 @@ def test_offline_download_failure_is_clear(tmp_path, served):
 def test_preplaced_archive_is_extracted_without_network(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    archive, _ = official_archive(data_dir / files.ARCHIVE_NAME)
+    archive, _ = official_archive(data_dir / CIFAR10.archive_name, CIFAR10)
     dm = CIFAR10DataModule(data_dir=data_dir, url="http://127.0.0.1:9/never-contacted", md5=md5(archive), val_size=0)
     dm.prepare_data()
     dm.setup("fit")
@@ -119,12 +95,12 @@ def test_preplaced_archive_is_extracted_without_network(tmp_path):
 def test_corrupt_preplaced_archive(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    (data_dir / files.ARCHIVE_NAME).write_bytes(b"not a tarball")
+    (data_dir / CIFAR10.archive_name).write_bytes(b"not a tarball")
     dm = CIFAR10DataModule(data_dir=data_dir)
     with pytest.raises(DatasetError, match="is corrupt or not the official CIFAR-10 archive.*delete it"):
         dm.prepare_data()
-    assert (data_dir / files.ARCHIVE_NAME).read_bytes() == b"not a tarball"  # the user's file is not touched
-    assert not (data_dir / files.FOLDER_NAME).exists()
+    assert (data_dir / CIFAR10.archive_name).read_bytes() == b"not a tarball"  # the user's file is not touched
+    assert not (data_dir / CIFAR10.folder_name).exists()
 
 
 def test_missing_data_with_download_off(tmp_path):
@@ -135,11 +111,11 @@ def test_missing_data_with_download_off(tmp_path):
 
 def test_truncated_batch_file(tmp_path):
     data_dir = tmp_path
-    archive, _ = official_archive(data_dir / files.ARCHIVE_NAME)
-    files.extract(archive, md5(archive))
-    batch = data_dir / files.FOLDER_NAME / "data_batch_3"
+    archive, _ = official_archive(data_dir / CIFAR10.archive_name, CIFAR10)
+    files.extract(archive, CIFAR10, md5(archive))
+    batch = data_dir / CIFAR10.folder_name / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:500])
-    with pytest.raises(DatasetError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+    with pytest.raises(DatasetError, match="data_batch_3 is not a readable CIFAR-10 file"):
         CIFAR10DataModule(data_dir=data_dir).setup("fit")
 
 
@@ -149,8 +125,8 @@ def test_pickle_payload_in_batch_is_not_executed(tmp_path):
             return (Path.touch, (tmp_path / "pwned",))
 
     data_dir = tmp_path
-    archive, _ = official_archive(data_dir / files.ARCHIVE_NAME)
-    folder = files.extract(archive, md5(archive))
+    archive, _ = official_archive(data_dir / CIFAR10.archive_name, CIFAR10)
+    folder = files.extract(archive, CIFAR10, md5(archive))
     (folder / "test_batch").write_bytes(pickle.dumps({"data": Payload(), "labels": []}))
     with pytest.raises(DatasetError, match="forbidden global"):
         CIFAR10DataModule(data_dir=data_dir).setup("test")
@@ -233,9 +209,78 @@ def test_transforms_normalise_and_augment(tiny_npz):
     torch.testing.assert_close(xt, aug.test_split.images.float() / 255)
 
 
-def test_classes_and_num_classes(tiny_npz):
+def test_declared_attributes(tiny_npz):
+    """What the CLI links into the model and the plots read, without loading any data."""
     dm = CIFAR10DataModule(npz=tiny_npz)
-    assert dm.num_classes == 10 and dm.classes[3] == "cat" and len(dm.classes) == 10
+    assert dm.num_classes == 10 and dm.classes[3] == "cat" and dm.classes == CIFAR10_CLASSES
+    assert dm.image_shape == (3, 32, 32) and (dm.mean, dm.std) == (CIFAR10_MEAN, CIFAR10_STD)
+    assert CIFAR10DataModule(normalize=False).mean is None and CIFAR10DataModule(normalize=False).std is None
+    assert (dm.data_dir, dm.url, dm.md5) == (Path("data/cifar10"), CIFAR10.url, "c58f30108f718f92721af3b95e74349a")
+    c100 = CIFAR100DataModule()
+    assert c100.num_classes == 100 and c100.classes == CIFAR100_CLASSES and len(set(c100.classes)) == 100 and c100.classes == tuple(sorted(c100.classes))
+    assert c100.classes[:3] == ("apple", "aquarium_fish", "baby") and c100.classes[-1] == "worm"
+    assert c100.mean == (0.5071, 0.4865, 0.4409) and c100.std == (0.2673, 0.2564, 0.2762)
+    # The official archive, as torchvision.datasets.CIFAR100 names it.
+    assert c100.data_dir == Path("data/cifar100")
+    assert (c100.url, c100.md5) == ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85")
+
+
+def test_cifar100_download_md5_fine_labels(tmp_path, served):
+    """The official CIFAR-100 layout (cifar-100-python/train, test, meta): downloaded, md5-checked,
+    extracted; the fine labels are read, never the coarse ones."""
+    www, base = served
+    archive, contents = official_archive(www / CIFAR100.archive_name, CIFAR100, per_file=40)
+    data_dir = tmp_path / "data"
+    dm = CIFAR100DataModule(data_dir=data_dir, url=f"{base}/{CIFAR100.archive_name}", md5=md5(archive), val_size=8)
+    dm.prepare_data()
+    assert (data_dir / CIFAR100.archive_name).read_bytes() == archive.read_bytes()
+    assert sorted(p.name for p in (data_dir / "cifar-100-python").iterdir()) == ["meta", "test", "train"]
+    dm.setup("fit")
+    assert len(dm.train_split) == 32 and len(dm.val_split) == 8 and len(dm.test_split) == 40
+    test = contents["test"]
+    assert dm.test_split.labels.tolist() == test["fine_labels"] != test["coarse_labels"]
+    assert torch.equal(dm.test_split.images[0], torch.from_numpy(test["data"][0].reshape(3, 32, 32)))
+    assert max(test["fine_labels"]) >= 20  # labels beyond the 20 coarse classes are kept
+    x, y = next(iter(dm.test_dataloader()))
+    mean, std = torch.tensor(CIFAR100.mean).view(3, 1, 1), torch.tensor(CIFAR100.std).view(3, 1, 1)
+    torch.testing.assert_close(x, (dm.test_split.images.float() / 255 - mean) / std)
+
+    # A download whose md5 is not the expected one is deleted.
+    corrupt = CIFAR100DataModule(data_dir=tmp_path / "other", url=f"{base}/{CIFAR100.archive_name}", md5="0" * 32)
+    with pytest.raises(DatasetError, match="corrupt .*expected 0{32}.*it was deleted"):
+        corrupt.prepare_data()
+    assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_cifar100_archive_errors_name_cifar100(tmp_path):
+    # The default md5 is the official archive's, so a generated one is refused untouched.
+    archive, _ = official_archive(tmp_path / CIFAR100.archive_name, CIFAR100)
+    with pytest.raises(DatasetError, match="not the official CIFAR-100 archive .*expected eb9058c3a382ffc7106e4002c42a8d85"):
+        CIFAR100DataModule(data_dir=tmp_path).prepare_data()
+    # A CIFAR-10 archive renamed to CIFAR-100's name is refused for its folder.
+    other = tmp_path / "other"
+    cifar10, _ = official_archive(other / CIFAR100.archive_name, CIFAR10)
+    with pytest.raises(DatasetError, match="does not contain a cifar-100-python/ folder"):
+        CIFAR100DataModule(data_dir=other, md5=md5(cifar10)).prepare_data()
+    # Meta naming other classes (here the 20 coarse ones) means another archive.
+    folder = files.extract(archive, CIFAR100, md5(archive))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"coarse{i}" for i in range(20)]}))
+    with pytest.raises(DatasetError, match=r"meta names the classes \['coarse0'.*\(20 in all\) where CIFAR-100 has"):
+        CIFAR100DataModule(data_dir=tmp_path).setup("fit")
+    with pytest.raises(DatasetError, match="CIFAR-100 is not in .* download is off"):
+        CIFAR100DataModule(data_dir=tmp_path / "empty", download=False).prepare_data()
+
+
+def test_cifar100_npz(tmp_path):
+    npz = make_npz(tmp_path / "c100.npz", n_train=300, num_classes=100, seed=1)
+    dm = CIFAR100DataModule(npz=npz, val_size=10)
+    dm.setup("fit")
+    assert int(torch.cat([dm.train_split.labels, dm.val_split.labels]).max()) > 90
+    bad = make_npz(tmp_path / "bad.npz", y_test=np.full(32, 100, np.uint8))
+    with pytest.raises(DatasetError, match=r"outside 0..99; use a CIFAR-100 file with class indices 0-99"):
+        CIFAR100DataModule(npz=bad).setup("fit")
+    with pytest.raises(DatasetError, match=r"outside 0..9; use a CIFAR-10 file"):
+        CIFAR10DataModule(npz=npz).setup("fit")
 
 
 def test_real_subset_loads(subset_npz):

@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from project import plots
 from project.callbacks import PredictionPlots
 from project.classifier import ImageClassifier
-from project.data import CLASSES, CIFAR10DataModule
+from project.data import CIFAR10_CLASSES, CIFAR10DataModule
 from project.models import LeNet
 from tests.conftest import QUIET, REPO, run_cli, run_dirs
 
@@ -36,9 +36,19 @@ def test_confusion_matrix_figure_counts_and_names():
         plots.confusion_matrix_figure(np.zeros((2, 2)), ["a", "b", "c"])
 
 
+def test_confusion_matrix_of_many_classes_stays_drawable():
+    """CIFAR-100's 100 classes: names on both axes, shading only (the counts are in the .csv), 17x16 inches at most."""
+    names = [f"class{i}" for i in range(100)]
+    fig = plots.confusion_matrix_figure(np.eye(100, dtype=int) * 3, names)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == names and len(ax.texts) == 0
+    assert tuple(fig.get_size_inches()) == (17.0, 16.0)
+    assert ax.get_title() == "(accuracy 100.0% of 300)"
+
+
 def test_prediction_grid_names_the_true_and_predicted_class():
     images = np.random.default_rng(0).random((3, 32, 32, 3))
-    fig = plots.prediction_grid_figure(images, [3, 8, 0], [3, 1, 0], list(CLASSES))
+    fig = plots.prediction_grid_figure(images, [3, 8, 0], [3, 1, 0], list(CIFAR10_CLASSES))
     titles = [(ax.get_title(), ax.title.get_color()) for ax in fig.axes[:3]]
     assert titles == [("cat\n-> cat", "green"), ("ship\n-> automobile", "red"), ("airplane\n-> airplane", "green")]
 
@@ -87,7 +97,7 @@ def test_callback_draws_every_n_epochs_last_epoch_and_test_with_synced_counts(tm
         f"val-epoch{e:03d}-{kind}" for e in (1, 2) for kind in ("confusion.csv", "confusion.png", "predictions.png")]
 
     header, counts = read_counts(folder / "val-epoch002-confusion.csv")
-    assert header == list(CLASSES) and counts.sum() == 16  # the sanity check is not counted
+    assert header == list(CIFAR10_CLASSES) and counts.sum() == 16  # the sanity check is not counted
     assert counts.trace() / counts.sum() == pytest.approx(trainer.callback_metrics["val/acc"].item())
     # The same matrix as computing it directly from the trained model on the validation images.
     images, labels = zip(*(batch for batch in data.val_dataloader()))

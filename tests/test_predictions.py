@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from project.cli import main
-from project.data import CLASSES, CIFAR10DataModule
+from project.data import CIFAR10_CLASSES as CLASSES, CIFAR10DataModule
 from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
 
 N_PREDICT = 37  # not a multiple of the batch size nor of 2 processes: uneven last batch and shares

@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from project import plots
-from project.data import CIFAR10_MEAN, CIFAR10_STD
 
 
 class PredictionPlots(L.Callback):
@@ -23,7 +22,8 @@ class PredictionPlots(L.Callback):
 
     The confusion matrix counts every validation (or test) image of every process (torchmetrics
     syncs it across DDP ranks); the prediction grid shows the first ``num_samples`` images that
-    global rank zero saw, captioned ``true -> predicted`` with the data module's class names.
+    global rank zero saw, captioned ``true -> predicted`` with the data module's class names
+    (its ``classes``; ``0, 1, ...`` without them), its normalisation undone (its ``mean`` and ``std``).
 
     Args:
         every_n_epochs: during ``fit``, draw the validation plots every N epochs; with 0 (the default),
@@ -144,9 +144,11 @@ class PredictionPlots(L.Callback):
 
     @staticmethod
     def _displayable(trainer: L.Trainer, images: torch.Tensor) -> np.ndarray:
-        """(N, C, H, W) model inputs -> (N, H, W, C) in [0, 1], undoing the data module's normalisation."""
-        if getattr(trainer.datamodule, "normalize", False):
-            mean = torch.tensor(CIFAR10_MEAN).view(1, -1, 1, 1)
-            std = torch.tensor(CIFAR10_STD).view(1, -1, 1, 1)
-            images = images * std + mean
+        """(N, C, H, W) model inputs -> (N, H, W, C) in [0, 1], undoing the data module's normalisation
+        (its ``mean`` and ``std``, when it has them and they are not None)."""
+        mean, std = getattr(trainer.datamodule, "mean", None), getattr(trainer.datamodule, "std", None)
+        if mean is not None and std is not None:
+            images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)  # grey images, drawn as RGB
         return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from project.checkpoints import write_atomically
-from project.data import CLASSES
+from project.errors import UserError
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -20,8 +20,7 @@ class PredictionWriter(BasePredictionWriter):
 
     Columns: ``index`` (the image's position in the predict dataset), ``pred`` (the class index),
     ``pred_name``, and one ``prob_<class>`` per class; rows are sorted by ``index``. Class names
-    come from the data module's ``classes`` (CIFAR-10's names when it has none and there are ten
-    classes, the class indices otherwise).
+    come from the data module's ``classes`` (the class indices when it declares none).
 
     Under DDP every process predicts its own share; the shares are gathered to global rank 0,
     which drops the images a sampler repeated to even out the shares and writes the one file.
@@ -70,13 +69,11 @@ class PredictionWriter(BasePredictionWriter):
 
 
 def class_names(trainer: L.Trainer, num_classes: int | None) -> list[str]:
-    """The data module's ``classes``; without them CIFAR-10's names for ten classes, else ``0``, ``1``, ..."""
+    """The data module's ``classes``; without them the class indices ``0``, ``1``, ..."""
     names = getattr(trainer.datamodule, "classes", None) if trainer.datamodule is not None else None
-    if names is None and num_classes in (None, len(CLASSES)):
-        names = CLASSES
     names = [str(n) for n in names] if names is not None else [str(i) for i in range(num_classes)]
     if num_classes is not None and len(names) != num_classes:
-        raise ValueError(f"The data module names {len(names)} classes but the model predicts {num_classes}; make them agree.")
+        raise UserError(f"The data module names {len(names)} classes but the model predicts {num_classes}; make them agree.")
     return names
 
 

@@ -1,240 +1,35 @@
-"""The CIFAR-10 LightningDataModule: official archive or offline npz in, seeded splits and loaders out."""
+"""CIFAR-10: the official python archive's layout, its class names and statistics, and its data module."""
 
-import os
-from pathlib import Path
-from typing import Literal
-
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
-
-from project.data import cifar10_files as files
-from project.data.cifar10_files import CLASSES, DatasetError, Split
-from project.data.device_loader import DeviceLoader
-
-Pipeline = Literal["auto", "dataloader", "device"]
+from project.data.cifar import CIFARDataModule
+from project.data.cifar_files import CIFARFormat
 
 #: Per-channel mean and std of the 50,000 official CIFAR-10 training images, in [0, 1] units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+CIFAR10 = CIFARFormat(
+    name="CIFAR-10",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    md5="c58f30108f718f92721af3b95e74349a",
+    archive_name="cifar-10-python.tar.gz",
+    default_dir="data/cifar10",
+    folder_name="cifar-10-batches-py",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test_files=("test_batch",),
+    label_key="labels",
+    meta_file="batches.meta",
+    meta_key="label_names",
+    classes=CIFAR10_CLASSES,
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    keras_loader="keras.datasets.cifar10.load_data()",
+)
 
 
-class TensorImageDataset(Dataset):
-    """uint8 images held in one tensor, transformed one sample at a time (in loader workers)."""
+class CIFAR10DataModule(CIFARDataModule):
+    """CIFAR-10 (10 classes, 50,000 training and 10,000 test images of 3x32x32) from the official
+    archive, downloaded into ``data_dir`` (default ``data/cifar10``) when missing, or from a
+    Keras-layout npz. The arguments are CIFARDataModule's."""
 
-    def __init__(self, split: Split, transform: v2.Transform) -> None:
-        self.split = split
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.split.images[index]), int(self.split.labels[index])
-
-
-def image_transform(augment: bool, normalize: bool) -> v2.Transform:
-    """uint8 CHW tensor -> float tensor: optional crop+flip, scale to [0, 1], optional normalisation."""
-    steps: list[v2.Transform] = []
-    if augment:
-        steps += [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    if normalize:
-        steps.append(v2.Normalize(CIFAR10_MEAN, CIFAR10_STD))
-    return v2.Compose(steps)
-
-
-class CIFAR10DataModule(L.LightningDataModule):
-    """CIFAR-10 from the official archive (downloaded when missing) or from a Keras-layout npz file.
-
-    Args:
-        data_dir: folder holding ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py/``;
-            the archive is downloaded there when neither is present and ``download`` is true.
-        npz: a Keras-layout npz (x_train, y_train, x_test, y_test; NHWC uint8) used instead of
-            ``data_dir``, e.g. ``../shared/data/cifar10_subset.npz`` to run offline on real images.
-        download: fetch the archive when it is missing (on local rank 0 of each node).
-        url: where to download from; ``md5``: the archive's checksum (``None`` skips the check).
-        val_size: training images held out for validation (0 disables validation).
-        split_seed: seed of the train/validation split, independent of the training seed.
-        augment: random crop with 4-pixel padding and horizontal flip on training images.
-        normalize: subtract the CIFAR-10 channel mean and divide by the std.
-        batch_size: training batch size per process; ``eval_batch_size``: for val/test/predict.
-        num_workers, pin_memory, persistent_workers: passed to every DataLoader.
-        pipeline: ``dataloader`` (torch DataLoader, torchvision transforms per image, in
-            ``num_workers`` processes), ``device`` (the whole uint8 split on the training device,
-            shuffled, sharded across processes and augmented there in a few batched tensor
-            operations; see :mod:`project.data.device_loader`) or ``auto`` (``device`` on CUDA,
-            ``dataloader`` otherwise). Both apply the same augmentation and normalisation.
-    """
-
-    def __init__(
-        self,
-        data_dir: str | Path = "data/cifar10",
-        npz: str | Path | None = None,
-        download: bool = True,
-        url: str = files.OFFICIAL_URL,
-        md5: str | None = files.OFFICIAL_MD5,
-        val_size: int = 5000,
-        split_seed: int = 0,
-        augment: bool = True,
-        normalize: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        pipeline: Pipeline = "auto",
-    ) -> None:
-        super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"data.{name} must be at least 1, got {value}.")
-        if val_size < 0:
-            raise ValueError(f"data.val_size must be >= 0, got {val_size}.")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
-        self.save_hyperparameters()
-        self.data_dir = Path(data_dir).expanduser()
-        self.npz = Path(npz).expanduser() if npz is not None else None
-        self.download, self.url, self.md5 = download, url, md5
-        self.val_size, self.split_seed = val_size, split_seed
-        self.augment, self.normalize = augment, normalize
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
-        if pipeline not in ("auto", "dataloader", "device"):
-            raise ValueError(f"data.pipeline must be auto, dataloader or device, got {pipeline!r}.")
-        self.pipeline = pipeline
-        self.train_split: Split | None = None
-        self.val_split: Split | None = None
-        self.test_split: Split | None = None
-        self._train_loader: DeviceLoader | None = None
-        self._train_loader_state: dict | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(CLASSES)
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return CLASSES
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of every image the model is given."""
-        return (3, 32, 32)
-
-    def prepare_data(self) -> None:
-        """Download and extract once per node (Lightning calls this on local rank 0 only)."""
-        if self.npz is not None:
-            return
-        found = files.locate(self.data_dir)
-        if found is None:
-            if not self.download:
-                raise DatasetError(
-                    f"CIFAR-10 is not in {self.data_dir} (no {files.ARCHIVE_NAME} or {files.FOLDER_NAME}/) and "
-                    "download is off; set --data.download=true, place the archive there, or use --data.npz."
-                )
-            found = files.download(self.data_dir, self.url, self.md5)
-        if found.name == files.ARCHIVE_NAME:
-            files.extract(found, self.md5)
-
-    def load(self) -> tuple[Split, Split]:
-        """The full official (or npz) train and test splits, as uint8 tensors."""
-        if self.npz is not None:
-            return files.read_npz(self.npz)
-        folder = self.data_dir / files.FOLDER_NAME
-        if not folder.is_dir():
-            raise DatasetError(f"{folder} does not exist; run prepare_data() first or check --data.data_dir.")
-        return files.read_official(folder)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_split is not None:
-            return
-        train, self.test_split = self.load()
-        if self.val_size >= len(train):
-            raise ValueError(
-                f"data.val_size={self.val_size} leaves no training images (the training set has {len(train)}); "
-                "choose a smaller val_size."
-            )
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-        self.train_split = Split(train.images[train_idx], train.labels[train_idx])
-        self.val_split = Split(train.images[val_idx], train.labels[val_idx]) if self.val_size else None
-
-    @property
-    def device(self) -> torch.device:
-        """The trainer's root device (where the device pipeline keeps the data); CPU without a trainer."""
-        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-
-    def resolved_pipeline(self) -> str:
-        """``dataloader`` or ``device``: what ``pipeline`` means on this trainer's device."""
-        if self.pipeline != "auto":
-            return self.pipeline
-        return "device" if self.device.type == "cuda" else "dataloader"
-
-    def _device_loader(self, split: Split, train: bool) -> DeviceLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        return DeviceLoader(
-            split.images,
-            split.labels,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            augment=self.augment and train,
-            mean=CIFAR10_MEAN if self.normalize else None,
-            std=CIFAR10_STD if self.normalize else None,
-            # The seed Lightning gives a DistributedSampler: seed_everything's, the same on every rank.
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
-            rank=rank,
-            world_size=world,
-            # Training shards are disjoint; evaluation shards repeat a few images so none is left out.
-            even="truncate" if train else "pad",
-            device=self.device,
-        )
-
-    def _loader(self, split: Split, train: bool) -> DataLoader | DeviceLoader:
-        if self.resolved_pipeline() == "device":
-            return self._device_loader(split, train)
-        return DataLoader(
-            TensorImageDataset(split, image_transform(self.augment and train, self.normalize)),
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader | DeviceLoader:
-        loader = self._loader(self.train_split, train=True)
-        if isinstance(loader, DeviceLoader):
-            if self._train_loader_state is not None:
-                loader.load_state_dict(self._train_loader_state)
-                self._train_loader_state = None
-            self._train_loader = loader
-        return loader
-
-    def state_dict(self) -> dict:
-        """Where training stands within the epoch (device pipeline), saved in every checkpoint.
-
-        Lightning would restore it through the loader itself, but only when the loader is created
-        after the checkpoint is loaded; a cosine or one-cycle schedule asks for it earlier (to count
-        the steps), so the data module carries the state across instead.
-        """
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._train_loader_state = state_dict.get("train_loader")
-        if self._train_loader is not None and self._train_loader_state is not None:
-            self._train_loader.load_state_dict(self._train_loader_state)
-
-    def val_dataloader(self) -> DataLoader | list:
-        # An empty list tells Lightning there is no validation (val_size=0).
-        return self._loader(self.val_split, train=False) if self.val_split is not None else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split, train=False)
+    format = CIFAR10

@@ -1,0 +1,90 @@
+"""Data modules as plug-ins: what the template reads from any LightningDataModule named in a YAML
+``data:`` block, and the checks the CLI makes on it, each failing with one sentence.
+
+Required: ``num_classes`` (int) and ``image_shape`` ((channels, height, width)); the CLI links
+them into the model. Optional: ``classes`` (class names, for the plots; default ``0, 1, ...``)
+and ``mean`` and ``std`` (the per-channel normalisation the module applied; the plots undo it).
+"""
+
+import re
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser
+
+from project.errors import UserError
+
+#: The attributes every data module must have: the CLI sets the model's from them.
+REQUIRED = ("num_classes", "image_shape")
+RECIPE = 'see the README\'s "Add your own dataset"'
+
+
+class DataModuleError(UserError):
+    """The configured data module lacks an attribute the model is built from (``REQUIRED``)."""
+
+
+def declared(name: str) -> Callable[[LightningDataModule], Any]:
+    """``compute_fn`` of an argument link from the data module: its attribute ``name``, or one sentence
+    saying it is missing (jsonargparse would otherwise skip the link and leave the model's default)."""
+
+    def read(data: LightningDataModule) -> Any:
+        value = getattr(data, name, None)
+        if value is None:
+            raise DataModuleError(
+                f"The data module {type(data).__module__}.{type(data).__qualname__} has no {name}; "
+                f"give it the attributes {' and '.join(REQUIRED)} (the model is built from them), {RECIPE}."
+            )
+        return value
+
+    read.__name__ = f"declared_{name}"
+    return read
+
+
+_NOT_A_DATAMODULE = re.compile(r"Import path (\S+) does not correspond to a subclass of LightningDataModule")
+_NOT_IMPORTABLE = re.compile(r"Problem with given class_path '([^']+)':\s*(No module named \S+|module '[^']+' has no attribute '[^']+')")
+
+
+def data_class_problem(message: str) -> str | None:
+    """One sentence for jsonargparse's report on a ``data`` class_path it refused, or None for other errors."""
+    if not message.startswith('Parser key "data":'):
+        return None
+    if found := _NOT_A_DATAMODULE.search(message):
+        return (
+            f"data.class_path {found[1]} is not a LightningDataModule subclass, so it was not called; "
+            f"name a LightningDataModule such as project.data.CIFAR100DataModule, {RECIPE}."
+        )
+    if found := _NOT_IMPORTABLE.search(message):
+        return (
+            f"data.class_path {found[1]} cannot be imported ({found[2]}); check the spelling and that its package "
+            f"is importable (installed, or on PYTHONPATH), {RECIPE}."
+        )
+    return None  # e.g. a wrong init_args value: jsonargparse's message names the key
+
+
+class DataPluginParser(LightningArgumentParser):
+    """LightningCLI's parser, with one sentence (and exit status 2) for a bad ``data:`` class and for a
+    data module that lacks a required attribute or refuses its arguments, instead of a usage screen
+    or a wrapped traceback."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        sentence = data_class_problem(message)
+        if sentence is None or not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"error: {sentence}\n")
+        sys.exit(2)
+
+    def instantiate(self, *args, **kwargs):
+        try:
+            return super().instantiate(*args, **kwargs)
+        except ValueError as err:
+            # In subclass mode jsonargparse wraps what a data module's __init__ or a link's compute_fn
+            # raises ("Does not validate against any of the Union subtypes ..."); re-raise the original,
+            # whose own sentence (and, for a bug, traceback) is what the user needs.
+            cause = err
+            while isinstance(cause.__cause__, Exception):
+                cause = cause.__cause__
+            if cause is err:
+                raise
+            raise cause from None
