@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from project.callbacks.layers import HookCallback, log_metrics, select_layers
+from project.errors import UserError
 
 #: Layers watched when neither ``layers`` nor ``types`` is given.
 DEFAULT_TYPES = ("Conv2d", "Linear", "ReLU", "ResidualBlock")
@@ -67,7 +68,7 @@ class ActivationStatistics(HookCallback):
         prefix: str = "act",
     ) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"ActivationStatistics.every_n_steps must be >= 1, got {every_n_steps}.")
+            raise UserError(f"ActivationStatistics.every_n_steps must be >= 1, got {every_n_steps}.")
         super().__init__()
         self.every_n_steps = every_n_steps
         self.layers, self.types, self.prefix = layers, types, prefix

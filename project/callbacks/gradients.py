@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from project.callbacks.layers import HookCallback, clean_name, log_metrics, matches, network, select_layers
+from project.errors import UserError
 
 #: Modules whose output gradient is watched when ``output_grads`` is on and no ``types`` are given.
 DEFAULT_OUTPUT_TYPES = ("ResidualBlock", "Conv2d", "Linear")
@@ -60,7 +61,7 @@ class GradientStatistics(HookCallback):
         prefix: str = "grad",
     ) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"GradientStatistics.every_n_steps must be >= 1, got {every_n_steps}.")
+            raise UserError(f"GradientStatistics.every_n_steps must be >= 1, got {every_n_steps}.")
         super().__init__()
         self.every_n_steps = every_n_steps
         self.update_ratio, self.output_grads = update_ratio, output_grads

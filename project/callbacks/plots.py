@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from project import plots
+from project.errors import UserError
 
 
 class PredictionPlots(L.Callback):
@@ -37,7 +38,7 @@ class PredictionPlots(L.Callback):
 
     def __init__(self, every_n_epochs: int = 0, num_samples: int = 32, enabled: bool = True) -> None:
         if every_n_epochs < 0 or num_samples < 0:
-            raise ValueError("plots.every_n_epochs and plots.num_samples must be >= 0.")
+            raise UserError("plots.every_n_epochs and plots.num_samples must be >= 0.")
         self.every_n_epochs, self.num_samples, self.enabled = every_n_epochs, num_samples, enabled
         self.paths: list[Path] = []  # every PNG written, in order
         self._confusion: MulticlassConfusionMatrix | None = None

@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 from project.data import cifar_files as files
 from project.data.cifar_files import CIFARFormat, DatasetError, Split
 from project.data.device_loader import DeviceLoader
+from project.errors import UserError
 
 Pipeline = Literal["auto", "dataloader", "device"]
 
@@ -96,11 +97,11 @@ class CIFARDataModule(L.LightningDataModule):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
-                raise ValueError(f"data.{name} must be at least 1, got {value}.")
+                raise UserError(f"data.{name} must be at least 1, got {value}.")
         if val_size < 0:
-            raise ValueError(f"data.val_size must be >= 0, got {val_size}.")
+            raise UserError(f"data.val_size must be >= 0, got {val_size}.")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
+            raise UserError(f"data.num_workers must be >= 0, got {num_workers}.")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir or self.format.default_dir).expanduser()
         self.npz = Path(npz).expanduser() if npz is not None else None
@@ -111,7 +112,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         if pipeline not in ("auto", "dataloader", "device"):
-            raise ValueError(f"data.pipeline must be auto, dataloader or device, got {pipeline!r}.")
+            raise UserError(f"data.pipeline must be auto, dataloader or device, got {pipeline!r}.")
         self.pipeline = pipeline
         self.train_split: Split | None = None
         self.val_split: Split | None = None
@@ -172,7 +173,7 @@ class CIFARDataModule(L.LightningDataModule):
             return
         train, self.test_split = self.load()
         if self.val_size >= len(train):
-            raise ValueError(
+            raise UserError(
                 f"data.val_size={self.val_size} leaves no training images (the training set has {len(train)}); "
                 "choose a smaller val_size."
             )
