@@ -56,8 +56,9 @@ def candidate_values(spec: dict) -> list:
 
 
 def lookup(config: dict, dotted: str):
+    """``data.batch_size`` in a saved config, where a class given by class_path keeps it under init_args."""
     for part in dotted.split("."):
-        config = config[part]
+        config = config[part] if part in config else config["init_args"][part]
     return config
 
 
