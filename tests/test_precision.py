@@ -134,7 +134,8 @@ def test_speed_presets_combine_with_a_base_config(name, capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     for section, values in settings.items():
         for key, value in values.items():
-            assert config[section][key] == value, f"{preset.name} did not set {section}.{key}"
+            resolved = config[section].get("init_args", config[section])  # data: {class_path, init_args}
+            assert resolved[key] == value, f"{preset.name} did not set {section}.{key}"
     assert config["model"]["net"]["class_path"] == "project.models.LeNet"  # the base config survives
 
 

@@ -6,6 +6,7 @@ them into the model. Optional: ``classes`` (class names, for the plots; default 
 and ``mean`` and ``std`` (the per-channel normalisation the module applied; the plots undo it).
 """
 
+import functools
 import re
 import sys
 from collections.abc import Callable
@@ -27,19 +28,19 @@ class DataModuleError(UserError):
 
 def declared(name: str) -> Callable[[LightningDataModule], Any]:
     """``compute_fn`` of an argument link from the data module: its attribute ``name``, or one sentence
-    saying it is missing (jsonargparse would otherwise skip the link and leave the model's default)."""
+    saying it is missing (jsonargparse would otherwise skip the link and leave the model's default).
+    A partial of a module-level function, so the parser stays picklable (ddp_spawn pickles it)."""
+    return functools.partial(read_declared, name)
 
-    def read(data: LightningDataModule) -> Any:
-        value = getattr(data, name, None)
-        if value is None:
-            raise DataModuleError(
-                f"The data module {type(data).__module__}.{type(data).__qualname__} has no {name}; "
-                f"give it the attributes {' and '.join(REQUIRED)} (the model is built from them), {RECIPE}."
-            )
-        return value
 
-    read.__name__ = f"declared_{name}"
-    return read
+def read_declared(name: str, data: LightningDataModule) -> Any:
+    value = getattr(data, name, None)
+    if value is None:
+        raise DataModuleError(
+            f"The data module {type(data).__module__}.{type(data).__qualname__} has no {name}; "
+            f"give it the attributes {' and '.join(REQUIRED)} (the model is built from them), {RECIPE}."
+        )
+    return value
 
 
 _NOT_A_DATAMODULE = re.compile(r"Import path (\S+) does not correspond to a subclass of LightningDataModule")
