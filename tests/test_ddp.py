@@ -208,6 +208,29 @@ def test_one_gpu_with_hooks_bf16_and_compile(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["ddp", "fsdp", "fsdp_sharded"])
+def test_one_gpu_strategies_round_trip_to_the_plain_net(tmp_path, preset):
+    """NCCL DDP and Lightning's own FSDPStrategy (full and sharded checkpoints) on one GPU, a
+    process group of one: the fit runs with the hook callbacks, and its last checkpoint (a file,
+    or the sharded directory) converts to exactly the exported net.pt, which loads into a plain ResNet20."""
+    npz = make_npz(tmp_path / "d.npz")
+    out = run_cli(["fit", "-c", "experiments/resnet20_hooks.yaml", "-c", f"experiments/presets/{preset}.yaml", "--trainer.devices=1",
+                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false"], timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (run,) = run_dirs(tmp_path, "resnet20_hooks")
+    last = run / "checkpoints/last.ckpt"
+    assert last.is_dir() == (preset == "fsdp_sharded")
+    converted = plain_state_dict(read_checkpoint(last))
+    exported = torch.load(run / "net.pt", weights_only=True)
+    assert converted.keys() == exported.keys() and all(torch.equal(converted[k].cpu(), exported[k]) for k in exported)
+    load_into(ResNet20(), exported)
+    logged = metrics(run)
+    assert math.isfinite(next(r for r in logged if "grad/total_norm" in r)["grad/total_norm"])
+    assert 0 <= next(r for r in logged if "train/acc" in r)["train/acc"] <= 1
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("preset", ["ddp", "fsdp_sharded"])
 def test_multi_gpu_fit_converts_and_agrees_across_ranks(tmp_path, preset):
