@@ -74,13 +74,13 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled MP
 if [ "${GPU_RUNBOOK_DRY_RUN:-0}" = 1 ]; then  # tests/test_gpu_runbook.py: everything up to here, then one tiny step
     step "dry run" 60 "$PY" -m project fit --help
 else
-    step environment 20 bash -c "nvidia-smi; $PY -c 'import torch, lightning; print(torch.__version__, torch.version.cuda, lightning.__version__, torch.cuda.get_device_name())'"
+    step environment 20 bash -c "(nvidia-smi || true); $PY -c 'import torch, lightning; print(torch.__version__, torch.version.cuda, lightning.__version__, torch.cuda.get_device_name())'"
     # Lightning vs the plain loop, ResNet-18, bf16, channels_last, GPU-resident data; FLOP/s vs the bf16 matmul ceiling.
     step throughput 80 "$PY" benchmarks/throughput.py --device cuda --model resnet18 --batch-size 512 --precision bf16-mixed \
         --channels-last --warmup 20 --steps 100 --repeats 3
     # What has never run on a GPU: NCCL DDP and FSDP (full, sharded) on one device, 16-mixed with GradScaler,
     # bf16, inductor, the device pipeline and the random-state capture on CUDA.
-    step "pytest -m gpu" 150 "$PY" -m pytest -q -rA -p no:cacheprovider -m gpu $(grep -l "pytest.mark.gpu" tests/test_*.py)
+    step "pytest -m gpu" 180 "$PY" -m pytest -q -rA -p no:cacheprovider -m gpu $(grep -l "pytest.mark.gpu" tests/test_*.py)
     # Data pipeline alone: GPU-resident vs DataLoader.
     step data_pipeline 50 "$PY" benchmarks/data_pipeline.py --device cuda --images 50000 --workers 0 4 --repeats 2
     # Seconds per full-size epoch (50,000 random images): ResNet-18 with the fast GPU preset, and the fast recipe.

@@ -106,6 +106,18 @@ def test_ddp_checkpoint_and_net_pt_give_the_same_predictions_in_one_process(ddp_
     assert list(plain_state_dict(read_checkpoint(run / "checkpoints/last.ckpt"))) == list(net.state_dict())
 
 
+def test_training_metrics_cover_every_rank(ddp_run):
+    """Training loss and accuracy are per-rank sums until the epoch ends; then they are summed over
+    the ranks, so every rank logs the same values, those of all 48 training images."""
+    rank0, rank1 = ranks(ddp_run["run"])
+    assert rank0["first_labels"] != rank1["first_labels"], "the ranks trained on different images"
+    assert set(rank0["train_metrics"]) >= {"train/loss_epoch", "train/loss", "train/acc", "train/acc_top5"}
+    assert rank0["train_metrics"] == rank1["train_metrics"]
+    for key in ("train/acc", "train/acc_top5"):
+        hits = rank0["train_metrics"][key] * 2 * PER_RANK_IMAGES
+        assert hits == pytest.approx(round(hits), abs=1e-3), f"{key} is a fraction of the 48 images of both ranks"
+
+
 def test_ddp_metrics_equal_single_process_metrics_on_the_same_data(ddp_run, tmp_path):
     """test_after_fit ran under DDP (16 test images per rank); the same checkpoint tested in one
     process over all 32 gives the same accuracy and loss."""
