@@ -128,6 +128,17 @@ def classifier(args, net: torch.nn.Module) -> ImageClassifier:
                            scheduler=args.scheduler)
 
 
+def run_paired_control(args, initial_state, images, labels, device) -> dict:
+    """The pairing's own bias: two identical plain loops, one step of each in turn, timed like a
+    paired Lightning run (the first loop standing in for Lightning); an unbiased pairing gives 1."""
+    first, second = (PlainLoop(args, initial_state, images, labels, device) for _ in range(2))
+    pairs = PairedPlainSteps(second, args.warmup, args.steps)
+    for step in range(args.warmup + args.steps + 1):
+        pairs.on_train_batch_start(None, None, None, step)
+        first.step()
+    return pairs.result()
+
+
 def run_lightning(args, initial_state, images, labels, device, callbacks_on: bool, root: str, paired: bool = False) -> dict:
     total = args.warmup + args.steps + 1
     model = classifier(args, build_net(args, initial_state))
@@ -292,7 +303,7 @@ def main() -> None:
     if args.callbacks in ("on", "both"):
         variants["lightning_callbacks_on"] = True
     runs: dict[str, list[dict]] = {name: [] for name in variants}
-    paired = [name for name in variants if name != "plain"] if args.paired and device.type == "cpu" else []
+    paired = ["plain_control", *(name for name in variants if name != "plain")] if args.paired and device.type == "cpu" else []
     paired_runs: dict[str, list[dict]] = {name: [] for name in paired}
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats):
@@ -309,7 +320,10 @@ def main() -> None:
                       f"(wall {run['wall']:.3f} s, process CPU {run['cpu']:.3f} s)", flush=True)
             for name in paired if repeat % 2 == 0 else paired[::-1]:
                 gc.collect()
-                run = run_lightning(args, initial_state, images, labels, device, variants[name], root, paired=True)
+                if name == "plain_control":
+                    run = run_paired_control(args, initial_state, images, labels, device)
+                else:
+                    run = run_lightning(args, initial_state, images, labels, device, variants[name], root, paired=True)
                 paired_runs[name].append(run)
                 print(f"repeat {repeat}: paired {name}: time ratio {run['time_ratio']:.4f}, "
                       f"process CPU time ratio {run['process_cpu_time_ratio']:.4f}", flush=True)
@@ -415,7 +429,8 @@ def main() -> None:
              "the median step leaves out work done only every n steps."
              + (" paired_*: Lightning runs with one plain-loop step executed (and timed) before each of its iterations, "
                 "so both loops share the machine's load step by step; time ratio = Lightning's summed iteration times over "
-                "the plain steps' summed times across the timed window (periodic work included), then the median over repeats."
+                "the plain steps' summed times across the timed window (periodic work included), then the median over repeats. "
+                "paired_plain_control: the same pairing of two identical plain loops, which measures the pairing's own bias."
                 if paired else ""))
     report.write(args.name or f"throughput-{tag}", device, settings, results, targets, notes)
     for t in targets:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from project import checkpoints, tracking
 from project.callbacks.checkpointing import AtomicCheckpointIO
-from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, RandomState, SyncBuffers
+from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, ProgressBar, RandomState, SyncBuffers
 from project.classifier import ImageClassifier
 from project.cluster import SLURMRequeue, slurm_job_id
 from project.data import CIFAR10DataModule, DatasetError
@@ -273,6 +273,10 @@ class ProjectCLI(LightningCLI):
         # Atomic, fsynced writes and weights_only loads, unless a plugin chose its own I/O.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        # Lightning's default progress bar redraws after every batch; ours at most 10 times a second.
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar and bar.refresh_rate == 1:
+            trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
         return trainer
 
     def _parse_ckpt_path(self) -> None:

@@ -6,6 +6,7 @@ from project.callbacks.checkpointing import LastCheckpoint
 from project.callbacks.export import ExportNet
 from project.callbacks.gradients import GradientStatistics
 from project.callbacks.plots import PredictionPlots
+from project.callbacks.progress import ProgressBar
 from project.callbacks.random_state import RandomState
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "GradientStatistics",
     "LastCheckpoint",
     "PredictionPlots",
+    "ProgressBar",
     "RandomState",
     "SyncBuffers",
 ]
