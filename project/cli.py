@@ -273,7 +273,7 @@ class ProjectCLI(LightningCLI):
         # Atomic, fsynced writes and weights_only loads, unless a plugin chose its own I/O.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        # Lightning's default progress bar redraws after every batch; ours at most 10 times a second.
+        # Lightning's default progress bar redraws after every batch; ours at most twice a second.
         bar = trainer.progress_bar_callback
         if type(bar) is TQDMProgressBar and bar.refresh_rate == 1:
             trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
