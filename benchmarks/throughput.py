@@ -1,9 +1,10 @@
 """Lightning ``Trainer.fit`` with ``ImageClassifier`` against a hand-written PyTorch loop, side by side.
 
-Both do identical work: the same net and initial weights, the same batches in the same order (one
+By default both do identical work: the same net and initial weights, the same batches in the same order (one
 seeded pipeline), the same loss with label smoothing, SGD with nesterov and the same parameter
 groups, the same one-cycle schedule stepped every step, the same precision and memory format, the
-same torchmetrics accuracy updates, and the same number of steps. Each is timed after a warm-up,
+same per-step training-accuracy and loss sums, and the same number of steps (``--plain-metrics off``
+leaves the sums out of the plain loop, so that it computes only the loss). Each is timed after a warm-up,
 in alternating repeats (the median is reported), in one process. On GPU it also reports the model
 FLOP/s (counted with torch.utils.flop_counter) against a measured bf16 matmul ceiling, and how
 many images/s the data pipeline alone delivers compared with what the training step consumes.
@@ -25,8 +26,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from project.classifier import ImageClassifier
 from project.data import CIFAR10_MEAN, CIFAR10_STD
@@ -60,6 +59,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--callbacks", default="both", choices=["off", "on", "both"],
                    help="Lightning with progress bar, summary, logger and checkpointing off, on (the CLI's defaults), or both")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--scheduler", default="onecycle", choices=["onecycle", "cosine"], help="the per-step schedule of both loops")
+    p.add_argument("--plain-metrics", default="on", choices=["on", "off"],
+                   help="on: the plain loop updates the same torchmetrics accuracies as Lightning (identical work); "
+                        "off: it computes only the loss, so Lightning's metric and logging costs count as overhead")
+    p.add_argument("--paired", action="store_true",
+                   help="CPU: also run each Lightning variant with one plain-loop step before each of its iterations, both timed "
+                        "(the steadiest comparison on a shared machine)")
     p.add_argument("--name", default=None, help="result file name (default: throughput-<model>-<settings>)")
     return p.parse_args()
 
@@ -101,7 +107,10 @@ class Stopwatch:
         (wall0, cpu0), (wall1, cpu1) = self.marks[0], self.marks[-1]
         out = {"wall": wall1 - wall0, "cpu": cpu1 - cpu0}
         if len(self.marks) > 2:
-            out["median_step"] = report.median([b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])])
+            steps = sorted(b[0] - a[0] for a, b in zip(self.marks, self.marks[1:]))
+            out["median_step"] = report.median(steps)
+            # The fastest tenth of the steps: what a step costs when no other process interferes.
+            out["fast_step"] = report.median(steps[: max(1, len(steps) // 10)])
         return out
 
 
@@ -114,15 +123,27 @@ class StepTimer(L.Callback):
 
 
 def classifier(args, net: torch.nn.Module) -> ImageClassifier:
-    return ImageClassifier(net, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY, scheduler="onecycle",
-                           label_smoothing=LABEL_SMOOTHING, channels_last=args.channels_last, compile=args.compile)
+    return ImageClassifier(net, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY,
+                           label_smoothing=LABEL_SMOOTHING, channels_last=args.channels_last, compile=args.compile,
+                           scheduler=args.scheduler)
 
 
-def run_lightning(args, initial_state, images, labels, device, callbacks_on: bool, root: str) -> dict:
+def run_paired_control(args, initial_state, images, labels, device) -> dict:
+    """The pairing's own bias: two identical plain loops, one step of each in turn, timed like a
+    paired Lightning run (the first loop standing in for Lightning); an unbiased pairing gives 1."""
+    first, second = (PlainLoop(args, initial_state, images, labels, device) for _ in range(2))
+    pairs = PairedPlainSteps(second, args.warmup, args.steps)
+    for step in range(args.warmup + args.steps + 1):
+        pairs.on_train_batch_start(None, None, None, step)
+        first.step()
+    return pairs.result()
+
+
+def run_lightning(args, initial_state, images, labels, device, callbacks_on: bool, root: str, paired: bool = False) -> dict:
     total = args.warmup + args.steps + 1
     model = classifier(args, build_net(args, initial_state))
     stopwatch = Stopwatch(device, args.warmup, args.steps)
-    timer = StepTimer(stopwatch)
+    timer = PairedPlainSteps(PlainLoop(args, initial_state, images, labels, device), args.warmup, args.steps) if paired else StepTimer(stopwatch)
     common = dict(accelerator=device.type, devices=1, precision=args.precision, max_steps=total, limit_val_batches=0,
                   num_sanity_val_steps=0, benchmark=device.type == "cuda")
     if callbacks_on:
@@ -138,52 +159,99 @@ def run_lightning(args, initial_state, images, labels, device, callbacks_on: boo
         trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             callbacks=[timer], default_root_dir=root, **common)
     trainer.fit(model, train_dataloaders=make_loader(args, images, labels, device))
-    return stopwatch.result()
+    return timer.result() if paired else stopwatch.result()
 
 
-def run_plain(args, initial_state, images, labels, device) -> dict:
-    """The hand-written loop a PyTorch user would write for the same training."""
-    total = args.warmup + args.steps + 1
-    stopwatch = Stopwatch(device, args.warmup, args.steps)
-    net = build_net(args, initial_state).to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    if args.compile:
-        net.compile()
-    decay = [p for p in net.parameters() if p.ndim >= 2]
-    no_decay = [p for p in net.parameters() if p.ndim < 2]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=LR, momentum=MOMENTUM, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=total)
-    metrics = MetricCollection({"acc": MulticlassAccuracy(10, top_k=1, average="micro"),
-                                "acc_top5": MulticlassAccuracy(10, top_k=5, average="micro")}).to(device)
-    mixed = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(args.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=mixed)) if mixed else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type) if args.precision == "16-mixed" else None
-    loss_sum = torch.zeros((), device=device)
-    net.train()
-    for step, (x, y) in enumerate(make_loader(args, images, labels, device)):
-        stopwatch.tick(step)
+class PlainLoop:
+    """The hand-written loop a PyTorch user would write for the same training, one step per call."""
+
+    def __init__(self, args, initial_state, images, labels, device) -> None:
+        self.args, self.device, total = args, device, args.warmup + args.steps + 1
+        net = build_net(args, initial_state).to(device)
+        if args.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if args.compile:
+            net.compile()
+        decay = [p for p in net.parameters() if p.ndim >= 2]
+        no_decay = [p for p in net.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+                                         lr=LR, momentum=MOMENTUM, nesterov=True)
+        if args.scheduler == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=LR, total_steps=total)
+        self.sums = None  # [loss x batch size, top-1 hits, top-5 hits], as ImageClassifier keeps them in training
+        mixed = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(args.precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=mixed)) if mixed else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if args.precision == "16-mixed" else None
+        self.net = net.train()
+        self.batches = iter(make_loader(args, images, labels, device))
+
+    def step(self) -> None:
+        args, device = self.args, self.device
+        x, y = next(self.batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = net(x)
+        with self.autocast():
+            logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
-            metrics.update(logits.detach(), y)
-            loss_sum += loss.detach()
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            if args.plain_metrics == "on":
+                hits = logits.detach().topk(5, dim=-1).indices == y[:, None]
+                batch = torch.stack([loss.detach().float() * len(y), hits[:, 0].sum().float(), hits.any(dim=-1).sum().float()])
+                self.sums = batch if self.sums is None else self.sums.add_(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
-        scheduler.step()
-        if step + 1 == total:
-            break
+            self.optimizer.step()
+        self.scheduler.step()
+
+
+def run_plain(args, initial_state, images, labels, device) -> dict:
+    stopwatch = Stopwatch(device, args.warmup, args.steps)
+    loop = PlainLoop(args, initial_state, images, labels, device)
+    for step in range(args.warmup + args.steps + 1):
+        stopwatch.tick(step)
+        loop.step()
     return stopwatch.result()
+
+
+class PairedPlainSteps(L.Callback):
+    """Paired measurement (CPU): before every Lightning iteration, one plain-loop step, both timed.
+
+    Lightning's iteration k is the time from the end of the plain step run at its start to the start
+    of the next one (training step, optimiser, hooks, logging, fetching the next batch); the plain
+    step beside it runs a moment earlier, so on a shared machine both see the same interference,
+    which alternating whole runs cannot give.
+    """
+
+    def __init__(self, plain: PlainLoop, warmup: int, steps: int) -> None:
+        self.plain, self.first, self.last = plain, warmup, warmup + steps
+        self.lightning: list[tuple[float, float]] = []  # (wall, cpu) of Lightning's iterations
+        self.plain_steps: list[tuple[float, float]] = []
+        self.resumed: tuple[float, float] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        before = report.clocks(self.plain.device)
+        if self.resumed is not None and self.first < batch_idx <= self.last:
+            self.lightning.append((before[0] - self.resumed[0], before[1] - self.resumed[1]))
+        self.plain.step()
+        after = report.clocks(self.plain.device)
+        if self.first <= batch_idx < self.last:
+            self.plain_steps.append((after[0] - before[0], after[1] - before[1]))
+        self.resumed = after
+
+    def result(self) -> dict:
+        lightning_wall, lightning_cpu = (sum(t) for t in zip(*self.lightning))
+        plain_wall, plain_cpu = (sum(t) for t in zip(*self.plain_steps))
+        return {"steps": len(self.lightning), "lightning_seconds_per_step": lightning_wall / len(self.lightning),
+                "plain_seconds_per_step": plain_wall / len(self.plain_steps),
+                "time_ratio": lightning_wall / plain_wall, "process_cpu_time_ratio": lightning_cpu / plain_cpu,
+                "median_step_ratio": report.median([a[0] / b[0] for a, b in zip(self.lightning, self.plain_steps)])}
 
 
 def train_flops_per_image(args, initial_state, device) -> int:
@@ -235,6 +303,8 @@ def main() -> None:
     if args.callbacks in ("on", "both"):
         variants["lightning_callbacks_on"] = True
     runs: dict[str, list[dict]] = {name: [] for name in variants}
+    paired = ["plain_control", *(name for name in variants if name != "plain")] if args.paired and device.type == "cpu" else []
+    paired_runs: dict[str, list[dict]] = {name: [] for name in paired}
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats):
             # Alternate the order so slow drifts of a shared machine hit every variant alike.
@@ -248,6 +318,15 @@ def main() -> None:
                 runs[name].append(run)
                 print(f"repeat {repeat}: {name:<24} {args.steps * args.batch_size / run['wall']:10.0f} images/s  "
                       f"(wall {run['wall']:.3f} s, process CPU {run['cpu']:.3f} s)", flush=True)
+            for name in paired if repeat % 2 == 0 else paired[::-1]:
+                gc.collect()
+                if name == "plain_control":
+                    run = run_paired_control(args, initial_state, images, labels, device)
+                else:
+                    run = run_lightning(args, initial_state, images, labels, device, variants[name], root, paired=True)
+                paired_runs[name].append(run)
+                print(f"repeat {repeat}: paired {name}: time ratio {run['time_ratio']:.4f}, "
+                      f"process CPU time ratio {run['process_cpu_time_ratio']:.4f}", flush=True)
 
     results: dict = {}
     for name in variants:
@@ -261,6 +340,7 @@ def main() -> None:
         }
         if device.type == "cpu":
             results[name]["median_step_seconds"] = report.median([r["median_step"] for r in runs[name]])
+            results[name]["fast_step_seconds"] = report.median([r["fast_step"] for r in runs[name]])
     plain = results["plain"]["images_per_s_median"]
     for name in variants:
         if name == "plain":
@@ -272,10 +352,20 @@ def main() -> None:
         }
         if device.type == "cpu":
             ratios["median_step_time_ratio_over_plain"] = [r["median_step"] / p["median_step"] for r, p in zip(runs[name], runs["plain"])]
+            ratios["fast_step_time_ratio_over_plain"] = [r["fast_step"] / p["fast_step"] for r, p in zip(runs[name], runs["plain"])]
         for key, values in ratios.items():
             results[name][key] = round(report.median(values), 4)
             results[name][key + "_per_repeat"] = [round(v, 4) for v in values]
         results[name]["throughput_fraction_of_plain"] = round(results[name]["images_per_s_median"] / plain, 4)
+
+    for name in paired:
+        result = {key: report.median([r[key] for r in paired_runs[name]])
+                  for key in ("lightning_seconds_per_step", "plain_seconds_per_step")}
+        for key in ("time_ratio", "process_cpu_time_ratio", "median_step_ratio"):
+            values = [r[key] for r in paired_runs[name]]
+            result[f"{key}_over_plain"] = round(report.median(values), 4)
+            result[f"{key}_over_plain_per_repeat"] = [round(v, 4) for v in values]
+        results[f"paired_{name}"] = result
 
     flops = train_flops_per_image(args, initial_state, device)
     ceiling, ceiling_dtype = matmul_ceiling(device)
@@ -296,7 +386,26 @@ def main() -> None:
         if name not in results:
             continue
         r = results[name]
-        if device.type == "cpu":
+        if name in paired and args.plain_metrics == "off":
+            what = "`python -m project fit`'s trainer" if name == "lightning_callbacks_on" else "Lightning, callbacks off,"
+            p = results[f"paired_{name}"]
+            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop, paired steps: time",
+                                         p["time_ratio_over_plain"], "<=", 1.02))
+            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop, paired steps: process CPU time",
+                                         p["process_cpu_time_ratio_over_plain"], "<=", 1.02))
+        if device.type == "cpu" and args.plain_metrics == "off":
+            # The plain loop computes only the loss: everything ImageClassifier and the trainer add
+            # per step (metrics, logging, callbacks) counts as overhead here.
+            what = "`python -m project fit`'s trainer" if name == "lightning_callbacks_on" else "Lightning, callbacks off,"
+            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop: fastest tenth of the steps",
+                                         r["fast_step_time_ratio_over_plain"], "<=", 1.02))
+            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop: median step",
+                                         r["median_step_time_ratio_over_plain"], "<=", 1.02))
+            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop: process CPU time",
+                                         r["process_cpu_time_ratio_over_plain"], "<=", 1.02))
+            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop: window time",
+                                         r["time_ratio_over_plain"], "<=", 1.02))
+        elif device.type == "cpu":
             targets.append(report.target(f"CPU Lightning/plain time ratio, {label}: window time", r["time_ratio_over_plain"], "<=", 1.05))
             targets.append(report.target(f"CPU Lightning/plain time ratio, {label}: process CPU time", r["process_cpu_time_ratio_over_plain"], "<=", 1.05))
             targets.append(report.target(f"CPU Lightning/plain time ratio, {label}: median step", r["median_step_time_ratio_over_plain"], "<=", 1.05))
@@ -307,13 +416,22 @@ def main() -> None:
         targets.append(report.target("data pipeline images/s over training images/s", results["data_pipeline"]["times_the_training_step_consumes"], ">=", 10))
 
     tag = f"{args.model}-{args.precision}" + ("-cl" if args.channels_last else "") + ("-compile" if args.compile else "") + f"-{args.data}"
+    if args.plain_metrics == "off":
+        tag += f"-loss-only-{args.scheduler}"
     settings = {**vars(args), "images": len(images), "lr": LR, "momentum": MOMENTUM, "nesterov": True, "weight_decay": WEIGHT_DECAY,
-                "scheduler": "onecycle", "label_smoothing": LABEL_SMOOTHING, "optimizer": "sgd"}
+                "label_smoothing": LABEL_SMOOTHING, "optimizer": "sgd"}
     notes = (f"{args.repeats} alternating repeats; each times iterations {args.warmup}..{args.warmup + args.steps - 1} of a fresh "
              "run (warm-up excluded). A ratio is taken per repeat (variants run back to back), then the median over repeats. "
              "window time: wall clock over the timed iterations; process CPU time: this process's CPU seconds over them; "
              "median step: the median iteration time (CPU only), which ignores iterations another process interrupted "
-             "but also periodic work such as logging every n steps.")
+             "but also periodic work such as logging every n steps; fastest tenth: the median of the fastest 10% of a "
+             "repeat's iterations, the steadiest measure on a shared CPU (other processes only ever slow a step down), which like "
+             "the median step leaves out work done only every n steps."
+             + (" paired_*: Lightning runs with one plain-loop step executed (and timed) before each of its iterations, "
+                "so both loops share the machine's load step by step; time ratio = Lightning's summed iteration times over "
+                "the plain steps' summed times across the timed window (periodic work included), then the median over repeats. "
+                "paired_plain_control: the same pairing of two identical plain loops, which measures the pairing's own bias."
+                if paired else ""))
     report.write(args.name or f"throughput-{tag}", device, settings, results, targets, notes)
     for t in targets:
         print(f"{t['name']}: {t['measured']} (target {t['target']}: {'met' if t['met'] else 'NOT met'})")

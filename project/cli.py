@@ -18,7 +18,7 @@ import torch
 import yaml
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,7 +26,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from project import checkpoints, runs, tracking
 from project.callbacks.checkpointing import AtomicCheckpointIO
-from project.callbacks import ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, RandomState, SyncBuffers
+from project.callbacks import (
+    ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState, SyncBuffers,
+)
 from project.callbacks.learning_rates import LearningRates
 from project.classifier import ImageClassifier
 from project.cluster import SLURMRequeue
@@ -283,6 +285,10 @@ class ProjectCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver) and self.portable_config is not None:
                 callback.config = self.portable_config
+        # Lightning's default progress bar redraws after every batch; ours at most twice a second.
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar and bar.refresh_rate == 1:
+            trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
         return trainer
 
     def cluster_plugins(self) -> list | None:

@@ -79,7 +79,10 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env:
     The child gets its own process group, and the whole group (DDP workers included) is killed
     when the timeout expires or the test is interrupted, so nothing is left running.
     """
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    # The repository first; entries already there stay after it (benchmarks/run_gpu.sh puts the
+    # packages it installs from its wheelhouse on PYTHONPATH).
+    pythonpath = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    full_env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
     full_env.pop("PROJECT_RUN_DIR", None)
     return run_bounded([sys.executable, "-m", "project", *args], cwd=cwd or REPO, env=full_env, timeout=timeout)
 

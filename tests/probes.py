@@ -17,8 +17,8 @@ from project.callbacks import ActivationStatistics, GradientStatistics
 
 class RankDump(L.Callback):
     """At the end of fit every rank writes ``rank<r>.pt`` into the run directory: the hook callbacks'
-    last logged values, the net's buffers, the sum of its weights and the labels of its first
-    batch, as that rank holds them."""
+    last logged values, the net's buffers, the sum of its weights, the labels of its first
+    batch and the training metrics of the last epoch, as that rank holds them."""
 
     def __init__(self) -> None:
         self.first_labels: list[int] = []
@@ -37,6 +37,7 @@ class RankDump(L.Callback):
             "weights_sum": sum(float(p.detach().double().sum()) for p in net.parameters()),
             "world_size": trainer.world_size,
             "first_labels": self.first_labels,
+            "train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
         }, log_dir / f"rank{trainer.global_rank}.pt")
         trainer.strategy.barrier("RankDump")
 

@@ -227,3 +227,59 @@ def test_buffers_move_to_cuda_and_keep_learning_there():
     count = net.input_stats.count.item()
     net(torch.randn(2, 3, 32, 32, device="cuda"))
     assert net.input_stats.count.item() == count + 2 and net.input_stats.std.is_cuda
+
+
+def _fit_with_bar(tmp_path, bar, batches: int = 8):
+    x, y = torch.randn(batches * 4, 3, 32, 32), torch.randint(0, 10, (batches * 4,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[bar], default_root_dir=tmp_path)
+    trainer.fit(ImageClassifier(LeNet(), scheduler="none"), train_dataloaders=loader)
+    return trainer
+
+
+def test_progress_bar_redraws_at_most_max_per_second_and_ends_at_the_full_count(tmp_path, monkeypatch):
+    """Lightning's bar redraws after every batch (4 ms a step on a busy CPU); ours skips redraws
+    within 1/max_per_second of the last one, but the first batch and the epoch's last are drawn."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from project.callbacks import ProgressBar
+
+    drawn = []
+    original = TQDMProgressBar.on_train_batch_end
+    monkeypatch.setattr(TQDMProgressBar, "on_train_batch_end",
+                        lambda self, trainer, module, outputs, batch, batch_idx: (drawn.append(batch_idx), original(self, trainer, module, outputs, batch, batch_idx)))
+    trainer = _fit_with_bar(tmp_path, ProgressBar(max_per_second=1e-6))  # one redraw per 11 days at most
+    assert drawn == [0, 7]
+    assert trainer.progress_bar_callback.train_progress_bar.n == 8
+    drawn.clear()
+    _fit_with_bar(tmp_path, ProgressBar(max_per_second=0))
+    assert drawn == list(range(8)), "max_per_second=0 redraws after every batch, like Lightning's"
+
+
+def test_progress_bar_stopped_mid_epoch_shows_the_batches_done(tmp_path):
+    from project.callbacks import ProgressBar
+
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[ProgressBar(max_per_second=1e-6)], default_root_dir=tmp_path)
+    trainer.fit(ImageClassifier(LeNet(), scheduler="none"),
+                train_dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4))
+    assert trainer.progress_bar_callback.train_progress_bar.n == 5
+
+
+def test_the_cli_installs_the_throttled_bar_but_keeps_a_configured_one(tmp_path, tiny_npz):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from project.callbacks import ProgressBar
+    from project.cli import ProjectCLI
+
+    common = ["-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", f"--trainer.default_root_dir={tmp_path}", "--data.num_workers=0"]
+    trainer = ProjectCLI(args=common, run=False).trainer
+    assert isinstance(trainer.progress_bar_callback, ProgressBar)
+    assert sum(isinstance(cb, TQDMProgressBar) for cb in trainer.callbacks) == 1
+    own = ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar", "--trainer.callbacks.refresh_rate=5"]
+    trainer = ProjectCLI(args=[*common, *own], run=False).trainer
+    assert type(trainer.progress_bar_callback) is TQDMProgressBar and trainer.progress_bar_callback.refresh_rate == 5
+    trainer = ProjectCLI(args=[*common, "--trainer.enable_progress_bar=false"], run=False).trainer
+    assert trainer.progress_bar_callback is None

@@ -1,10 +1,12 @@
 """ImageClassifier: parameter groups, optimisers and schedules, metrics, hyperparameters."""
 
+import csv
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
 
@@ -178,3 +180,44 @@ def test_model_summary_shows_shapes_and_flops():
     assert double.example_input_array.dtype == torch.float64 and ModelSummary(double).total_flops > 0
     assert ImageClassifier(LeNet()).example_input_array is None  # no image_shape: nothing to run
     assert ImageClassifier(LeNet(), image_shape=(3, 32, 32), compile=True).example_input_array is None
+
+
+class _LogitsProbe(L.Callback):
+    """Records every training batch's logits (a forward hook on the plain net) and labels."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.logits, self.labels = [], []
+        pl_module.net.register_forward_hook(lambda module, args, out: self.logits.append(out.detach().clone()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.labels.append(batch[1].clone())
+
+
+def test_training_metrics_are_the_epoch_totals_and_the_step_loss_is_logged_every_n_steps(tmp_path):
+    """Training loss and accuracy are running sums on the device, not per-step torchmetrics
+    updates and self.log calls: the epoch values must still equal the accuracy (top-1, top-5)
+    and the mean loss over all of the epoch's batches, and train/loss_step must reach the logger
+    on exactly the steps Lightning logs (every log_every_n_steps)."""
+    from lightning.pytorch.loggers import CSVLogger
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    torch.manual_seed(0)
+    probe = _LogitsProbe()
+    model = ImageClassifier(LeNet(), lr=0.01, scheduler="none")
+    trainer = L.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe])
+    trainer.fit(model, datamodule=_Tiny())
+    logits, labels = torch.cat(probe.logits), torch.cat(probe.labels)
+    assert len(labels) == 64
+    metrics = trainer.callback_metrics
+    assert metrics["train/acc"].item() == pytest.approx(multiclass_accuracy(logits, labels, 10, average="micro").item())
+    assert metrics["train/acc_top5"].item() == pytest.approx(multiclass_accuracy(logits, labels, 10, top_k=5, average="micro").item())
+    losses = torch.stack([F.cross_entropy(x, y) for x, y in zip(probe.logits, probe.labels)])
+    assert metrics["train/loss_epoch"].item() == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert metrics["train/loss"].item() == metrics["train/loss_epoch"].item()  # as before, for callbacks that monitor it
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+    assert sorted(logged) == [1, 3], "4 batches, log_every_n_steps=2: Lightning logs after steps 2 and 4 (0-based 1, 3)"
+    assert logged[3] == pytest.approx(losses[3].item(), rel=1e-5)
+    assert {k for r in rows for k, v in r.items() if v} >= {"train/loss_epoch", "train/acc", "train/acc_top5"}

@@ -106,6 +106,18 @@ def test_ddp_checkpoint_and_net_pt_give_the_same_predictions_in_one_process(ddp_
     assert list(plain_state_dict(read_checkpoint(run / "checkpoints/last.ckpt"))) == list(net.state_dict())
 
 
+def test_training_metrics_cover_every_rank(ddp_run):
+    """Training loss and accuracy are per-rank sums until the epoch ends; then they are summed over
+    the ranks, so every rank logs the same values, those of all 48 training images."""
+    rank0, rank1 = ranks(ddp_run["run"])
+    assert rank0["first_labels"] != rank1["first_labels"], "the ranks trained on different images"
+    assert set(rank0["train_metrics"]) >= {"train/loss_epoch", "train/loss", "train/acc", "train/acc_top5"}
+    assert rank0["train_metrics"] == rank1["train_metrics"]
+    for key in ("train/acc", "train/acc_top5"):
+        hits = rank0["train_metrics"][key] * 2 * PER_RANK_IMAGES
+        assert hits == pytest.approx(round(hits), abs=1e-3), f"{key} is a fraction of the 48 images of both ranks"
+
+
 def test_ddp_metrics_equal_single_process_metrics_on_the_same_data(ddp_run, tmp_path):
     """test_after_fit ran under DDP (16 test images per rank); the same checkpoint tested in one
     process over all 32 gives the same accuracy and loss."""
@@ -205,6 +217,29 @@ def test_one_gpu_with_hooks_bf16_and_compile(tmp_path):
     assert all(map(math.isfinite, [grads["grad/total_norm"], acts["act/fc/std"]]))
     net = ResNet20()
     net.load_state_dict(torch.load(run / "net.pt", weights_only=True))  # no _orig_mod. in the keys
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["ddp", "fsdp", "fsdp_sharded"])
+def test_one_gpu_strategies_round_trip_to_the_plain_net(tmp_path, preset):
+    """NCCL DDP and Lightning's own FSDPStrategy (full and sharded checkpoints) on one GPU, a
+    process group of one: the fit runs with the hook callbacks, and its last checkpoint (a file,
+    or the sharded directory) converts to exactly the exported net.pt, which loads into a plain ResNet20."""
+    npz = make_npz(tmp_path / "d.npz")
+    out = run_cli(["fit", "-c", "experiments/resnet20_hooks.yaml", "-c", f"experiments/presets/{preset}.yaml", "--trainer.devices=1",
+                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false"], timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (run,) = run_dirs(tmp_path, "resnet20_hooks")
+    last = run / "checkpoints/last.ckpt"
+    assert last.is_dir() == (preset == "fsdp_sharded")
+    converted = plain_state_dict(read_checkpoint(last))
+    exported = torch.load(run / "net.pt", weights_only=True)
+    assert converted.keys() == exported.keys() and all(torch.equal(converted[k].cpu(), exported[k]) for k in exported)
+    load_into(ResNet20(), exported)
+    logged = metrics(run)
+    assert math.isfinite(next(r for r in logged if "grad/total_norm" in r)["grad/total_norm"])
+    assert 0 <= next(r for r in logged if "train/acc" in r)["train/acc"] <= 1
 
 
 @pytest.mark.gpu

@@ -97,6 +97,19 @@ def test_random_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(torch.rand(5), expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_random_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.rand(1, device="cuda")  # CUDA's generators exist once CUDA is initialised
+    state = capture_random_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    torch.save({"callbacks": {"RandomState": state}}, tmp_path / "c.ckpt")
+    expected = torch.rand(5, device="cuda")
+    torch.rand(100, device="cuda")
+    restore_random_state(torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]["RandomState"])
+    assert torch.equal(torch.rand(5, device="cuda"), expected)
+
+
 @pytest.mark.parametrize("checkpoint", ["last", "file"])
 def test_changed_model_settings_are_refused(runs, capsys, checkpoint):
     root, run = copy_of_interrupted(runs, f"refused_{checkpoint}")

@@ -8,6 +8,7 @@ from project.callbacks.gradients import GradientStatistics
 from project.callbacks.learning_rates import LearningRates
 from project.callbacks.plots import PredictionPlots
 from project.callbacks.predictions import PredictionWriter
+from project.callbacks.progress import ProgressBar
 from project.callbacks.random_state import RandomState
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "LearningRates",
     "PredictionPlots",
     "PredictionWriter",
+    "ProgressBar",
     "RandomState",
     "SyncBuffers",
 ]
