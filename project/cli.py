@@ -265,10 +265,10 @@ class ProjectCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:
+        except ValueError as err:
             if isinstance(err, UserError):
                 raise
-            # A configured class (a net, a logger, a callback) rejected the arguments it was given.
+            # A configured class (a net, a logger, a callback) rejected the values it was given.
             raise UserError(str(err)) from err
 
     def instantiate_trainer(self, **kwargs):

@@ -220,6 +220,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 def read_npz(path: Path, fmt: CIFARFormat) -> tuple[Split, Split]:
     """Train and test splits from a Keras-layout npz (x_* NHWC uint8, y_* integer labels)."""
     fix = f"it needs x_train, y_train, x_test, y_test as saved from {fmt.keras_loader}"
+    if path.is_dir():
+        raise DatasetError(f"--data.npz {path} is a directory, not an npz file; give the .npz file itself (for example ../shared/data/cifar10_subset.npz).")
     if not path.is_file():
         raise DatasetError(f"The npz file {path} does not exist; check --data.npz (for example ../shared/data/cifar10_subset.npz).")
     try:
