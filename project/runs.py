@@ -254,8 +254,13 @@ class Run:
                 run.remove_if_unused()
                 raise
         if subcommand == "fit":
-            resume_from = run.fit_checkpoint(ckpt_path)
-            run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
+            try:
+                resume_from = run.fit_checkpoint(ckpt_path)
+                run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
+            except BaseException:
+                # A checkpoint that cannot be read: the caller never gets the run to close.
+                run.close(failed=True)
+                raise
         return run
 
     def fit_checkpoint(self, ckpt_path: str | None) -> Path | None:
