@@ -337,6 +337,12 @@ def describe_os_error(err: OSError) -> str:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"No space left on the device while writing {err.filename}; free some space (or choose another "
                 "--trainer.default_root_dir) and run again: checkpoints written before are intact.")
+    if err.errno == errno.EEXIST:
+        return f"{err.filename} exists but is not a directory; remove it or choose another path."
+    if err.errno == errno.ENOTDIR:
+        return f"A part of {err.filename} is a file, not a directory; remove it or choose another path."
+    if err.errno == errno.EISDIR:
+        return f"{err.filename} is a directory where a file is needed; remove it or choose another path."
     return f"{err.strerror}: {err.filename}; check that path (and its permissions), or choose another one."
 
 
