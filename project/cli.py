@@ -177,7 +177,8 @@ class ProjectCLI(LightningCLI):
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # PRIVATE LIGHTNING METHOD (1 of 2; test_cli.py::test_lightning_private_hooks_still_exist fails if it goes).
+        # PRIVATE LIGHTNING METHOD (1 of 2; tests/test_lightning_api.py::test_lightning_private_hooks_still_exist
+        # fails if it goes).
         # LightningCLI calls it before any public hook to merge the checkpoint's hyperparameters into
         # the config. Overridden to (1) resolve `--ckpt_path last|best` for validate/test/predict to
         # the experiment's newest such checkpoint (Lightning would evaluate random weights), (2) make
