@@ -319,6 +319,8 @@ class ProjectCLI(LightningCLI):
     before_validate = before_test = before_predict = check_evaluated_checkpoint
 
     def after_fit(self) -> None:
+        # The fit is over and saved: Ctrl-C during the test after it stops at once (exit status 130).
+        runs.stop_signals.save_on_sigint = False
         if not self.config.fit.get("test_after_fit"):
             return
         best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
@@ -350,10 +352,16 @@ def describe_os_error(err: OSError) -> str:
 def main(args=None) -> ProjectCLI:
     """Run the CLI; user errors end with ``error: <one sentence>`` and exit status 2, SIGTERM with 143,
     SIGINT (after saving) with 130."""
+    runs.stop_signals.received.clear()  # a signal an earlier command of this process received is not this one's
     try:
         return ProjectCLI(args=args)
     except SIGTERMException:
         sys.exit(130 if runs.stop_signals.pending(signal.SIGINT) else 143)
+    except SystemExit as err:
+        # Lightning ends a KeyboardInterrupt (a second Ctrl-C, or one outside training) with exit(1).
+        if err.code == 1 and runs.stop_signals.pending(signal.SIGINT):
+            sys.exit(130)
+        raise
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

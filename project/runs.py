@@ -344,12 +344,17 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: set[int] = set()
+        #: Whether Ctrl-C asks for a save (while fitting); once the fit is over (the test after it)
+        #: there is nothing left to save and Ctrl-C stops at once.
+        self.save_on_sigint = True
         self._previous: dict[int, object] = {}
 
     def install(self, *signums: int) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in signums:
+            if signum == signal.SIGINT:
+                self.save_on_sigint = True
             if signum not in self._previous:
                 self.received.discard(signum)
                 self._previous[signum] = signal.getsignal(signum)
@@ -361,8 +366,8 @@ class StopSignals:
         if signum != signal.SIGINT:
             print(f"Received {signal.Signals(signum).name}: stopping at the next batch boundary.", file=sys.stderr, flush=True)
             return
-        if not first or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            raise KeyboardInterrupt  # a second Ctrl-C, or no run in progress to save
+        if not first or not self.save_on_sigint or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # a second Ctrl-C, or no training in progress to save
         print("Received SIGINT: saving at the next batch boundary (Ctrl-C again to stop at once, without saving).",
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)

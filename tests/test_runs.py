@@ -212,6 +212,19 @@ def test_ctrl_c_saves_the_step_reached_and_the_run_resumes(tmp_path, npz):
     assert resumed.run_dir == run and resumed.trainer.global_step == 12 and (run / "net.pt").is_file()
 
 
+def test_ctrl_c_during_the_test_after_fit_stops_at_once(tmp_path, npz):
+    """Ctrl-C during --test_after_fit once printed "saving at the next batch boundary", then let the
+    test run to its end and exited 0: the fit is saved already, so the test stops, with status 130."""
+    root = tmp_path / "runs"
+    out = run_cli(fit_args(root, npz, "--test_after_fit=true", probe(signal="SIGINT", when="test")), timeout=240)
+    assert out.returncode == 130, out.stderr[-3000:]
+    assert "saving at the next batch boundary" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    (run,) = run_dirs(root, "lenet")
+    assert (run / "net.pt").is_file() and (run / "checkpoints/last.ckpt").is_file(), "the fit itself was complete"
+    with open(run / "metrics.csv", newline="") as file:
+        assert not any(row.get("test/acc") for row in csv.DictReader(file)), "the test did not run to its end"
+
+
 @pytest.mark.parametrize("when", ["sanity", "test"])
 def test_the_requeue_signal_outside_training_requeues_instead_of_killing_the_job(tmp_path, npz, when):
     """SIGUSR1 in a SLURM job during the sanity check or the test after fit once killed the job
