@@ -215,7 +215,7 @@ BAD_INPUT = [
     ("unknown key", ["--model.learning_rate=0.1"], "learning_rate"),
     ("wrong type", ["--data.batch_size=many"], "batch_size"),
     ("lr not positive", ["--model.lr=0"], "error: model.lr must be > 0, got 0.0."),
-    ("batch size zero", ["--data.batch_size=0"], "error: data.batch_size must be at least 1, got 0."),
+    ("batch size zero", ["--data.batch_size=0"], "error: The configuration could not be built: data.batch_size must be at least 1, got 0."),
     ("val split too large", ["--data.val_size=64"], "error: data.val_size=64 leaves no training images"),
     ("unknown model", ["--model.net=project.models.VGG16"], "VGG16"),
     ("unknown strategy", ["--trainer.strategy=warp_drive"], "warp_drive"),
