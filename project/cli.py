@@ -274,6 +274,8 @@ class ProjectCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver) and self.portable_config is not None:
                 callback.config = self.portable_config
+            if isinstance(callback, SLURMRequeue):
+                callback.keep_after_fit = True  # through the test after fit; the run restores the handler
         return trainer
 
     def cluster_plugins(self) -> list | None:

@@ -71,6 +71,10 @@ class SLURMRequeue(L.Callback):
             raise UserError(f"requeue.signal: {err}") from None
         self.enabled = enabled
         self.checkpoint_path: Path | None = None
+        #: Set by the CLI: note the signal from setup to the end of the command (the test after fit
+        #: included); the CLI's run restores the handler. Otherwise the handler is installed when the
+        #: sanity check or training starts and restored when fit ends.
+        self.keep_after_fit = False
         self._active = False
 
     @property
@@ -83,10 +87,24 @@ class SLURMRequeue(L.Callback):
         # log_dir is broadcast from rank zero: every rank asks for it here.
         self.checkpoint_path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         self._active = True
-        # From here (before the sanity check) to the end of the command (after test_after_fit, when
-        # the CLI's run closes): a signal during validation or testing is noted like one in training,
-        # instead of killing the job (SIGUSR1's default action).
-        stop_signals.install(self.signum)
+        if self.keep_after_fit:
+            # Under the CLI: from here (before the sanity check) to the end of the command (after
+            # test_after_fit, when the CLI's run closes and restores the handler): a signal during
+            # validation or testing is noted like one in training, instead of killing the job
+            # (SIGUSR1's default action).
+            stop_signals.install(self.signum)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen()
+
+    def _listen(self) -> None:
+        # Without the CLI, installed only now: after Lightning recorded the signal handlers it puts
+        # back when the run ends (installed before, ours would be put back after we restored it).
+        if self._active:
+            stop_signals.install(self.signum)  # does nothing when already installed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._active and self._stop_decided(trainer):
@@ -129,10 +147,20 @@ class SLURMRequeue(L.Callback):
             self._requeue_and_exit(trainer, saved=None)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
+        if stage == "fit" and self.keep_after_fit:
             # Stay active for the test that may follow the fit; the signal handler stays until the
             # command ends (project.runs.Run.close restores it).
             return
+        self._stop_listening()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not self.keep_after_fit:
+            self._stop_listening()  # Lightning calls no teardown hook after an exception
+
+    def _stop_listening(self) -> None:
+        if self._active:
+            # At the end of a run Lightning has already put back the handlers it recorded before ours.
+            stop_signals.restore(self.signum, if_current=True)
         self._active = False
 
 

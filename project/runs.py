@@ -376,12 +376,16 @@ class StopSignals:
         """Whether ``signum`` arrived since it was installed (still true after restore)."""
         return signum in self.received
 
-    def restore(self) -> None:
+    def restore(self, *signums: int, if_current: bool = False) -> None:
+        """Give ``signums`` (default: every installed one) back their previous handlers; with
+        ``if_current``, only where ours is still the handler (someone else may have put theirs back)."""
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
+        for signum in signums or list(self._previous):
+            if signum in self._previous:
+                previous = self._previous.pop(signum)
+                if not if_current or signal.getsignal(signum) == self._note:
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 #: The one set of stop signals of this process.
