@@ -334,13 +334,16 @@ class ProjectCLI(LightningCLI):
 USER_ERRORS = (UserError, checkpoints.CheckpointError, MisconfigurationException)
 #: OSErrors about a named path or the disk: the user's to fix (a full disk, a read-only folder,
 #: a file where a folder should be), so one sentence too. Any other OSError keeps its traceback.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
                   errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 
 def describe_os_error(err: OSError) -> str:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"No space left on the device while writing {err.filename}; free some space (or choose another "
+    if err.errno in DISK_FULL:
+        # A failed write() names no file; only open() and the like do.
+        writing = f"while writing {err.filename}" if err.filename else "while writing the run's files"
+        return (f"No space left on the device {writing}; free some space (or choose another "
                 "--trainer.default_root_dir) and run again: checkpoints written before are intact.")
     if err.errno == errno.EEXIST:
         return f"{err.filename} exists but is not a directory; remove it or choose another path."
@@ -368,7 +371,7 @@ def main(args=None) -> ProjectCLI:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
-        if err.errno not in USER_OS_ERRORS or err.filename is None:
+        if err.errno not in USER_OS_ERRORS or (err.filename is None and err.errno not in DISK_FULL):
             raise
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(2)
