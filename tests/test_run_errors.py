@@ -119,20 +119,24 @@ def test_a_value_the_parser_refuses_names_it_and_writes_nothing(workspace, capsy
     assert snapshot(workspace) == before
 
 
-def test_a_full_disk_is_one_sentence(workspace, capsys, monkeypatch):
-    """The first checkpoint write finds the disk full (ENOSPC, as torch.save would raise it)."""
-    import project.callbacks.checkpointing as checkpointing
+@pytest.mark.parametrize("where", ["checkpoint", "metrics.csv"])
+def test_a_full_disk_is_one_sentence(workspace, capsys, monkeypatch, where):
+    """The disk fills up while a checkpoint is written (fsync fails, as it does with ENOSPC, naming no
+    file) or while metrics.csv is appended to: one sentence, not a traceback; the earlier run is intact."""
+    import project.checkpoints
 
-    def full(obj, path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpointing, "save_atomically", full)
+    if where == "checkpoint":
+        monkeypatch.setattr(project.checkpoints.os, "fsync", full)
+    else:
+        monkeypatch.setattr(tracking.ContinuingExperimentWriter, "save", full)
     earlier = snapshot(workspace / "runs" / "lenet" / "20250101-000000-abcdef")
     with pytest.raises(SystemExit) as exited:
         main(fit_args(workspace))
     assert exited.value.code == 2
-    sentence = one_sentence(capsys)
-    assert sentence.startswith("error: No space left on the device while writing ") and ".ckpt" in sentence
+    assert one_sentence(capsys).startswith("error: No space left on the device while writing the run's files; free some space")
     assert snapshot(workspace / "runs" / "lenet" / "20250101-000000-abcdef") == earlier
 
 
