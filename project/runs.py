@@ -256,6 +256,12 @@ class Run:
         if subcommand == "fit":
             try:
                 resume_from = run.fit_checkpoint(ckpt_path)
+                if resume_from is None and ckpt_path == "best":
+                    # Else a new run would start from scratch, having been asked to continue from a best checkpoint.
+                    raise UserError(
+                        f"fit --ckpt_path best found no {NAMED_CHECKPOINTS['best']} in {run.directory}/checkpoints/ "
+                        "(a fit resumes from its own run: --ckpt_path last); give the best-*.ckpt file itself to continue from it."
+                    )
                 run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
             except BaseException:
                 # A checkpoint that cannot be read: the caller never gets the run to close.

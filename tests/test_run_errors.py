@@ -58,6 +58,7 @@ MISTAKES = [
     ("ckpt-path-missing", lambda h: fit_args(h, f"--ckpt_path={h / 'missing.ckpt'}"), "does not exist"),
     ("ckpt-path-is-a-folder", lambda h: fit_args(h, f"--ckpt_path={h / 'a-folder'}"), "is a directory"),
     ("ckpt-path-is-not-a-checkpoint", lambda h: fit_args(h, f"--ckpt_path={h / 'a-file'}"), "not a PyTorch checkpoint"),
+    ("fit-from-best", lambda h: fit_args(h, "--ckpt_path=best"), "fit --ckpt_path best found no best*.ckpt"),
     ("npz-missing", lambda h: fit_args(h, f"--data.npz={h / 'missing.npz'}"), "does not exist"),
     ("npz-is-a-folder", lambda h: fit_args(h, f"--data.npz={h / 'a-folder'}"), "a-folder"),
     ("data-dir-is-a-file", lambda h: fit_args(h, f"--data.data_dir={h / 'a-file'}", npz=False), "is not a directory"),
