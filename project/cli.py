@@ -104,11 +104,14 @@ def experiment_dir(config) -> Path:
     return Path(config.trainer.default_root_dir or "runs") / name_experiment(config)
 
 
-def portable_config(config):
+def portable_config(config, subcommand: str | None = "fit"):
     """The config to save and log: as the user gave it, without this run's checkpoint and
-    directory, so that ``fit -c <run>/config.yaml`` starts a new run that touches nothing of this one."""
+    directory, so that ``fit -c <run>/config.yaml`` starts a new run that touches nothing of this one.
+    validate/test/predict keep the checkpoint they evaluate (resolved from last/best): it is what
+    they report on, not where they write, and re-running their config evaluates it again."""
     portable = config.clone()
-    portable.ckpt_path = None
+    if subcommand == "fit":
+        portable.ckpt_path = None
     portable.run_dir = None
     return portable
 
@@ -206,7 +209,7 @@ class ProjectCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         name_experiment(config)
         check_devices(config.trainer)
-        self.portable_config = portable_config(config)
+        self.portable_config = portable_config(config, self.subcommand)
         self.run = runs.Run.open(
             subcommand=self.subcommand or "", root=Path(config.trainer.default_root_dir or "runs"), name=config.name,
             run_dir=config.get("run_dir"), ckpt_path=config.get("ckpt_path"),

@@ -97,6 +97,21 @@ def test_a_saved_config_reruns_into_a_new_run_and_leaves_the_old_one_untouched(t
     assert run_dirs(root, "lenet") == sorted([old, *new_runs])
 
 
+def test_an_evaluation_run_records_the_checkpoint_it_evaluated(tmp_path, npz, finished):
+    """`test --ckpt_path last` once saved ckpt_path null, so its config.yaml did not say what was tested
+    and re-running it tested randomly initialised weights."""
+    root = tmp_path / "runs"
+    run = copy_run(finished, root)
+    args = ["-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *QUIET, "--data.val_size=16",
+            f"--trainer.default_root_dir={root}"]
+    tested = main(["test", *args, "--ckpt_path=last"])
+    saved = yaml.safe_load((tested.run_dir / "config.yaml").read_text())
+    assert saved["ckpt_path"] == str(run / "checkpoints" / "last.ckpt")
+    again = main(["test", "-c", str(tested.run_dir / "config.yaml")])
+    assert again.run_dir not in (tested.run_dir, run)
+    assert again.trainer.callback_metrics["test/loss"] == tested.trainer.callback_metrics["test/loss"]
+
+
 # ---- 2. everything in the run directory ----------------------------------------------------------
 
 
