@@ -109,11 +109,14 @@ def experiment_dir(config) -> Path:
     return Path(config.trainer.default_root_dir or "runs") / name_experiment(config)
 
 
-def portable_config(config):
+def portable_config(config, subcommand: str | None = "fit"):
     """The config to save and log: as the user gave it, without this run's checkpoint and
-    directory, so that ``fit -c <run>/config.yaml`` starts a new run that touches nothing of this one."""
+    directory, so that ``fit -c <run>/config.yaml`` starts a new run that touches nothing of this one.
+    validate/test/predict keep the checkpoint they evaluate (resolved from last/best): it is what
+    they report on, not where they write, and re-running their config evaluates it again."""
     portable = config.clone()
-    portable.ckpt_path = None
+    if subcommand == "fit":
+        portable.ckpt_path = None
     portable.run_dir = None
     return portable
 
@@ -189,7 +192,8 @@ class ProjectCLI(LightningCLI):
         parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # PRIVATE LIGHTNING METHOD (1 of 2; test_cli.py::test_lightning_private_hooks_still_exist fails if it goes).
+        # PRIVATE LIGHTNING METHOD (1 of 2; tests/test_lightning_api.py::test_lightning_private_hooks_still_exist
+        # fails if it goes).
         # LightningCLI calls it before any public hook to merge the checkpoint's hyperparameters into
         # the config. Overridden to (1) resolve `--ckpt_path last|best` for validate/test/predict to
         # the experiment's newest such checkpoint (Lightning would evaluate random weights), (2) make
@@ -217,7 +221,7 @@ class ProjectCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         name_experiment(config)
         check_devices(config.trainer)
-        self.portable_config = portable_config(config)
+        self.portable_config = portable_config(config, self.subcommand)
         self.run = runs.Run.open(
             subcommand=self.subcommand or "", root=Path(config.trainer.default_root_dir or "runs"), name=config.name,
             run_dir=config.get("run_dir"), ckpt_path=config.get("ckpt_path"),
@@ -285,6 +289,8 @@ class ProjectCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver) and self.portable_config is not None:
                 callback.config = self.portable_config
+            if isinstance(callback, SLURMRequeue):
+                callback.keep_after_fit = True  # through the test after fit; the run restores the handler
         # Lightning's default progress bar redraws after every batch; ours at most twice a second.
         bar = trainer.progress_bar_callback
         if type(bar) is TQDMProgressBar and bar.refresh_rate == 1:
@@ -341,6 +347,8 @@ class ProjectCLI(LightningCLI):
     before_validate = before_test = before_predict = check_evaluated_checkpoint
 
     def after_fit(self) -> None:
+        # The fit is over and saved: Ctrl-C during the test after it stops at once (exit status 130).
+        runs.stop_signals.save_on_sigint = False
         if not self.config.fit.get("test_after_fit"):
             return
         best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
@@ -352,29 +360,44 @@ class ProjectCLI(LightningCLI):
 USER_ERRORS = (UserError, checkpoints.CheckpointError, MisconfigurationException)
 #: OSErrors about a named path or the disk: the user's to fix (a full disk, a read-only folder,
 #: a file where a folder should be), so one sentence too. Any other OSError keeps its traceback.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
                   errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 
 def describe_os_error(err: OSError) -> str:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"No space left on the device while writing {err.filename}; free some space (or choose another "
+    if err.errno in DISK_FULL:
+        # A failed write() names no file; only open() and the like do.
+        writing = f"while writing {err.filename}" if err.filename else "while writing the run's files"
+        return (f"No space left on the device {writing}; free some space (or choose another "
                 "--trainer.default_root_dir) and run again: checkpoints written before are intact.")
+    if err.errno == errno.EEXIST:
+        return f"{err.filename} exists but is not a directory; remove it or choose another path."
+    if err.errno == errno.ENOTDIR:
+        return f"A part of {err.filename} is a file, not a directory; remove it or choose another path."
+    if err.errno == errno.EISDIR:
+        return f"{err.filename} is a directory where a file is needed; remove it or choose another path."
     return f"{err.strerror}: {err.filename}; check that path (and its permissions), or choose another one."
 
 
 def main(args=None) -> ProjectCLI:
     """Run the CLI; user errors end with ``error: <one sentence>`` and exit status 2, SIGTERM with 143,
     SIGINT (after saving) with 130."""
+    runs.stop_signals.received.clear()  # a signal an earlier command of this process received is not this one's
     try:
         return ProjectCLI(args=args)
     except SIGTERMException:
         sys.exit(130 if runs.stop_signals.pending(signal.SIGINT) else 143)
+    except SystemExit as err:
+        # Lightning ends a KeyboardInterrupt (a second Ctrl-C, or one outside training) with exit(1).
+        if err.code == 1 and runs.stop_signals.pending(signal.SIGINT):
+            sys.exit(130)
+        raise
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
-        if err.errno not in USER_OS_ERRORS or err.filename is None:
+        if err.errno not in USER_OS_ERRORS or (err.filename is None and err.errno not in DISK_FULL):
             raise
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(2)

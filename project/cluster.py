@@ -75,8 +75,11 @@ class SLURMRequeue(L.Callback):
             raise UserError(f"requeue.signal: {err}") from None
         self.enabled = enabled
         self.checkpoint_path: Path | None = None
+        #: Set by the CLI: note the signal from setup to the end of the command (the test after fit
+        #: included); the CLI's run restores the handler. Otherwise the handler is installed when the
+        #: sanity check or training starts and restored when fit ends.
+        self.keep_after_fit = False
         self._active = False
-        self._installed: list[int] = []
 
     @property
     def requested(self) -> bool:
@@ -91,20 +94,24 @@ class SLURMRequeue(L.Callback):
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False  # this callback requeues (see the module docstring)
         self._active = True
-
-    def _install(self) -> None:
-        # From the sanity check on (after Lightning has recorded the handlers it restores when the
-        # fit ends): a signal during validation is noted like one in training instead of killing
-        # the job (SIGUSR1's default action). The CLI installs it before the fit and keeps it until
-        # the command ends, after the test that follows the fit; then this is a no-op.
-        if self._active:
-            self._installed += stop_signals.install(self.signum)
+        if self.keep_after_fit:
+            # Under the CLI: from here (before the sanity check) to the end of the command (after
+            # test_after_fit, when the CLI's run closes and restores the handler): a signal during
+            # validation or testing is noted like one in training, instead of killing the job
+            # (SIGUSR1's default action).
+            stop_signals.install(self.signum)
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._install()
+        self._listen()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._install()
+        self._listen()
+
+    def _listen(self) -> None:
+        # Without the CLI, installed only now: after Lightning recorded the signal handlers it puts
+        # back when the run ends (installed before, ours would be put back after we restored it).
+        if self._active:
+            stop_signals.install(self.signum)  # does nothing when already installed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._active and self._stop_decided(trainer):
@@ -147,16 +154,21 @@ class SLURMRequeue(L.Callback):
             self._requeue_and_exit(trainer, saved=None)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Under the CLI the handler is the run's (it stays for the test after the fit); used from
-        # Python, the handler installed in setup does not outlive the fit.
-        stop_signals.restore(*self._installed)
-        self._installed = []
-        if stage != "fit":
-            self._active = False
+        if stage == "fit" and self.keep_after_fit:
+            # Stay active for the test that may follow the fit; the signal handler stays until the
+            # command ends (project.runs.Run.close restores it).
+            return
+        self._stop_listening()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        stop_signals.restore(*self._installed)
-        self._installed = []
+        if not self.keep_after_fit:
+            self._stop_listening()  # Lightning calls no teardown hook after an exception
+
+    def _stop_listening(self) -> None:
+        if self._active:
+            # At the end of a run Lightning has already put back the handlers it recorded before ours.
+            stop_signals.restore(self.signum, if_current=True)
+        self._active = False
 
 
 def _signal_from_name(name: str) -> signal.Signals:

@@ -259,8 +259,19 @@ class Run:
                 run.remove_if_unused()
                 raise
         if subcommand == "fit":
-            resume_from = run.fit_checkpoint(ckpt_path)
-            run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
+            try:
+                resume_from = run.fit_checkpoint(ckpt_path)
+                if resume_from is None and ckpt_path == "best":
+                    # Else a new run would start from scratch, having been asked to continue from a best checkpoint.
+                    raise UserError(
+                        f"fit --ckpt_path best found no {NAMED_CHECKPOINTS['best']} in {run.directory}/checkpoints/ "
+                        "(a fit resumes from its own run: --ckpt_path last); give the best-*.ckpt file itself to continue from it."
+                    )
+                run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
+            except BaseException:
+                # A checkpoint that cannot be read: the caller never gets the run to close.
+                run.close(failed=True)
+                raise
         return run
 
     def fit_checkpoint(self, ckpt_path: str | None) -> Path | None:
@@ -344,18 +355,22 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: set[int] = set()
+        #: Whether Ctrl-C asks for a save (while fitting); once the fit is over (the test after it)
+        #: there is nothing left to save and Ctrl-C stops at once.
+        self.save_on_sigint = True
         self._previous: dict[int, object] = {}
 
-    def install(self, *signums: int) -> list[int]:
-        """Note ``signums`` from now on; returns those not noted before (for ``restore``)."""
+    def install(self, *signums: int) -> None:
+        """Note ``signums`` from now on (installing one twice changes nothing)."""
         if threading.current_thread() is not threading.main_thread():
-            return []
-        new = [signum for signum in signums if signum not in self._previous]
-        for signum in new:
-            self.received.discard(signum)
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._note)
-        return new
+            return
+        for signum in signums:
+            if signum == signal.SIGINT:
+                self.save_on_sigint = True
+            if signum not in self._previous:
+                self.received.discard(signum)
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._note)
 
     def _note(self, signum, frame) -> None:
         first = signum not in self.received
@@ -363,8 +378,8 @@ class StopSignals:
         if signum != signal.SIGINT:
             print(f"Received {signal.Signals(signum).name}: stopping at the next batch boundary.", file=sys.stderr, flush=True)
             return
-        if not first or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            raise KeyboardInterrupt  # a second Ctrl-C, or no run in progress to save
+        if not first or not self.save_on_sigint or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # a second Ctrl-C, or no training in progress to save
         print("Received SIGINT: saving at the next batch boundary (Ctrl-C again to stop at once, without saving).",
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -373,14 +388,16 @@ class StopSignals:
         """Whether ``signum`` arrived since it was installed (still true after restore)."""
         return signum in self.received
 
-    def restore(self, *signums: int) -> None:
-        """Give ``signums`` (default: all) back to the handlers they had before ``install``."""
+    def restore(self, *signums: int, if_current: bool = False) -> None:
+        """Give ``signums`` (default: every installed one) back their previous handlers; with
+        ``if_current``, only where ours is still the handler (someone else may have put theirs back)."""
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in signums or list(self._previous):
             if signum in self._previous:
                 previous = self._previous.pop(signum)
-                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+                if not if_current or signal.getsignal(signum) == self._note:
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 #: The one set of stop signals of this process.

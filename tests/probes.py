@@ -14,6 +14,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from project.callbacks import ActivationStatistics, GradientStatistics
 
+signal_module = signal  # SendSignal's argument is named `signal`, as in sbatch --signal
+
 
 class RankDump(L.Callback):
     """At the end of fit every rank writes ``rank<r>.pt`` into the run directory: the hook callbacks'
@@ -92,3 +94,30 @@ class CPUFSDPStrategy(FSDPStrategy):
             **kwargs,
         )
         return super()._setup_model(model)
+
+
+class SendSignal(L.Callback):
+    """Send ``signal`` to this process once, at a chosen moment of the run: after training step
+    ``step`` (``when="train"``, what Ctrl-C or a scheduler does mid-epoch), when the first batch of
+    the sanity check starts (``when="sanity"``) or when the first test batch starts (``when="test"``)."""
+
+    def __init__(self, signal: str = "SIGINT", when: str = "train", step: int = 3) -> None:
+        self.signum, self.when, self.step, self.sent = getattr(signal_module, signal), when, step, False
+
+    def _send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.when == "train" and trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.when == "sanity" and trainer.sanity_checking:
+            self._send()
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.when == "test":
+            self._send()
+

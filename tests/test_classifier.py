@@ -13,7 +13,6 @@ from torch import nn
 from project.classifier import ImageClassifier
 from project.errors import UserError
 from project.models import LeNet, ResNet20
-from tests.conftest import REPO
 
 
 def test_no_weight_decay_on_biases_and_norms():

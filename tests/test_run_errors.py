@@ -1,5 +1,8 @@
 """Run-lifecycle mistakes end in one sentence and exit status 2, and leave no run directory behind."""
 
+import errno
+import os
+
 import pytest
 
 from tests.conftest import QUIET, make_npz, run_cli, run_dirs
@@ -18,3 +21,162 @@ def test_ckpt_path_last_without_any_run_is_refused(tmp_path, subcommand):
     assert len(errors) == 1 and "last" in errors[0], out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert run_dirs(root, "lenet") == [], "no run directory is created"
+
+
+# ---- every user mistake: one sentence, exit status 2, nothing written -----------------------------------
+
+from project import tracking  # noqa: E402
+from project.cli import main  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+from tests.test_runs import snapshot  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A root holding one earlier run (whose files must never change), a file, a folder and a tiny npz."""
+    home = tmp_path_factory.mktemp("mistakes")
+    make_npz(home / "d.npz")
+    (home / "a-file").write_text("not a directory")
+    (home / "a-folder").mkdir()
+    earlier = home / "runs" / "lenet" / "20250101-000000-abcdef"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "config.yaml").write_text("name: lenet\n")
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"earlier results")
+    return home
+
+
+def fit_args(home, *extra, root=None, npz=True):
+    return ["fit", "-c", str(REPO / "experiments/lenet.yaml"), *([f"--data.npz={home / 'd.npz'}"] if npz else []), *QUIET,
+            "--data.val_size=16", "--data.batch_size=8", "--trainer.max_epochs=1", "--test_after_fit=false",
+            "--plots.enabled=false", f"--trainer.default_root_dir={root or home / 'runs'}", *extra]
+
+
+#: (id, arguments given the workspace, words the sentence must contain)
+MISTAKES = [
+    ("root-is-a-file", lambda h: fit_args(h, root=h / "a-file"), "is a file"),
+    ("run-dir-is-a-file", lambda h: fit_args(h, f"--run_dir={h / 'a-file'}"), "is a file"),
+    ("ckpt-path-missing", lambda h: fit_args(h, f"--ckpt_path={h / 'missing.ckpt'}"), "does not exist"),
+    ("ckpt-path-is-a-folder", lambda h: fit_args(h, f"--ckpt_path={h / 'a-folder'}"), "is a directory"),
+    ("ckpt-path-is-not-a-checkpoint", lambda h: fit_args(h, f"--ckpt_path={h / 'a-file'}"), "not a PyTorch checkpoint"),
+    ("fit-from-best", lambda h: fit_args(h, "--ckpt_path=best"), "fit --ckpt_path best found no best*.ckpt"),
+    ("npz-missing", lambda h: fit_args(h, f"--data.npz={h / 'missing.npz'}"), "does not exist"),
+    ("npz-is-a-folder", lambda h: fit_args(h, f"--data.npz={h / 'a-folder'}"), "a-folder"),
+    ("data-dir-is-a-file", lambda h: fit_args(h, f"--data.data_dir={h / 'a-file'}", npz=False), "is not a directory"),
+    ("momentum", lambda h: fit_args(h, "--model.momentum=1.5"), "model.momentum"),
+    ("betas", lambda h: fit_args(h, "--model.optimizer=adamw", "--model.betas=[2,0.9]"), "model.betas"),
+    ("step-size", lambda h: fit_args(h, "--model.scheduler=step", "--model.step_size=0"), "model.step_size"),
+    ("max-epochs", lambda h: fit_args(h, "--trainer.max_epochs=-5"), "max_epochs"),
+    ("last-checkpoint-every-n", lambda h: fit_args(h, "--last_checkpoint.every_n_train_steps=-1"), "every_n_train_steps"),
+    ("num-workers", lambda h: fit_args(h, "--data.num_workers=-1"), "data.num_workers"),
+    ("batch-size", lambda h: fit_args(h, "--data.batch_size=0"), "data.batch_size"),
+    ("net-rejects-its-arguments", lambda h: fit_args(h, "--model.net.init_args.init=normal",
+                                                     "--model.net.init_args.init_scale=-1"), "Init scale"),
+    ("too-many-cpu-processes", lambda h: fit_args(h, "--trainer.accelerator=cpu", "--trainer.devices=4096"), "trainer.devices"),
+]
+
+
+def one_sentence(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("make_args, words", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_a_user_mistake_is_one_sentence_and_writes_nothing(workspace, capsys, make_args, words):
+    """Each of these once ended in a traceback (or, for a checkpoint that cannot be read, left a
+    locked run directory behind)."""
+    before = snapshot(workspace)
+    with pytest.raises(SystemExit) as exited:
+        main(make_args(workspace))
+    assert exited.value.code == 2
+    assert words in one_sentence(capsys)
+    assert snapshot(workspace) == before, "no new directory, no changed file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into any folder")
+def test_an_unwritable_root_is_one_sentence(workspace, capsys):
+    locked = workspace / "read-only"
+    locked.mkdir(exist_ok=True)
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(fit_args(workspace, root=locked / "runs"))
+        assert exited.value.code == 2 and "cannot write" in one_sentence(capsys)
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_value_the_parser_refuses_names_it_and_writes_nothing(workspace, capsys):
+    before = snapshot(workspace)
+    with pytest.raises(SystemExit) as exited:
+        main(fit_args(workspace, "--model.net.init_args.init=bogus"))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert "error:" in err and "Got value: bogus" in err
+    assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics.csv"])
+def test_a_full_disk_is_one_sentence(workspace, capsys, monkeypatch, where):
+    """The disk fills up while a checkpoint is written (fsync fails, as it does with ENOSPC, naming no
+    file) or while metrics.csv is appended to: one sentence, not a traceback; the earlier run is intact."""
+    import project.checkpoints
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "checkpoint":
+        monkeypatch.setattr(project.checkpoints.os, "fsync", full)
+    else:
+        monkeypatch.setattr(tracking.ContinuingExperimentWriter, "save", full)
+    earlier = snapshot(workspace / "runs" / "lenet" / "20250101-000000-abcdef")
+    with pytest.raises(SystemExit) as exited:
+        main(fit_args(workspace))
+    assert exited.value.code == 2
+    assert one_sentence(capsys).startswith("error: No space left on the device while writing the run's files; free some space")
+    assert snapshot(workspace / "runs" / "lenet" / "20250101-000000-abcdef") == earlier
+
+
+# ---- bugs stay tracebacks -------------------------------------------------------------------------------
+
+
+def test_a_bug_inside_the_project_keeps_its_traceback(workspace, monkeypatch):
+    """A ValueError raised by the template's own code is a bug, not a user mistake: it propagates
+    (a traceback), whatever file it comes from. It once became `error: ...` with exit status 2."""
+    from project.cluster import _signal_from_name
+
+    def broken_log_config(trainer, config):
+        _signal_from_name("SIGKILL")  # a ValueError raised inside project/
+
+    monkeypatch.setattr(tracking, "log_config", broken_log_config)
+    with pytest.raises(ValueError, match="SIGKILL"):
+        main(fit_args(workspace))
+
+
+def test_a_user_error_raised_anywhere_is_one_sentence(workspace, capsys, monkeypatch):
+    from project.errors import UserError
+
+    def refusing_log_config(trainer, config):
+        raise UserError("The logger refused the config; fix it.")
+
+    monkeypatch.setattr(tracking, "log_config", refusing_log_config)
+    with pytest.raises(SystemExit) as exited:
+        main(fit_args(workspace))
+    assert exited.value.code == 2
+    assert one_sentence(capsys) == "error: The logger refused the config; fix it."
+
+
+def test_a_val_size_larger_than_the_training_set_is_one_sentence(workspace, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(fit_args(workspace, "--data.val_size=64"))
+    assert exited.value.code == 2 and "val_size" in one_sentence(capsys)
+
+
+def test_an_npz_that_is_a_folder_is_called_a_folder(workspace, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args(workspace, f"--data.npz={workspace / 'a-folder'}"))
+    assert "directory" in one_sentence(capsys)

@@ -154,7 +154,7 @@ def test_signal_is_ignored_outside_slurm(tmp_path, tiny_npz, monkeypatch):
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(ImageClassifier(LeNet()), datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=0, batch_size=8))
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert not callback._active and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
 def test_requeued_job_resumes_in_its_own_run_directory_with_identical_weights(tmp_path, tiny_npz):

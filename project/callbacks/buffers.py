@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
 
 from project.callbacks.layers import clean_name
 
@@ -82,7 +83,9 @@ def sync_policy(trainer: L.Trainer) -> str:
     if trainer.world_size <= 1:
         return "one process: nothing to synchronise"
     if isinstance(strategy, DDPStrategy):
-        if getattr(strategy, "_ddp_kwargs", {}).get("broadcast_buffers", True):
+        # The DistributedDataParallel wrapper (set up before fit starts) says what DDP does.
+        wrapped = strategy.model
+        if not isinstance(wrapped, DistributedDataParallel) or wrapped.broadcast_buffers:
             return "DDP: broadcast from rank 0 before every forward pass (checkpoints hold rank 0's values)"
         return "DDP with broadcast_buffers=False: every rank keeps its own (checkpoints hold rank 0's values)"
     if any(isinstance(cb, SyncBuffers) and cb.active(trainer) for cb in trainer.callbacks):

@@ -89,7 +89,7 @@ class LastCheckpoint(ModelCheckpoint):
             self.save_now(trainer, stop_reason())
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        # PRIVATE LIGHTNING METHOD (2 of 2; tests/test_cli.py::test_lightning_private_hooks_still_exist
+        # PRIVATE LIGHTNING METHOD (2 of 2; tests/test_lightning_api.py::test_lightning_private_hooks_still_exist
         # fails if it goes): every save of a ModelCheckpoint passes here, and a step that produced
         # NaN or infinite weights must not replace the last good checkpoint.
         weights = [p.detach().float().sum() for p in trainer.lightning_module.parameters()]
