@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -55,7 +56,9 @@ def _lightning_private_names() -> set[str]:
         for value in list(vars(module).values()):
             if isinstance(value, type) and value.__module__ == name:
                 found.update(n for n in vars(value) if _is_private(n))
-    return found
+    # torch.nn.Module's own machinery (_modules, _parameters, hook dictionaries) is torch's, not
+    # Lightning's, although every LightningModule has it; summary --internals shows it on purpose.
+    return found - set(vars(torch.nn.Module)) - set(vars(torch.nn.Module()))
 
 
 def _lightning_bases(cls: type) -> list[type]:
