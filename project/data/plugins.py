@@ -7,6 +7,7 @@ and ``mean`` and ``std`` (the per-channel normalisation the module applied; the 
 """
 
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -51,7 +52,10 @@ def data_class_problem(message: str) -> str | None:
     """One sentence for jsonargparse's report on a ``data`` class_path it refused, or None for other errors."""
     if not message.startswith('Parser key "data":'):
         return None
-    if found := _NOT_A_DATAMODULE.search(message):
+    found = _NOT_A_DATAMODULE.search(message)
+    if found is None and "does not correspond to a subclass of LightningDataModule" in message:
+        found = re.search(r"Given value: (\S+)", message)  # --data os.system: the import path is only echoed
+    if found:
         return (
             f"data.class_path {found[1]} is not a LightningDataModule subclass, so it was not called; "
             f"name a LightningDataModule such as project.data.CIFAR100DataModule, {RECIPE}."
@@ -66,14 +70,14 @@ def data_class_problem(message: str) -> str | None:
 
 class DataPluginParser(LightningArgumentParser):
     """LightningCLI's parser, with one sentence (and exit status 2) for a bad ``data:`` class and for a
-    data module that lacks a required attribute or refuses its arguments, instead of a usage screen
-    or a wrapped traceback."""
+    data module that lacks a required attribute or refuses its arguments, instead of a wrapped
+    traceback; every parse error is printed without the usage screen."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        sentence = data_class_problem(message)
-        if sentence is None or not self.exit_on_error:
-            super().error(message, ex)
-        sys.stderr.write(f"error: {sentence}\n")
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # raises instead of exiting
+        # The message without jsonargparse's usage screen (a hundred lines of options before it).
+        sys.stderr.write(f"error: {data_class_problem(message) or message.rstrip()}\n")
         sys.exit(2)
 
     def instantiate(self, *args, **kwargs):
