@@ -287,7 +287,7 @@ class ImageClassifier(L.LightningModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         # Logging the Metric objects lets torchmetrics aggregate over the epoch and across processes;
         # once per epoch, because logging them every step costs about a millisecond per step.
-        self.log_dict(self.metrics[f"{stage}_metrics"], on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log_dict(self.metrics[f"{stage}_metrics"], on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")

@@ -131,6 +131,8 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("parser_class", DataPluginParser)  # one sentence for a bad data: class
         self.run: runs.Run | None = None
         self.portable_config = None
+        #: validate/test/predict: the --ckpt_path file's contents (memory-mapped), read once.
+        self.evaluated_checkpoint: dict | None = None
         failed = True
         try:
             # data: may name any LightningDataModule (class_path); without one it is CIFAR10DataModule.
@@ -210,7 +212,7 @@ class ProjectCLI(LightningCLI):
         if ckpt_path in runs.NAMED_CHECKPOINTS:
             config.ckpt_path = ckpt_path = str(runs.find_named_checkpoint(experiment_dir(config), ckpt_path))
         if runs.names_a_path(ckpt_path) and runs.check_checkpoint_path(ckpt_path).is_file():
-            checkpoints.load_file(ckpt_path, mmap=True)
+            self.evaluated_checkpoint = checkpoints.load_file(ckpt_path, mmap=True)  # checked before instantiation
         given = {key: config.model.get(key) for key in RESUME_HONOURED}
         super()._parse_ckpt_path()
         for key, value in given.items():
@@ -250,8 +252,8 @@ class ProjectCLI(LightningCLI):
     def apply_resume_plan(self, config) -> None:
         """Point the fit at the checkpoint the run resumes from (or none), refusing changed model settings."""
         plan, asked = self.run.resume, config.get("ckpt_path")
-        lightnings_own = asked if asked and asked not in runs.NAMED_CHECKPOINTS and not runs.names_a_path(asked) else None
-        config.ckpt_path = str(plan.checkpoint) if plan is not None else lightnings_own  # hpc, registry
+        lightnings_own = runs.lightnings_own(asked)
+        config.ckpt_path = str(plan.checkpoint) if plan is not None else asked if lightnings_own else None
         if plan is None:
             if asked and not lightnings_own:
                 rank_zero_info(f"--ckpt_path {asked}: no checkpoint to resume in {self.run.directory}; starting from scratch.")
@@ -323,9 +325,8 @@ class ProjectCLI(LightningCLI):
 
     def check_evaluated_checkpoint(self) -> None:
         rank_zero_info(f"Run directory: {self.run_dir}")
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
-            self.check_checkpoint_fits(checkpoints.load_file(ckpt_path, mmap=True), str(ckpt_path))
+        # The file _parse_ckpt_path read (and validated) before the classes were built.
+        self.check_checkpoint_fits(self.evaluated_checkpoint, str(self.config_init[self.subcommand].get("ckpt_path")))
 
     def before_fit(self) -> None:
         rank_zero_info(f"Run directory: {self.run_dir}")

@@ -114,9 +114,14 @@ def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
     return None
 
 
+def lightnings_own(ckpt_path: str | None) -> bool:
+    """Whether ``--ckpt_path`` is one of Lightning's own names, ``hpc`` or ``registry[:...]``, left to Lightning."""
+    return bool(ckpt_path) and (ckpt_path == "hpc" or ckpt_path.startswith("registry"))
+
+
 def names_a_path(ckpt_path: str | None) -> bool:
-    """Whether ``--ckpt_path`` is a path, not ``last``/``best`` or Lightning's ``hpc``/``registry[:...]``."""
-    return bool(ckpt_path) and ckpt_path not in NAMED_CHECKPOINTS and ckpt_path != "hpc" and not ckpt_path.startswith("registry")
+    """Whether ``--ckpt_path`` is a path, not ``last``/``best`` or one of Lightning's own names."""
+    return bool(ckpt_path) and ckpt_path not in NAMED_CHECKPOINTS and not lightnings_own(ckpt_path)
 
 
 def check_checkpoint_path(ckpt_path: str) -> Path:
@@ -161,8 +166,6 @@ class ResumePlan:
     reached (where metrics.csv continues) and the model settings it was trained with."""
 
     checkpoint: Path
-    global_step: int | None
-    hyper_parameters: dict
     #: The whole checkpoint, memory-mapped (tensors are read only when used); for a sharded
     #: checkpoint directory, its ``meta.pt`` (loop state and hyperparameters, no tensors).
     contents: dict = field(repr=False, default_factory=dict)
@@ -170,8 +173,15 @@ class ResumePlan:
     @classmethod
     def read(cls, path: Path) -> "ResumePlan":
         stored = path / "meta.pt" if path.is_dir() else path
-        contents = checkpoints.load_file(stored, mmap=True) if stored.is_file() else {}
-        return cls(path, contents.get("global_step"), dict(contents.get("hyper_parameters") or {}), contents)
+        return cls(path, checkpoints.load_file(stored, mmap=True) if stored.is_file() else {})
+
+    @property
+    def global_step(self) -> int | None:
+        return self.contents.get("global_step")
+
+    @property
+    def hyper_parameters(self) -> dict:
+        return dict(self.contents.get("hyper_parameters") or {})
 
 
 class RunLocked(UserError):
@@ -278,15 +288,11 @@ class Run:
         """The checkpoint a fit resumes from: the one given; for ``last``, this run's newest
         ``last*.ckpt``; without ``--ckpt_path``, the newest checkpoint already in the directory (a
         requeued job, ``--run_dir``). ``None``: a fresh start."""
-        if ckpt_path == "last":
-            return newest_checkpoint(self.directory, NAMED_CHECKPOINTS["last"])
-        if ckpt_path == "best":
-            return newest_checkpoint(self.directory, NAMED_CHECKPOINTS["best"])
-        if names_a_path(ckpt_path):
-            return Path(ckpt_path)
-        if ckpt_path:
-            return None  # hpc / registry: Lightning's own
-        return newest_checkpoint(self.directory)
+        if ckpt_path in NAMED_CHECKPOINTS:
+            return newest_checkpoint(self.directory, NAMED_CHECKPOINTS[ckpt_path])
+        if lightnings_own(ckpt_path):
+            return None
+        return Path(ckpt_path) if ckpt_path else newest_checkpoint(self.directory)
 
     def remove_if_unused(self) -> None:
         """Remove the folders this command created when it failed before writing results into them
