@@ -403,17 +403,17 @@ def open_sweep_dir(path: Path, config: dict, sweep_file: Path) -> SweepDir:
     runs.check_writable_dir(path, "--dir")
     if path.exists() and not path.is_dir():
         raise UserError(f"--dir {path} is a file; choose a directory.")
+    saved = path / "sweep.yaml"
+    if path.is_dir() and not saved.is_file() and any(p.name != "sweep.lock" for p in path.iterdir()):
+        raise UserError(f"--dir {path} is not empty and holds no sweep.yaml; choose a new or empty directory.")
     path.mkdir(parents=True, exist_ok=True)
     sweep_dir = SweepDir(path.resolve())
     with sweep_dir.locked():
-        saved = path / "sweep.yaml"
         if saved.is_file():
             if yaml.safe_load(saved.read_text()) != config:
                 raise UserError(f"{path} holds another sweep ({saved} differs from {sweep_file}); "
                                 "give the same sweep file or a new --dir.")
-        elif any(p.name != "sweep.lock" for p in path.iterdir()):
-            raise UserError(f"--dir {path} is not empty and holds no sweep.yaml; choose a new or empty directory.")
-        else:
+        else:  # the first worker (the others wait for the lock, then join)
             checkpoints.write_atomically(yaml.safe_dump(config, sort_keys=False).encode(), saved)
             sweep_dir.write([], config)
     return sweep_dir
