@@ -55,7 +55,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_com
 MAX_FAILURES_IN_A_ROW = 3
 #: How often a worker looks at its running trials (and at early termination).
 POLL_SECONDS = 0.5
-#: Exit statuses of a trial stopped by a signal that saved last.ckpt first (the CLI's 130/143) or not.
+#: Exit statuses of a trial stopped by a signal, having saved last.ckpt (the CLI's 130/143) or not.
 INTERRUPTED_STATUSES = {130, 143, -signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL}
 
 
@@ -287,8 +287,10 @@ class Worker:
         history = final_history(self.dir.run_dir(trial.id) / "metrics.csv", self.metric)
         if status == 0:
             state = "stopped" if trial.state == "stopped" else "finished"
-        elif status in INTERRUPTED_STATUSES and (self.stopping or trial.state == "stopped"):
-            state = "stopped" if trial.state == "stopped" else "interrupted"
+        elif trial.state == "stopped" and status in INTERRUPTED_STATUSES:
+            state = "stopped"
+        elif self.stopping is not None:  # whatever made it end while this worker stopped it, it can resume
+            state = "interrupted"
         else:
             state = "failed"
         with self.dir.locked():
@@ -446,14 +448,30 @@ def main(argv: list[str] | None = None) -> None:
         sweep_dir = open_sweep_dir(directory, config, args.sweep_file)
         print(f"Sweep directory: {sweep_dir.path}", file=sys.stderr, flush=True)
         worker = Worker(config, sweep_dir, args.workers, args.count)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # SIGUSR1: SLURM's warning before the time limit (experiments/slurm/sweep_local.sbatch).
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, lambda signum, frame: worker.stop(signum))
         status = worker.run()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"Table: {sweep_dir.path / 'sweep.csv'}", file=sys.stderr)
+    if worker.stopping == signal.SIGUSR1 and runs.slurm_job_id():
+        status = requeue(runs.slurm_job_id())
     sys.exit(status)
+
+
+def requeue(job_id: str) -> int:
+    """Put this SLURM job back in the queue: it starts again as a worker and resumes its interrupted trials."""
+    from project.cluster import requeue_job  # noqa: PLC0415 (Lightning is imported only by a worker that needs it)
+
+    problem = requeue_job(job_id)
+    if problem is None:
+        print(f"Requeued SLURM job {job_id}; its trials resume when it starts again.", file=sys.stderr)
+        return 0
+    print(f"error: SLURM job {job_id} was not requeued: {problem}; start another worker on this --dir to resume "
+          "its trials.", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
