@@ -121,3 +121,21 @@ class SendSignal(L.Callback):
         if self.when == "test":
             self._send()
 
+
+
+class SignalSweepWorker(L.Callback):
+    """In a trial started by ``python -m project.sweep``: when training epoch ``epoch`` starts, send
+    ``signal`` to the worker (this process's parent), once per ``marker`` file. SIGTERM is a worker
+    asked to stop; SIGKILL kills the worker's process group and then this trial, as a node failure does."""
+
+    def __init__(self, marker: str, signal: str = "SIGKILL", epoch: int = 1) -> None:
+        self.marker, self.signum, self.epoch = Path(marker), getattr(signal_module, signal), epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch or self.marker.exists():
+            return
+        self.marker.touch()
+        if self.signum == signal.SIGKILL:
+            os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getppid(), self.signum)

@@ -206,6 +206,14 @@ def test_sbatch_scripts_parse_and_carry_the_required_directives(script):
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
     for required in ("partition", "account", "time", "signal", "requeue", "output", "open-mode"):
         assert required in directives, f"{script.name} lacks #SBATCH --{required}"
+    # Every expansion is inside double quotes, and no command is assembled from a string.
+    for line in text.splitlines():
+        assert not unquoted_expansions(line), f"{script.name}: unquoted expansion in: {line}"
+        assert not re.search(r"\beval\b|\b(ba)?sh -c\b", line), f"{script.name}: {line}"
+    if script.name == "sweep_local.sbatch":
+        # The worker alone gets the signal (B:, it is exec'd by the batch shell) and stops its trials itself.
+        assert directives["signal"] == "B:SIGUSR1@90" and re.search(r"^exec python -m project\.sweep ", text, re.M)
+        return
     assert directives["signal"] in ("SIGUSR1@90", "SIGUSR2@90")
     # The run must listen for the signal SLURM is told to send; one edited without the other breaks requeue.
     listened = re.findall(r"--requeue\.signal[ =](\w+)", text) or ["SIGUSR1"]  # not given: SLURMRequeue's default
@@ -216,10 +224,6 @@ def test_sbatch_scripts_parse_and_carry_the_required_directives(script):
         assert "ntasks-per-node" in directives and "gpus-per-node" in directives
         assert directives["ntasks-per-node"] == directives["gpus-per-node"]
         assert '--trainer.devices "${SLURM_NTASKS_PER_NODE}"' in text and '--trainer.num_nodes "${SLURM_NNODES}"' in text
-    # Every expansion is inside double quotes, and no command is assembled from a string.
-    for line in text.splitlines():
-        assert not unquoted_expansions(line), f"{script.name}: unquoted expansion in: {line}"
-        assert not re.search(r"\beval\b|\b(ba)?sh -c\b", line), f"{script.name}: {line}"
 
 
 def unquoted_expansions(line: str) -> list[str]:

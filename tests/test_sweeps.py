@@ -2,16 +2,18 @@
 
 The wandb server's part of a sweep is choosing the next hyperparameters; that part is the open
 source ``sweeps`` package (grid, random and Bayesian search), called here directly. The agent's
-part is turning a suggestion into a command line; that is wandb's own ``create_sweep_command*``,
-substituted exactly as ``wandb agent`` does (``wandb/wandb_agent.py``, ``Agent._command_run``).
+part is turning a suggestion into a command line; that is wandb's own agent code
+(``wandb/wandb_agent.py``, ``Agent._command_run``), called here with the command a server would send.
 Only the network between the two is missing.
 """
 
 import csv
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -19,7 +21,7 @@ import yaml
 with warnings.catch_warnings():  # sweeps still uses pydantic v1 configuration names
     warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")
     import sweeps
-from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+from wandb import wandb_agent
 
 from project.cli import ProjectCLI
 from tests.conftest import QUIET, REPO, run_bounded, run_dirs
@@ -32,18 +34,30 @@ def load(path: Path) -> dict:
 
 
 def agent_command(sweep_config: dict, run_config: dict) -> list[str]:
-    """The command ``wandb agent`` runs for one suggested run, with this interpreter for ``python``."""
-    sweep_vars = create_sweep_command_args({"args": run_config})
-    sweep_vars["interpreter"] = [sys.executable]  # the agent uses "python" from PATH
-    sweep_vars["env"] = ["/usr/bin/env"]
-    command: list[str] = []
-    for part in create_sweep_command(list(sweep_config["command"])):
-        part = str(part)
-        if part.startswith("${") and part.endswith("}"):
-            command += sweep_vars.get(part[2:-1]) or []
-        else:
-            command.append(part)
-    return command
+    """The command ``wandb agent`` runs for one suggested run, built by the agent itself
+    (``wandb.wandb_agent.Agent._command_run``) from the command dict a wandb server would send: the
+    run's parameters and the sweep file's ``program``. A stand-in for ``AgentProcess`` records the
+    command instead of starting it; the agent's "python" (from PATH) becomes this interpreter."""
+    assert "program" in sweep_config, "wandb's agent reads command['program'] for every trial (wandb#4187)"
+    started = []
+
+    class RecordedProcess:  # stands in for the trial process: nothing is started here
+        def __init__(self, command=None, **kwargs):
+            started.append(command)
+
+    saved = dict(os.environ)
+    try:
+        with tempfile.TemporaryDirectory() as wandb_dir, mock.patch.object(wandb_agent, "AgentProcess", RecordedProcess):
+            os.environ.update({"WANDB_DIR": wandb_dir, "WANDB_SWEEP_ID": "sw33p"})  # where the agent saves the run's config
+            agent = wandb_agent.Agent(api=None, queue=None, sweep_id="sw33p")
+            agent._sweep_command = list(sweep_config["command"])  # what the agent reads from the server's sweep
+            agent._command_run({"run_id": "r1", "program": sweep_config["program"], "args": run_config})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    (command,) = started
+    assert command[1] == "python"
+    return [command[0], sys.executable, *command[2:]]
 
 
 def candidate_values(spec: dict) -> list:

@@ -1,0 +1,104 @@
+"""project.compare: runs grouped by what differs in their saved configs, metrics summarised per group.
+
+The runs here are folders written the way a fit writes them (config.yaml as LightningCLI saves it,
+metrics.csv as the CSVLogger writes it) with chosen values, so every number can be checked by hand;
+tests/test_sweep.py compares real trials.
+"""
+
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from project import compare
+from tests.conftest import REPO, run_bounded
+
+
+def write_run(folder: Path, lr: float, seed: int, val_acc: list[float], batch_size: int = 64) -> Path:
+    folder.mkdir(parents=True)
+    config = {
+        "seed_everything": seed,
+        "run_dir": str(folder),
+        "model": {"lr": lr, "net": {"class_path": "project.models.LeNet", "init_args": {"num_classes": 10}}},
+        "data": {"class_path": "project.data.CIFAR10DataModule", "init_args": {"batch_size": batch_size}},
+        "trainer": {"logger": [{"class_path": "project.tracking.CSVLogger", "init_args": {"save_dir": str(folder)}}]},
+        "checkpoint": {"dirpath": str(folder / "checkpoints")},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "train/loss", "val/acc", "val/loss"])
+        for epoch, acc in enumerate(val_acc):
+            writer.writerow([epoch, 10 * epoch + 9, 2.0 - epoch, "", ""])  # a training row: no val values
+            writer.writerow([epoch, 10 * epoch + 9, "", acc, 1.0 - acc])
+    return folder
+
+
+@pytest.fixture
+def runs_folder(tmp_path: Path) -> Path:
+    """Two learning rates, three seeds at 0.1 and two at 0.01; each run in its own folder with its own paths."""
+    root = tmp_path / "runs"
+    for i, (lr, seed, accs) in enumerate([(0.1, 1, [0.2, 0.5]), (0.1, 2, [0.3, 0.6]), (0.1, 3, [0.1, 0.7]),
+                                         (0.01, 1, [0.2, 0.3]), (0.01, 2, [0.25, 0.35])]):
+        write_run(root / "lenet" / f"run{i}", lr, seed, accs)
+    return root
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_runs_are_grouped_by_what_differs_and_seeds_and_paths_are_pooled(runs_folder):
+    printed = compare.compare([runs_folder])
+    rows = read_csv(runs_folder / "compare.csv")
+    assert list(rows[0]) == ["model.lr", "n", "val/acc.mean", "val/acc.std", "val/loss.mean", "val/loss.std"]
+    assert [(r["model.lr"], r["n"]) for r in rows] == [("0.1", "3"), ("0.01", "2")]  # best val/acc first
+    assert float(rows[0]["val/acc.mean"]) == pytest.approx(statistics.fmean([0.5, 0.6, 0.7]))
+    assert float(rows[0]["val/acc.std"]) == pytest.approx(0.1)  # sample std (n-1), not population
+    assert float(rows[1]["val/acc.std"]) == pytest.approx(statistics.stdev([0.3, 0.35]))
+    assert float(rows[1]["val/loss.mean"]) == pytest.approx(1 - 0.325)
+    header, first, second = printed.splitlines()[:3]
+    assert header.split() == list(rows[0]) and first.split()[:3] == ["0.1", "3", "0.6000"]
+    assert (runs_folder / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_by_and_metric_choose_the_grouping_and_the_columns(runs_folder, tmp_path):
+    compare.compare([runs_folder], metrics=["val/loss"], by=["seed_everything"], out=tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "compare.csv")
+    assert list(rows[0]) == ["seed_everything", "n", "val/loss.mean", "val/loss.std"]
+    assert [r["seed_everything"] for r in rows] == ["3", "2", "1"]  # lowest loss first
+    assert float(rows[1]["val/loss.mean"]) == pytest.approx(statistics.fmean([1 - 0.6, 1 - 0.35]))
+    assert rows[0]["n"] == "1" and rows[0]["val/loss.std"] == ""  # one run: no sample std
+    assert not (runs_folder / "compare.csv").exists()
+
+
+def test_a_single_run_directory_is_one_group(runs_folder):
+    run = runs_folder / "lenet" / "run0"
+    compare.compare([run])
+    (row,) = read_csv(run / "compare.csv")
+    assert row == {"n": "1", "val/acc.mean": "0.5", "val/acc.std": "", "val/loss.mean": "0.5", "val/loss.std": ""}
+
+
+def test_user_mistakes_end_in_one_sentence(runs_folder, tmp_path):
+    broken = tmp_path / "broken"
+    write_run(broken / "r", 0.1, 1, [0.5])
+    (broken / "r" / "metrics.csv").write_text("epoch,step,val/acc\n0,9,not-a-number\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        (str(empty),): "no runs (folders with config.yaml and metrics.csv)",
+        (str(tmp_path / "missing"),): "does not exist",
+        (str(runs_folder), "--metric", "val/acc5"): "no run logged the metric 'val/acc5'",
+        (str(runs_folder), "--by", "model.lr2"): "--by model.lr2 is not a key",
+        (str(broken),): "is not a metrics file written by the CSVLogger",
+    }
+    for args, expected in cases.items():
+        done = run_bounded([sys.executable, "-m", "project.compare", *args], timeout=120, cwd=REPO,
+                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
+    assert not (empty / "compare.csv").exists() and not (broken / "compare.csv").exists()
