@@ -8,6 +8,7 @@ Only the network between the two is missing.
 """
 
 import csv
+import json
 import os
 import sys
 import tempfile
@@ -51,7 +52,9 @@ def agent_command(sweep_config: dict, run_config: dict) -> list[str]:
             os.environ.update({"WANDB_DIR": wandb_dir, "WANDB_SWEEP_ID": "sw33p"})  # where the agent saves the run's config
             agent = wandb_agent.Agent(api=None, queue=None, sweep_id="sw33p")
             agent._sweep_command = list(sweep_config["command"])  # what the agent reads from the server's sweep
-            agent._command_run({"run_id": "r1", "program": sweep_config["program"], "args": run_config})
+            # A server sends the suggestion as JSON: plain numbers, never numpy's (the Bayes engine's).
+            args = json.loads(json.dumps(run_config, default=lambda value: value.item()))
+            agent._command_run({"run_id": "r1", "program": sweep_config["program"], "args": args})
     finally:
         os.environ.clear()
         os.environ.update(saved)
