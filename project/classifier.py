@@ -220,7 +220,8 @@ class ImageClassifier(L.LightningModule):
             raise UserError(f"model.max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}.")
         if not isinstance(net, nn.Module):
             raise UserError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
-        group_parameters(net, param_groups)  # a mistake in param_groups fails now, not at fit
+        # Mistakes in param_groups and in the optimiser's arguments (torch checks them: lr > 0, ...) fail now, not at fit.
+        scale_learning_rates(optimizer(group_parameters(net, param_groups)))
         with warnings.catch_warnings():
             # From the CLI the net, optimizer and scheduler arrive as their configs (class_path +
             # init_args), which is what load_from_checkpoint needs and what a resumed fit compares;
@@ -397,7 +398,10 @@ class ImageClassifier(L.LightningModule):
         if isinstance(max_lr, (int, float)) and not isinstance(max_lr, bool):
             # One peak per group: OneCycleLR's max_lr scaled by each group's lr_scale, as the optimizer's lr is.
             options["max_lr"] = [max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
-        scheduler = factory(optimizer, **options)
+        try:
+            scheduler = factory(optimizer, **options)
+        except ValueError as err:  # torch's schedulers check their arguments (step_size, max_lr, ...) so
+            raise UserError(f"model.scheduler refused its arguments: {err}") from err
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def schedule_length(self, interval: str) -> int:
