@@ -205,6 +205,24 @@ class ProjectCLI(LightningCLI):
         os.environ[runs.RUN_DIR_ENV] = str(self.run.directory)
         if self.subcommand == "fit":
             self.apply_resume_plan(config)
+        elif self.run.contents is not None:
+            self.evaluate_the_checkpoints_model()
+
+    def evaluate_the_checkpoints_model(self) -> None:
+        """validate/test/predict evaluate the checkpoint's model: its hyperparameters are the model
+        settings, but for those in RESUME_HONOURED (how to run it) that the command line gives.
+        (What LightningCLI does with a --ckpt_path it reads itself, from the contents the run read.)"""
+        hparams = dict(self.run.contents.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        model = self.config[self.subcommand].model
+        given = {key: model.get(key) for key in RESUME_HONOURED if model.get(key) is not None}
+        self.config = self.parser.parse_object({self.subcommand: {"model": hparams}}, self.config)
+        for key, value in given.items():
+            self.config[self.subcommand].model[key] = value
 
     def apply_resume_plan(self, config) -> None:
         """Say what the fit resumes from (or that it starts afresh), refusing changed model settings."""

@@ -280,6 +280,9 @@ class Run:
     #: The checkpoint this command loads (fit: the one it resumes from; validate/test/predict: the
     #: one evaluated, ``last``/``best`` resolved), handed to Lightning as ``trainer.ckpt_path``.
     checkpoint: Path | None = None
+    #: That checkpoint file's contents, read once (memory-mapped) by this run; Lightning loads them
+    #: from here (project.callbacks.checkpointing.AtomicCheckpointIO) instead of reading the file again.
+    contents: dict | None = None
     resume: ResumePlan | None = None
     created: list[Path] = field(default_factory=list)
     lock: RunLock | None = None
@@ -290,8 +293,10 @@ class Run:
         check_name(name)
         if subcommand != "fit" and ckpt_path in NAMED_CHECKPOINTS:
             ckpt_path = str(find_named_checkpoint(root / name, ckpt_path))
+        contents = None
         if names_a_path(ckpt_path):
-            check_checkpoint_path(ckpt_path)
+            if check_checkpoint_path(ckpt_path).is_file() and subcommand != "fit":
+                contents = checkpoints.load_file(ckpt_path, mmap=True)  # before anything is created
         explicit = None
         if subcommand == "fit":
             explicit = run_dir or run_dir_of_checkpoint(ckpt_path)
@@ -303,7 +308,7 @@ class Run:
             raise UserError(f"The run directory {directory} is a file; remove it or choose another --run_dir.")
         run = cls(directory.resolve(), name=name)
         if subcommand != "fit" and names_a_path(ckpt_path):
-            run.checkpoint = Path(ckpt_path)
+            run.checkpoint, run.contents = Path(ckpt_path), contents
         if is_primary_process():
             run.created = _make_dirs(run.directory)
             run.lock = RunLock(run.directory)
@@ -324,6 +329,8 @@ class Run:
                     )
                 run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
                 run.checkpoint = resume_from
+                if resume_from is not None and resume_from.is_file():
+                    run.contents = run.resume.contents
             except BaseException:
                 # A checkpoint that cannot be read: the caller never gets the run to close.
                 run.close(failed=True)

@@ -27,8 +27,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A process killed mid-write leaves at worst a stray ``.tmp`` file; the previous checkpoint
     under the real name stays complete and loadable. Loading is ``weights_only=True`` unless
     asked otherwise, so a checkpoint carrying a pickled payload is refused instead of run, and a
-    file that is not a Lightning checkpoint is one sentence (project.checkpoints.load_file).
-    The CLI gives it to the Trainer as a plugin.
+    file that is not a Lightning checkpoint is one sentence (project.checkpoints.load_file). The
+    checkpoint the run already read (``--ckpt_path``) is not read again. The CLI gives it to the
+    Trainer as a plugin.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
@@ -37,7 +38,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomically(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True) -> dict[str, Any]:
-        checkpoint = load_file(path, weights_only=weights_only is not False)  # tensors on the CPU, as Lightning's
+        run = runs.current()
+        if run is not None and run.contents is not None and run.checkpoint == Path(path):
+            checkpoint = run.contents  # the run read this file already (for --ckpt_path's checks): not again
+        else:
+            checkpoint = load_file(path, weights_only=weights_only is not False)  # tensors on the CPU, as Lightning's
         if "state_dict" not in checkpoint:
             raise CheckpointError(
                 f"{path} is not a Lightning checkpoint of this template (no state_dict entry); "
