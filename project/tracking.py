@@ -95,6 +95,7 @@ class WandbLogger(lightning.pytorch.loggers.WandbLogger):
     def __init__(self, name: str | None = None, save_dir: str | None = None, version: str | None = None,
                  id: str | None = None, project: str | None = None, **kwargs) -> None:
         run = runs.current()
+        version = version or None  # "" when jsonargparse carries it over from a CSVLogger config: no id
         if run is not None:
             name, id, project = wandb_identity(run.directory, run.name, name, id or version, project)
         save_dir = runs.path_in_run(save_dir, "trainer.logger.save_dir")
