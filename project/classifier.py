@@ -19,7 +19,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from project.errors import UserError
-from project.state_dicts import clean_name, differences
+from project.state_dicts import clean_name
 
 Optimizer = Literal["sgd", "adamw"]
 Scheduler = Literal["none", "cosine", "onecycle", "step"]
@@ -365,30 +365,9 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning calls this before it loads the weights: a checkpoint of another net is refused
-        # here with one sentence instead of a half-loaded model or load_state_dict's traceback.
-        self.check_checkpoint_fits(checkpoint)
-        # ... and before configure_optimizers, loading the checkpoint's optimiser and scheduler
-        # states after it: keep a reference so the schedule can be re-planned.
+        # Lightning calls this before configure_optimizers and loads the checkpoint's optimiser and
+        # scheduler states after it: keep a reference so the schedule can be re-planned.
         self._resumed = checkpoint
-
-    def check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
-        """Raise a one-sentence UserError when the checkpoint's ``net.`` weights do not fit ``self.net``."""
-        state = checkpoint.get("state_dict")
-        if state is None:  # a sharded checkpoint: its strategy loads the weights itself, and checks them
-            return
-        stored = {clean_name(key.removeprefix("net.")): value for key, value in state.items() if key.startswith("net.")}
-        expected = {clean_name(key): value for key, value in self.net.state_dict().items()}
-        problems = differences(stored, expected, strict=self.strict_loading)
-        if problems:
-            try:
-                name = self.trainer.ckpt_path or "The checkpoint"
-            except RuntimeError:  # load_from_checkpoint: no trainer
-                name = "The checkpoint"
-            raise UserError(
-                f"{name} does not fit {type(self.net).__name__} ({'; '.join(problems)}); "
-                "it was saved from a different architecture or configuration."
-            )
 
     def _replan_resumed_schedule(self, scheduler, total_steps: int) -> None:
         """A resumed fit that runs a different number of steps (``--trainer.max_epochs`` changed)

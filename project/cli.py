@@ -281,7 +281,10 @@ class ProjectCLI(LightningCLI):
         return plugins
 
     def load_run_checkpoint(self) -> None:
-        """Hand Lightning the checkpoint the run resolved (it loads it once, when the subcommand starts)."""
+        """Hand Lightning the checkpoint the run resolved and read, once a checkpoint of another
+        architecture is refused (before Lightning half-loads it); Lightning loads the run's contents."""
+        if self.run.contents is not None:
+            checkpoints.load_into(self.model.net, self.run.contents, dry_run=True, name=str(self.run.checkpoint))
         if self.run.checkpoint is not None:
             self.trainer.ckpt_path = str(self.run.checkpoint)
 
