@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from project import checkpoints, runs, tracking
+from project import checkpoints, option_checks, runs, tracking
 from project.callbacks.checkpointing import AtomicCheckpointIO
 from project.callbacks import (
     ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState, SyncBuffers,
@@ -192,6 +192,15 @@ class ProjectCLI(LightningCLI):
         parser.link_arguments("data", "model.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
         parser.link_arguments("data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
         parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI seeds (numpy refuses a seed out of its range with a traceback) and
+        # before anything is read or written.
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        option_checks.check_seed(config.get("seed_everything"))
+        option_checks.check_trainer_numbers(config.trainer)
 
     def _parse_ckpt_path(self) -> None:
         # PRIVATE LIGHTNING METHOD (1 of 2; tests/test_lightning_api.py::test_lightning_private_hooks_still_exist

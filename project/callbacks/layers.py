@@ -7,6 +7,8 @@ import lightning as L
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from project.errors import UserError
+
 #: Segments that wrappers insert into parameter and module names (FSDP, activation checkpointing,
 #: torch.compile); removed so a layer has one name under every strategy.
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -51,7 +53,7 @@ def select_layers(
     }
     if not chosen:
         available = sorted({type(m).__name__ for _, m in net.named_modules()})
-        raise ValueError(
+        raise UserError(
             f"{owner} matched no layer of {type(net).__name__} (layers={patterns or None}, types={sorted(type_names) or None}); "
             f"give name patterns such as 'conv1' or 'stages.*', or types among {', '.join(available)}."
         )

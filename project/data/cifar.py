@@ -100,6 +100,8 @@ class CIFARDataModule(L.LightningDataModule):
                 raise UserError(f"data.{name} must be at least 1, got {value}.")
         if val_size < 0:
             raise UserError(f"data.val_size must be >= 0, got {val_size}.")
+        if url is not None and not url.lower().startswith(("http://", "https://")):
+            raise UserError(f"data.url must be an http:// or https:// address of the archive, got {url!r}.")
         if num_workers < 0:
             raise UserError(f"data.num_workers must be >= 0, got {num_workers}.")
         self.save_hyperparameters()
