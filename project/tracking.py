@@ -110,8 +110,30 @@ def wandb_run_id(run_dir: Path) -> str | None:
     return _RUN_FOLDER.match(newest.name).group(1) if newest else None
 
 
+#: A wandb API key: 40 or more letters, digits and underscores, optionally after an on-prem ``<prefix>-``;
+#: or a JWT (three base64url parts). The format wandb itself checks (wandb.sdk.lib.wbauth.validation).
+_API_KEY = re.compile(r"(?:\w*-)?[\w-]{40,}|[\w-]+\.[\w-]+\.[\w-]+", re.ASCII)
+
+
+def check_wandb_api_key(offline: bool = False) -> None:
+    """Refuse a malformed ``WANDB_API_KEY`` before any network call: an online run would otherwise try to
+    log in with it for about 100 s and end in a traceback. The key itself is never printed."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    key = os.environ.get("WANDB_API_KEY")
+    if offline or mode in ("offline", "dryrun", "disabled") or key is None:
+        return
+    if not _API_KEY.fullmatch(key):
+        problem = "surrounded by whitespace" if key != key.strip() else (
+            f"{len(key)} characters long" if len(key) < 40 else "not made of letters, digits and underscores")
+        raise WandbSetupError(
+            f"WANDB_API_KEY is not a wandb API key ({problem}; a key has 40 or more letters, digits and underscores): "
+            "copy it again from https://wandb.ai/authorize, or set WANDB_MODE=offline to log without an account."
+        )
+
+
 def configure_wandb_logger(init_args: Any, run_dir: Path, experiment: str) -> None:
     """Fill in a WandbLogger's name, id and (under ``wandb agent``) project; ``init_args`` is changed in place."""
+    check_wandb_api_key(offline=bool(init_args.get("offline")))
     if init_args.get("name") is None:
         init_args.name = f"{experiment}/{run_dir.name}"
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_PROJECT"):

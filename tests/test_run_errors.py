@@ -232,3 +232,22 @@ def test_an_npz_that_is_a_folder_is_called_a_folder(workspace, capsys):
     with pytest.raises(SystemExit):
         main(fit_args(workspace, f"--data.npz={workspace / 'a-folder'}"))
     assert "directory" in one_sentence(capsys)
+
+
+@pytest.mark.parametrize("key", ["abc123", "x" * 39, " " + "a" * 40, "ключ" * 10])
+def test_a_malformed_wandb_api_key_fails_before_any_network_call(workspace, capsys, monkeypatch, key):
+    """With WANDB_MODE=online, such a key once made wandb try to log in for about 100 s and end in a
+    traceback, leaving a run directory. The format is checked first (no network here: a call would
+    hang or fail differently); the key itself is never printed."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(workspace / "a-folder"))
+    before = snapshot(workspace)
+    args = fit_args(workspace)
+    args[1:1] = ["-c", str(REPO / "experiments/loggers/wandb.yaml")]  # the preset before the experiment
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    sentence = one_sentence(capsys)
+    assert exited.value.code == 2 and sentence.startswith("error: WANDB_API_KEY is not a wandb API key")
+    assert key.strip() not in sentence
+    assert snapshot(workspace) == before
