@@ -111,7 +111,8 @@ MISTAKES = [
      "trainer.precision does not accept '15'; give one of 64, 32, 16"),
     ("batch-size-not-a-number", lambda h: fit_args(h, "--data.batch_size=abc"), "data.batch_size must be a whole number, got 'abc'"),
     ("clip-negative", lambda h: fit_args(h, "--trainer.gradient_clip_val=-1"), "gradient_clip_val must be a finite number >= 0"),
-    ("clip-not-a-number", lambda h: fit_args(h, "--trainer.gradient_clip_val=abc"), "gradient_clip_val does not accept 'abc'"),
+    ("clip-not-a-number", lambda h: fit_args(h, "--trainer.gradient_clip_val=abc"),
+     "trainer.gradient_clip_val does not accept 'abc'; give a number or null."),
     ("check-val-every-zero", lambda h: fit_args(h, "--trainer.check_val_every_n_epoch=0"), "check_val_every_n_epoch must be at least 1"),
     ("val-check-interval-zero", lambda h: fit_args(h, "--trainer.val_check_interval=0"), "val_check_interval must be"),
     ("val-check-interval-fraction", lambda h: fit_args(h, "--trainer.val_check_interval=1.5"), "fraction of the epoch in (0, 1]"),
@@ -122,6 +123,8 @@ MISTAKES = [
     ("num-nodes", lambda h: fit_args(h, "--trainer.num_nodes=0"), "num_nodes"),
     ("eval-batch-size", lambda h: fit_args(h, "--data.eval_batch_size=0"), "data.eval_batch_size"),
     ("val-size-negative", lambda h: fit_args(h, "--data.val_size=-3"), "data.val_size"),
+    ("val-size-not-a-number", lambda h: fit_args(h, "--data.val_size=x"), "data.val_size does not accept 'x'; give a number."),
+    ("val-size-fraction-above-one", lambda h: fit_args(h, "--data.val_size=1.5"), "or a fraction between 0 and 1, got 1.5"),
     ("data-url-not-http", lambda h: fit_args(h, "--data.url=file:///etc/passwd", npz=False), "data.url must be an http"),
     ("layer-pattern-matches-nothing", with_config("no-layer.yaml"), "ActivationStatistics matched no layer of LeNet"),
 ]

@@ -80,7 +80,12 @@ def union_problem(message: str) -> str | None:
     key, given = re.match(r'Parser key "([^"]+)"', message), re.search(r"Given value: (.*)", message)
     if key is None or given is None:
         return None
-    # A nested key of a class (data.batch_size) refused its value: name that key and its own expectation.
+    # A nested key of a class (data.val_size) refused its value: that key's own report, under the outer key.
+    nested = message.find('Parser key "', 1)
+    if nested > 0 and "Does not validate against any of the Union subtypes" in message[nested:]:
+        sentence = union_problem(message[nested:])
+        if sentence is not None:
+            return f"{key[1]}.{sentence}"
     inner = re.search(r'Parser key "([^"]+)":\s*Expected an? (.+?)\. Got value: (.*)', message)
     if inner:
         expected = re.sub(r"<class '(?:\w+\.)*(\w+)'>", lambda m: _TYPE_WORDS.get(m[1], m[1]), inner[2])
@@ -91,6 +96,8 @@ def union_problem(message: str) -> str | None:
     for literal, cls in found:
         words = [v.strip().strip("'\"") for v in literal.split(",")] if literal else [_TYPE_WORDS.get(cls, f"a {cls}")]
         choices += [w for w in words if w and w not in choices]
+    if "a number" in choices and "a whole number" in choices:
+        choices.remove("a whole number")  # int or float: any number
     valid = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else "".join(choices) or "another value"
     one_of = "one of " if any(literal for literal, _ in found) else ""
     return f"{key[1]} does not accept {given[1].strip()!r}; give {one_of}{valid}."
