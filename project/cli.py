@@ -121,12 +121,19 @@ def portable_config(config, subcommand: str | None = "fit"):
     return portable
 
 
+def command_name() -> str:
+    """What the usage line calls this command: ``imgcls`` (the console script) or ``python -m project``,
+    never ``__main__.py``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name == "imgcls" else "python -m project"
+
+
 class ProjectCLI(LightningCLI):
     """LightningCLI for ImageClassifier + any LightningDataModule (CIFAR-10 by default), one directory per run (project.runs)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "prog": command_name()})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", DataPluginParser)  # one sentence for a bad data: class
         self.run: runs.Run | None = None
@@ -394,6 +401,11 @@ def main(args=None) -> ProjectCLI:
         if err.code == 1 and runs.stop_signals.pending(signal.SIGINT):
             sys.exit(130)
         raise
+    except KeyboardInterrupt:
+        # Ctrl-C outside Lightning's loops (start-up, parsing, building the classes): the run
+        # directory is closed already (ProjectCLI.__init__); status 130 as a shell reports SIGINT.
+        print("Interrupted (Ctrl-C).", file=sys.stderr)
+        sys.exit(130)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

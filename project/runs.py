@@ -351,12 +351,19 @@ def keep_metrics_before(path: Path, step: int) -> list[str]:
 
 class StopSignals:
     """Signals that ask a command to stop at a safe point: the handler only notes them (saving
-    inside it could catch the model in the middle of an optimiser step); callbacks act at the next
-    batch boundary (project.cluster.SLURMRequeue for the requeue signal).
+    inside it could catch the model in the middle of an optimiser step, and a collective inside it
+    deadlocks DDP); callbacks act at the next batch boundary (LastCheckpoint for Ctrl-C,
+    project.cluster.SLURMRequeue for the requeue signal).
 
-    SIGINT (Ctrl-C) is turned into the SIGTERM that Lightning already handles during a run: the
-    run saves ``last.ckpt`` at the next batch boundary, all DDP ranks together (Lightning
-    broadcasts it), and the CLI exits with status 130 instead of 143. A second Ctrl-C stops at once.
+    Ctrl-C (SIGINT) while ``save_on_sigint`` (during a fit): noted; LastCheckpoint saves ``last.ckpt``
+    at the next training batch boundary and the CLI exits with status 130. A terminal sends Ctrl-C to
+    the whole process group, so every DDP rank receives it itself; the ranks agree on the step at a
+    batch boundary (LastCheckpoint). A second Ctrl-C stops at once, without saving (KeyboardInterrupt).
+    Outside a fit Ctrl-C raises KeyboardInterrupt at once.
+
+    A process forked from the one that installed the handler (a DataLoader worker) inherits it but
+    ignores the signal: its parent decides when to stop, and a worker that died of Ctrl-C would end
+    the fit with "DataLoader worker ... killed by signal" before anything is saved.
     """
 
     def __init__(self) -> None:
@@ -365,11 +372,13 @@ class StopSignals:
         #: there is nothing left to save and Ctrl-C stops at once.
         self.save_on_sigint = True
         self._previous: dict[int, object] = {}
+        self._owner: int | None = None  # the process that installed the handlers
 
     def install(self, *signums: int) -> None:
         """Note ``signums`` from now on (installing one twice changes nothing)."""
         if threading.current_thread() is not threading.main_thread():
             return
+        self._owner = os.getpid()
         for signum in signums:
             if signum == signal.SIGINT:
                 self.save_on_sigint = True
@@ -378,17 +387,22 @@ class StopSignals:
                 self._previous[signum] = signal.getsignal(signum)
                 signal.signal(signum, self._note)
 
+    def listening(self, signum: int) -> bool:
+        """Whether ``signum`` is noted by this process (installed and not restored)."""
+        return signum in self._previous and self._owner == os.getpid()
+
     def _note(self, signum, frame) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked child (a DataLoader worker): the parent stops the run (see the class docstring)
         first = signum not in self.received
         self.received.add(signum)
         if signum != signal.SIGINT:
             print(f"Received {signal.Signals(signum).name}: stopping at the next batch boundary.", file=sys.stderr, flush=True)
             return
-        if not first or not self.save_on_sigint or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            raise KeyboardInterrupt  # a second Ctrl-C, or no training in progress to save
+        if not first or not self.save_on_sigint:
+            raise KeyboardInterrupt  # a second Ctrl-C, or no fit in progress to save
         print("Received SIGINT: saving at the next batch boundary (Ctrl-C again to stop at once, without saving).",
               file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
 
     def pending(self, signum: int) -> bool:
         """Whether ``signum`` arrived since it was installed (still true after restore)."""

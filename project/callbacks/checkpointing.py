@@ -33,7 +33,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def stop_reason() -> str:
-    # Ctrl-C arrives as SIGTERM (project.runs.StopSignals); say which one the user sent.
     return "SIGINT received" if stop_signals.pending(signal.SIGINT) else "SIGTERM received"
 
 
@@ -44,8 +43,8 @@ class LastCheckpoint(ModelCheckpoint):
     checkpoint improves, so a plateaued run would resume from an old epoch. This callback
     monitors nothing and overwrites one file instead; the best-by-metric checkpoint is the
     separate ``checkpoint`` callback. When the process receives SIGTERM (what schedulers send
-    before killing a job) or SIGINT (Ctrl-C, under the CLI) it saves at the next batch boundary and
-    stops the run (exit status 143 or 130).
+    before killing a job) or SIGINT (Ctrl-C, noted by project.runs.stop_signals under the CLI) it
+    saves at the next training batch boundary and stops the run (exit status 143 or 130).
 
     Args:
         every_n_train_steps: save every N optimiser steps instead of at epoch ends, so a killed
@@ -76,15 +75,28 @@ class LastCheckpoint(ModelCheckpoint):
         return "LastCheckpoint"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.received_sigterm and trainer.world_size == 1:
-            # Single process: Lightning would only stop at the end of the epoch; stop now.
+        if self.stop_requested(trainer):
             self.save_now(trainer, stop_reason())
             raise SIGTERMException
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def stop_requested(self, trainer) -> bool:
+        """Whether to save and stop at this batch boundary: the same answer on every rank."""
+        ctrl_c = stop_signals.listening(signal.SIGINT) and stop_signals.pending(signal.SIGINT)
+        if trainer.world_size == 1:
+            # Lightning would stop only at the end of the epoch on SIGTERM; stop now.
+            return ctrl_c or trainer.received_sigterm
+        # Under DDP Lightning stops every rank at the same step on SIGTERM (rank 0 broadcasts it before
+        # each batch). Ctrl-C reaches every rank of the process group by itself, possibly a step apart:
+        # they agree here, where every rank calls this collective at the same step (only where the
+        # CLI listens for Ctrl-C, which it does on every rank).
+        if stop_signals.listening(signal.SIGINT):
+            return trainer.strategy.reduce_boolean_decision(ctrl_c, all=False)
+        return False
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Under DDP every rank raises SIGTERMException at the same batch boundary (Lightning
-        # broadcasts the signal), so all ranks take part in this save.
+        # broadcasts SIGTERM; stop_requested agrees on Ctrl-C), so all ranks take part in this save.
         if isinstance(exception, SIGTERMException) and self.saved_at_step != trainer.global_step:
             self.save_now(trainer, stop_reason())
 
