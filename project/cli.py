@@ -87,6 +87,10 @@ class RunConfigSaver(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         log_dir = trainer.log_dir
         if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
+            if stage != "fit":
+                # The test after fit, in the fit's run and with its config (under ddp_spawn through a
+                # fresh copy of this callback, which does not know that the fit saved it already).
+                return
             self.config_filename = f"config-{runs.new_run_name()}.yaml"
         super().setup(trainer, pl_module, stage)
 

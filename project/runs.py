@@ -332,21 +332,36 @@ def _make_dirs(directory: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def keep_metrics_before(path: Path, step: int) -> list[str]:
-    """Rewrite ``metrics.csv`` without the rows logged at or after ``step`` (the interrupted run's
-    steps past its checkpoint, which the resumed fit logs again); returns the header's keys."""
+#: Rows a fit never logs: a resumed fit keeps them wherever they stand (the test after the
+#: interrupted fit, for one), since it would not log them again.
+KEPT_METRIC_PREFIXES = ("test/",)
+
+
+def keep_metrics_before(path: Path, step: int | None) -> list[str]:
+    """Rewrite ``metrics.csv`` without the fit's rows logged at or after ``step`` (the interrupted
+    run's steps past its checkpoint, which the resumed fit logs again; ``None``: keep every row),
+    under a sorted header as Lightning's writer keeps it (it appends rows in that order); returns
+    the header's keys."""
     if not path.is_file():
         return []
     with path.open(newline="") as file:
         reader = csv.DictReader(file)
-        keys = list(reader.fieldnames or [])
-        rows = [row for row in reader if row.get("step", "").isdigit() and int(row["step"]) < step]
+        keys = sorted(reader.fieldnames or [])
+        rows = [row for row in reader if step is None or _logged_before(row, step) or _never_logged_by_fit(row)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
     checkpoints.write_atomically(buffer.getvalue().encode(), path)
     return keys
+
+
+def _logged_before(row: dict, step: int) -> bool:
+    return row.get("step", "").isdigit() and int(row["step"]) < step
+
+
+def _never_logged_by_fit(row: dict) -> bool:
+    return any(value not in ("", None) and key.startswith(KEPT_METRIC_PREFIXES) for key, value in row.items())
 
 
 class StopSignals:
