@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +35,11 @@ from project.classifier import ImageClassifier
 from project.cluster import SLURMRequeue
 from project.data.plugins import DataPluginParser, declared
 from project.errors import UserError
+
+# Lightning 2.6's CombinedLoader (every fit, validate and test) builds torch's LeafSpec, which torch 2.10+
+# deprecates: a warning meant for Lightning's developers, printed twice on every run. Silenced there only.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        module=r"lightning\.pytorch\.utilities\._pytree")
 
 LOGGERS_WITH_SAVE_DIR = ("CSVLogger", "WandbLogger", "TensorBoardLogger")
 #: Model settings that may differ from the checkpoint when a fit resumes, and then take effect:
@@ -79,6 +85,21 @@ def check_devices(trainer_config) -> None:
         )
 
 
+def check_monitor(trainer, model) -> None:
+    """Refuse a checkpoint ``monitor`` the model never logs before training starts (Lightning notices
+    it only after the first validation)."""
+    names = getattr(model, "metric_names", None)
+    if names is None:
+        return
+    valid = [*names("train"), *names("val")]
+    for callback in trainer.checkpoint_callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if monitor is None or monitor in valid or monitor in ("epoch", "step") or monitor.startswith("lr-"):
+            continue
+        raise UserError(f"checkpoint.monitor {monitor!r} is not a metric this model logs; give one of "
+                        f"{', '.join(valid)} (or null to keep the newest checkpoint).")
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config as ``config.yaml``; a resumed run adds ``config-<time>.yaml`` beside it
     instead of failing or overwriting the original. The CLI hands it the portable config: the one
@@ -100,13 +121,34 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 def name_experiment(config) -> str:
-    """``--name``, else the stem of the last --config file (presets never name a run), else ``run``."""
-    if config.get("name") is None:
-        sources = config.get("config") or []
-        # Presets (experiments/presets/*.yaml: strategy, precision, compile) never name a run.
-        named = [s for s in sources if Path(str(s)).parent.name != "presets"] or sources
-        config.name = Path(str(named[-1])).stem if named else "run"
+    """Fill in ``config.name`` (experiment_name) and return it."""
+    config.name = experiment_name(config)
     return config.name
+
+
+class ProjectParser(DataPluginParser):
+    """The CLI's parser, whose YAML (``--print_config``, a run's ``config.yaml``) starts by saying where
+    the run writes: the paths in it are the user's, and the run fills in its own directory when it starts."""
+
+    def dump(self, cfg=None, *args, **kwargs) -> str:
+        text = super().dump(cfg, *args, **kwargs)
+        trainer = cfg.get("trainer") if cfg is not None and hasattr(cfg, "get") else None
+        if trainer is None or kwargs.get("format", "parser_mode") not in ("parser_mode", "yaml"):
+            return text
+        where = cfg.get("run_dir") or (
+            f"a new directory {Path(trainer.get('default_root_dir') or 'runs') / experiment_name(cfg)}/<date>-<time>-<hex>/ "
+            "(with fit --ckpt_path last: the newest run there)")
+        return (f"# This run writes every file into {where};\n# it fills that directory into the loggers' save_dir and "
+                "the checkpoints' dirpath when it starts (README: Run directories).\n" + text)
+
+
+def experiment_name(config) -> str:
+    """``--name``, else the stem of the last --config file (presets never name a run), else ``run``."""
+    if config.get("name") is not None:
+        return config.name
+    sources = config.get("config") or []
+    named = [s for s in sources if Path(str(s)).parent.name != "presets"] or sources
+    return Path(str(named[-1])).stem if named else "run"
 
 
 def experiment_dir(config) -> Path:
@@ -139,7 +181,7 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("parser_kwargs", {"default_env": False, "prog": command_name()})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_class", DataPluginParser)  # one sentence for a bad data: class
+        kwargs.setdefault("parser_class", ProjectParser)  # one sentence for a bad data: class
         self.run: runs.Run | None = None
         self.portable_config = None
         #: validate/test/predict: the --ckpt_path file's contents (memory-mapped), read once.
@@ -153,8 +195,6 @@ class ProjectCLI(LightningCLI):
             # Also when a check or instantiation fails after the directory was chosen: the lock is
             # released, folders left empty are removed, the environment forgets the directory.
             self.close_run(failed)
-        if self.subcommand and self.trainer.is_global_zero:
-            print(f"Run directory: {self.run_dir}", file=sys.stderr)
 
     @property
     def run_dir(self) -> Path | None:
@@ -185,6 +225,9 @@ class ProjectCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
             "trainer.logger": {"class_path": "project.tracking.CSVLogger", "init_args": {"save_dir": "runs"}},
             "trainer.default_root_dir": "runs",
+            # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's
+            # own hyperparameter logging would log parts of it again under other names. `true` adds them.
+            "trainer.enable_autolog_hparams": False,
         })
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="After fit, run test on the best checkpoint (the final weights without validation).")
@@ -238,6 +281,7 @@ class ProjectCLI(LightningCLI):
         self.run = runs.Run.open(
             subcommand=self.subcommand or "", root=Path(config.trainer.default_root_dir or "runs"), name=config.name,
             run_dir=config.get("run_dir"), ckpt_path=config.get("ckpt_path"),
+            scratch=bool(config.trainer.get("fast_dev_run")),
         )
         os.environ[runs.RUN_DIR_ENV] = str(self.run.directory)
         if self.subcommand == "fit":
@@ -289,13 +333,17 @@ class ProjectCLI(LightningCLI):
             raise UserError(str(err)) from err
 
     def instantiate_trainer(self, **kwargs):
-        # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's
-        # own hyperparameter logging would log parts of it again under other names.
-        kwargs.setdefault("enable_autolog_hparams", False)
+        checkpointing = self.config_init[self.subcommand].trainer.get("enable_checkpointing") if self.subcommand else None
+        if checkpointing is False:
+            # Lightning refuses checkpoint callbacks with enable_checkpointing=False, and the CLI always
+            # configures two (checkpoint, last_checkpoint): build the trainer with them, then drop them.
+            kwargs["enable_checkpointing"] = True
         plugins = self.cluster_plugins()
         if plugins is not None:
             kwargs["plugins"] = plugins
         trainer = super().instantiate_trainer(**kwargs)
+        if checkpointing is False:
+            trainer.callbacks = [callback for callback in trainer.callbacks if not isinstance(callback, ModelCheckpoint)]
         # Atomic, fsynced writes and weights_only loads, unless a plugin chose its own I/O.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -341,6 +389,7 @@ class ProjectCLI(LightningCLI):
 
     def before_fit(self) -> None:
         rank_zero_info(f"Run directory: {self.run_dir}")
+        check_monitor(self.trainer, self.model)
         plan = self.run.resume
         if plan is not None and plan.checkpoint.is_file():
             self.check_checkpoint_fits(plan.contents, str(plan.checkpoint))

@@ -12,9 +12,11 @@ import io
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -243,10 +245,21 @@ class Run:
     resume: ResumePlan | None = None
     created: list[Path] = field(default_factory=list)
     lock: RunLock | None = None
+    #: A temporary directory (fast_dev_run), removed with everything in it when the command ends.
+    scratch: bool = False
 
     @classmethod
-    def open(cls, *, subcommand: str, root: Path, name: str, run_dir: str | None, ckpt_path: str | None) -> "Run":
-        """Choose, check, create and lock the directory of this command; ``ckpt_path`` as given."""
+    def open(cls, *, subcommand: str, root: Path, name: str, run_dir: str | None, ckpt_path: str | None,
+             scratch: bool = False) -> "Run":
+        """Choose, check, create and lock the directory of this command; ``ckpt_path`` as given.
+        ``scratch`` (``--trainer.fast_dev_run``): a temporary directory, removed when the command ends,
+        so that a trial run leaves nothing under the runs folder."""
+        if scratch:
+            if is_primary_process() and not os.environ.get(RUN_DIR_ENV):
+                directory = Path(tempfile.mkdtemp(prefix=f"{name}-fast_dev_run-"))
+                print(f"fast_dev_run: writing into {directory}, removed at the end; nothing is kept.", file=sys.stderr)
+                return cls(directory.resolve(), created=[directory.resolve()], scratch=True)
+            return cls(Path(os.environ[RUN_DIR_ENV]))  # a DDP rank of the primary process's scratch run
         if names_a_path(ckpt_path):
             check_checkpoint_path(ckpt_path)
         explicit = None
@@ -315,6 +328,9 @@ class Run:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if self.scratch:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.created = []
         if failed:
             self.remove_if_unused()
         stop_signals.restore()

@@ -124,3 +124,68 @@ def test_the_cli_writes_checkpoints_atomically(tmp_path, tiny_npz):
     cli = ProjectCLI(args=["-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={tiny_npz}",
                            f"--trainer.default_root_dir={tmp_path}", *QUIET], run=False)
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+# ---- Lightning's own switches mean what they mean in Lightning ----------------------------------------
+
+
+def tiny_fit(root: Path, npz: Path, *extra: str) -> list[str]:
+    return ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={npz}", f"--trainer.default_root_dir={root}", *QUIET,
+            "--data.val_size=16", "--data.batch_size=16", "--trainer.max_epochs=1", *extra]
+
+
+def test_enable_checkpointing_false_trains_and_writes_no_checkpoint(tmp_path, tiny_npz):
+    """It once failed: the CLI always adds its checkpoint callbacks, which Lightning then refuses.
+    A normal fit otherwise: no third-party deprecation warning (Lightning's LeafSpec one was printed twice)."""
+    out = run_cli(tiny_fit(tmp_path, tiny_npz, "--trainer.enable_checkpointing=false"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = run_dirs(tmp_path, "lenet")
+    assert (run / "net.pt").is_file() and not list(tmp_path.rglob("*.ckpt"))
+    assert any(row.get("test/acc") for row in read_metrics(run)), "the test after fit ran on the final weights"
+    assert "deprecated" not in out.stderr.lower(), out.stderr[-3000:]
+    assert out.stderr.count("Run directory:") == 1
+
+
+def test_fast_dev_run_writes_nothing_under_the_runs_folder(tmp_path, tiny_npz):
+    """It once wrote net.pt and plots into a new run directory."""
+    out = run_cli(tiny_fit(tmp_path / "runs", tiny_npz, "--trainer.fast_dev_run=true"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*")), list((tmp_path / "runs").rglob("*"))
+    scratch = Path(out.stderr.split("fast_dev_run: writing into ", 1)[1].split(", removed", 1)[0])
+    assert scratch.name.startswith("lenet-fast_dev_run-") and not scratch.exists()
+
+
+@pytest.mark.parametrize("autolog", [False, True])
+def test_enable_autolog_hparams_is_honoured(tmp_path, tiny_npz, autolog):
+    """`true` was once silently ignored: Lightning then logs the model's hyperparameters too."""
+    cli = main(tiny_fit(tmp_path, tiny_npz, f"--trainer.enable_autolog_hparams={autolog}", "--test_after_fit=false",
+                        "--trainer.max_steps=1", "--plots.enabled=false"))
+    hparams = (cli.run_dir / "hparams.yaml").read_text()
+    assert "model.lr: 0.05" in hparams  # the resolved config, always
+    assert ("\nlr: 0.05" in hparams) == autolog
+
+
+def test_an_unknown_checkpoint_monitor_fails_before_training(tmp_path, tiny_npz, capsys):
+    """It was once noticed only after the first epoch, leaving a run directory behind."""
+    with pytest.raises(SystemExit) as exited:
+        main(tiny_fit(tmp_path, tiny_npz, "--checkpoint.monitor=val/accuracy"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2
+    assert err.startswith("error: checkpoint.monitor 'val/accuracy' is not a metric this model logs; give one of ")
+    assert "val/acc," in err and "train/loss_epoch" in err
+    assert run_dirs(tmp_path, "lenet") == []
+
+
+def test_print_config_says_where_the_run_writes(tmp_path, capsys):
+    """It once showed save_dir: runs and dirpath: null, which the run then rewrites."""
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--trainer.default_root_dir={tmp_path}", "--print_config"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"# This run writes every file into a new directory {tmp_path}/lenet/<date>-<time>-<hex>/ " \
+                    "(with fit --ckpt_path last: the newest run there);"
+
+
+def test_the_usage_line_names_the_command(tmp_path):
+    """`python -m project --help` once said `usage: __main__.py`."""
+    out = run_cli(["--help"], timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m project "), out.stdout[:200]
