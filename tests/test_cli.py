@@ -189,3 +189,41 @@ def test_the_usage_line_names_the_command(tmp_path):
     """`python -m project --help` once said `usage: __main__.py`."""
     out = run_cli(["--help"], timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("usage: python -m project "), out.stdout[:200]
+
+
+# ---- debug presets (experiments/presets/debug.yaml, overfit.yaml, profile.yaml) -------------------------
+
+
+def preset_fit(root: Path, npz: Path, preset: str, *extra: str):
+    return main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), "-c", str(REPO / f"experiments/presets/{preset}.yaml"),
+                 f"--data.npz={npz}", f"--trainer.default_root_dir={root}", *QUIET, *extra])
+
+
+def test_debug_preset_runs_a_few_batches_with_every_callback(tmp_path):
+    npz = make_npz(tmp_path / "d.npz", n_train=256)
+    cli = preset_fit(tmp_path / "runs", npz, "debug", "--data.val_size=64", "--data.batch_size=16")
+    run = cli.run_dir
+    assert run.parent == (tmp_path / "runs" / "debug").resolve()
+    assert cli.trainer.global_step == 8, "2 epochs of 4 batches"
+    header = read_metrics(run)[0].keys()
+    assert any(k.startswith("act/") for k in header) and any(k.startswith("grad/") for k in header), sorted(header)
+    assert (run / "buffers.json").is_file() and (run / "checkpoints/last.ckpt").is_file()
+    assert (run / "plots" / "val-epoch000-confusion.png").is_file() and (run / "plots" / "test-confusion.png").is_file()
+
+
+@pytest.mark.slow
+def test_overfit_preset_drives_lenets_training_loss_near_zero(tmp_path, subset_npz):
+    """One fixed batch of real images, no augmentation: the loss must fall below 0.05 (about 45 steps;
+    the README gives the time)."""
+    cli = preset_fit(tmp_path, subset_npz, "overfit", "--data.val_size=500")
+    losses = [float(row["train/loss_epoch"]) for row in read_metrics(cli.run_dir) if row.get("train/loss_epoch")]
+    assert cli.trainer.global_step == 100 and len(losses) == 100, "one batch an epoch"
+    assert losses[-1] < 0.05 and losses[0] > 1.5, losses[::10]
+    assert not cli.datamodule.augment and not list(cli.run_dir.rglob("*.ckpt"))
+
+
+def test_profile_preset_writes_its_report_into_the_run(tmp_path, tiny_npz):
+    cli = preset_fit(tmp_path, tiny_npz, "profile", "--data.val_size=16", "--data.batch_size=8")
+    report = (cli.run_dir / "fit-profile.txt").read_text()
+    assert "FIT Profiler Report" in report and "run_training_batch" in report
+    assert cli.run_dir.parent.name == "profile"
