@@ -227,3 +227,44 @@ def test_profile_preset_writes_its_report_into_the_run(tmp_path, tiny_npz):
     report = (cli.run_dir / "fit-profile.txt").read_text()
     assert "FIT Profiler Report" in report and "run_training_batch" in report
     assert cli.run_dir.parent.name == "profile"
+
+
+def test_the_console_command_runs_the_cli():
+    """setup.cfg's `imgcls` entry point is the function `python -m project` runs (without reinstalling:
+    the metadata as pip reads it)."""
+    import configparser
+
+    from project.__main__ import run
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    (line,) = [entry for entry in cfg["options.entry_points"]["console_scripts"].splitlines() if entry.strip()]
+    name, target = (part.strip() for part in line.split("="))
+    module, function = target.split(":")
+    assert name == "imgcls" and getattr(__import__(module, fromlist=[function]), function) is run
+    out = run_bounded_script(name)
+    assert out.startswith("usage: imgcls "), out[:200]
+
+
+def run_bounded_script(name: str) -> str:
+    """``--help`` of a script named ``name`` that calls project.__main__.run, as pip's generated one does."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / name
+        script.write_text("import sys\nfrom project.__main__ import run\nsys.exit(run())\n")
+        out = run_bounded_cmd([sys.executable, str(script), "--help"])
+    return out
+
+
+def run_bounded_cmd(cmd: list[str]) -> str:
+    import os
+
+    from tests.conftest import run_bounded
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = run_bounded(cmd, timeout=120, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
