@@ -5,33 +5,32 @@ its schedule. The network stays a plain ``torch.nn.Module`` under ``self.net``.
 """
 
 import fnmatch
-import math
+import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from project.errors import UserError
+from project.schedules import WarmupCosine
 
-Optimizer = Literal["sgd", "adamw"]
-Scheduler = Literal["none", "cosine", "onecycle", "step"]
 EVAL_STAGES = ("val", "test")
 #: The keys of one ``model.param_groups`` entry.
 PARAM_GROUP_KEYS = ("match", "lr_scale", "weight_decay", "name")
-#: The name of the group of parameters that no ``param_groups`` entry matches (they train at ``lr``).
+#: The name of the group of parameters that no ``param_groups`` entry matches (they train at the optimizer's lr).
 BASE_GROUP = "base"
 #: Wrapper modules that insert themselves into parameter names (FSDP units, activation checkpointing).
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-def _check_param_group_specs(specs: Sequence[Mapping[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+def _check_param_group_specs(specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """``model.param_groups`` entries with their defaults filled in; a mistake raises a one-sentence UserError."""
     if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence):
         raise UserError(f"model.param_groups must be a list such as [{{match: 'fc*', lr_scale: 10}}], got {specs!r}.")
@@ -48,33 +47,34 @@ def _check_param_group_specs(specs: Sequence[Mapping[str, Any]], weight_decay: f
             raise UserError(f"{where} needs match: a glob over parameter names such as 'fc*' or 'stages.0.*', got {match!r}.")
         lr_scale = spec.get("lr_scale", 1.0)
         if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
-            raise UserError(f"{where} (match {match!r}) needs lr_scale > 0 (the group's lr is model.lr times it), got {lr_scale!r}.")
-        decay = spec.get("weight_decay", weight_decay)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
+            raise UserError(
+                f"{where} (match {match!r}) needs lr_scale > 0 (the group's lr is the optimizer's lr times it), got {lr_scale!r}."
+            )
+        decay = spec.get("weight_decay")
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0):
             raise UserError(f"{where} (match {match!r}) needs weight_decay >= 0, got {decay!r}.")
         name = str(spec.get("name", match))
         if name in names:
             raise UserError(f"{where} is named {name!r} like another group ({BASE_GROUP!r} is taken too); set its name key to a unique one.")
         names.add(name)
-        checked.append({"match": match, "lr_scale": float(lr_scale), "weight_decay": float(decay), "name": name})
+        checked.append({"match": match, "lr_scale": float(lr_scale), "weight_decay": decay, "name": name})
     return checked
 
 
-def group_parameters(
-    net: nn.Module, lr: float, weight_decay: float, param_groups: Sequence[Mapping[str, Any]] | None = None
-) -> list[dict[str, Any]]:
-    """The optimiser's parameter groups for ``net``: what ``ImageClassifier`` trains with.
+def group_parameters(net: nn.Module, param_groups: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups for ``net``: what ``ImageClassifier`` hands ``model.optimizer``.
 
     Each trainable parameter goes to the first ``param_groups`` entry whose ``match`` (a glob over
     ``net.named_parameters()`` names, e.g. ``fc*``) it matches, or else to the ``base`` group.
-    Every entry makes up to two groups: ``<name>`` with its weights, at ``lr * lr_scale`` with
-    its ``weight_decay`` (default: ``weight_decay``), and ``<name>/no_decay`` with its biases and
-    normalisation parameters (fewer than two dimensions), never decayed. Empty groups are left
-    out. Each group carries ``name`` (LearningRateMonitor's column: ``lr-SGD/<name>``), ``lr``,
-    ``lr_scale``, ``weight_decay``, ``params`` and ``param_names``.
+    Every entry makes up to two groups: ``<name>`` with its weights, with its ``weight_decay`` if it
+    gives one (else the optimiser's), and ``<name>/no_decay`` with its biases and normalisation
+    parameters (fewer than two dimensions), never decayed (``weight_decay`` 0). Empty groups are left
+    out. Each group carries ``name`` (LearningRateMonitor's column: ``lr-<Optimizer>/<name>``),
+    ``lr_scale`` (its lr is the optimiser's times it: see :func:`scale_learning_rates`), ``params``
+    and ``param_names``.
     """
-    specs = _check_param_group_specs(param_groups or [], weight_decay)
-    base = {"match": None, "lr_scale": 1.0, "weight_decay": float(weight_decay), "name": BASE_GROUP}
+    specs = _check_param_group_specs(param_groups or [])
+    base = {"match": None, "lr_scale": 1.0, "weight_decay": None, "name": BASE_GROUP}
     buckets: list[tuple[list, list]] = [([], []) for _ in range(len(specs) + 1)]
     for raw_name, param in net.named_parameters():
         if not param.requires_grad:
@@ -97,15 +97,56 @@ def group_parameters(
     for spec, (decay, no_decay) in zip([*specs, base], buckets):
         for members, decay_value, suffix in ((decay, spec["weight_decay"], ""), (no_decay, 0.0, "/no_decay")):
             if members:
-                groups.append({
+                group = {
                     "name": spec["name"] + suffix,
                     "params": [p for _, p in members],
                     "param_names": [n for n, _ in members],
-                    "lr": lr * spec["lr_scale"],
                     "lr_scale": spec["lr_scale"],
-                    "weight_decay": decay_value,
-                })
+                }
+                if decay_value is not None:
+                    group["weight_decay"] = float(decay_value)
+                groups.append(group)
     return groups
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    """Set each group's lr to the optimiser's configured lr times the group's ``lr_scale``, once, right after
+    the optimiser is built (before a scheduler records the groups' initial rates)."""
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    if all(scale == 1.0 for scale in scales):
+        return
+    if "lr" not in optimizer.defaults:
+        raise UserError(
+            f"model.param_groups sets lr_scale, but the optimizer {type(optimizer).__name__} has no lr argument to scale; "
+            "drop lr_scale or use an optimizer with one."
+        )
+    for group, scale in zip(optimizer.param_groups, scales):
+        group["lr"] = optimizer.defaults["lr"] * scale
+
+
+def _unset_argument(factory: Callable, name: str) -> bool:
+    """Whether ``factory`` (a class, or a partial such as the CLI builds from ``class_path`` and ``init_args``)
+    takes the keyword ``name`` and has been given no value for it (``None``)."""
+    keywords = getattr(factory, "keywords", None) or {}
+    if name in keywords:
+        return keywords[name] is None
+    try:
+        parameter = inspect.signature(factory).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is None
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum: the recipe ``ImageClassifier`` trains with unless ``optimizer`` names another."""
+    return torch.optim.SGD(params, **DEFAULT_OPTIMIZER["init_args"])
+
+
+#: The default ``model.optimizer``: the CLI shows and saves it in this form (project.cli).
+DEFAULT_OPTIMIZER = {
+    "class_path": "torch.optim.SGD",
+    "init_args": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+}
 
 
 class NonFiniteLoss(UserError, FloatingPointError):
@@ -119,17 +160,25 @@ class ImageClassifier(L.LightningModule):
         net: a plain module mapping (N, C, H, W) images to (N, num_classes) logits; from the CLI
             give ``class_path`` and ``init_args``, e.g. ``project.models.LeNet``.
         num_classes: number of classes; the CLI links it from the data module.
-        optimizer: ``sgd`` (with ``momentum``, ``nesterov``) or ``adamw`` (with ``betas``).
-        lr: peak learning rate. ``weight_decay``: applied to weights only, never to biases or
-            normalisation parameters (any parameter with fewer than two dimensions).
+        optimizer: builds the optimiser from the parameter groups: any ``torch.optim`` class (or
+            one with the same call signature) by ``class_path`` and ``init_args``, e.g.
+            ``{class_path: torch.optim.AdamW, init_args: {lr: 3.0e-4, weight_decay: 0.05}}``.
+            Default: SGD, lr 0.05, Nesterov momentum 0.9, weight_decay 5e-4 (``DEFAULT_OPTIMIZER``).
+            Its ``weight_decay`` applies to weights only, never to biases or normalisation
+            parameters (any parameter with fewer than two dimensions).
         param_groups: per-layer learning rates: a list of ``{match, lr_scale, weight_decay, name}``,
             e.g. ``[{match: "fc*", lr_scale: 10}]``. ``match`` is a glob over the net's parameter
-            names; the first entry that matches a parameter takes it; the group trains at
-            ``lr * lr_scale`` (every scheduler scales each group) with its own ``weight_decay``
-            (default: ``weight_decay``; never on biases or norms); unmatched parameters train at
-            ``lr``. See :func:`group_parameters`.
-        scheduler: ``none``, ``cosine`` (per step, to zero), ``onecycle`` (per step, peak ``lr``)
-            or ``step`` (per epoch: multiply by ``gamma`` every ``step_size`` epochs).
+            names; the first entry that matches a parameter takes it; the group trains at the
+            optimizer's lr times ``lr_scale`` (every scheduler scales each group) with its own
+            ``weight_decay`` (default: the optimizer's; never on biases or norms); unmatched
+            parameters train at the optimizer's lr. See :func:`group_parameters`.
+        scheduler: builds the learning-rate schedule from the optimiser, by ``class_path`` too:
+            any ``torch.optim.lr_scheduler`` class, or ``null`` for a constant rate. Default:
+            ``project.schedules.WarmupCosine`` (optional linear warmup, then cosine to zero). An
+            unset ``total_steps`` argument (WarmupCosine, OneCycleLR) is filled in with the fit's
+            plan length, and a single OneCycleLR ``max_lr`` is multiplied by each group's ``lr_scale``.
+        scheduler_interval: when the scheduler steps: ``step`` (every optimiser step) or ``epoch``.
+            Default: ``step`` for schedulers with a ``total_steps`` argument, else ``epoch`` (torch's convention).
         label_smoothing: passed to the cross-entropy loss during training (evaluation uses 0).
         channels_last: keep the net's 4-D weights and its input images in ``channels_last``
             memory format (NHWC), which tensor cores run fastest under mixed precision on GPU.
@@ -150,16 +199,10 @@ class ImageClassifier(L.LightningModule):
         self,
         net: nn.Module,
         num_classes: int = 10,
-        optimizer: Optimizer = "sgd",
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 5e-4,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = WarmupCosine,
+        scheduler_interval: Literal["step", "epoch"] | None = None,
         param_groups: list[dict[str, Any]] | None = None,
-        scheduler: Scheduler = "cosine",
-        step_size: int = 30,
-        gamma: float = 0.1,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         tta_flip: bool = False,
@@ -169,31 +212,28 @@ class ImageClassifier(L.LightningModule):
         image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise UserError(f"model.lr must be > 0, got {lr}.")
-        if weight_decay < 0:
-            raise UserError(f"model.weight_decay must be >= 0, got {weight_decay}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
         if num_classes < 2:
             raise UserError(f"model.num_classes must be at least 2, got {num_classes}.")
-        if not 0 <= momentum < 1 or not all(0 <= beta < 1 for beta in betas):
-            raise UserError(f"model.momentum and model.betas must be in [0, 1), got {momentum} and {tuple(betas)}.")
-        if step_size < 1 or gamma <= 0:
-            raise UserError(f"model.step_size must be >= 1 and model.gamma > 0, got {step_size} and {gamma}.")
         if max_nonfinite_skips < 0:
             raise UserError(f"model.max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}.")
         if not isinstance(net, nn.Module):
             raise UserError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
-        group_parameters(net, lr, weight_decay, param_groups)  # a mistake in param_groups fails now, not at fit
+        # Mistakes in param_groups and in the optimiser's arguments (torch checks them: lr > 0, ...) fail now, not at fit.
+        scale_learning_rates(optimizer(group_parameters(net, param_groups)))
         with warnings.catch_warnings():
-            # From the CLI the net arrives as its config (class_path + init_args), which is what
-            # load_from_checkpoint needs; built in Python it is a module object, which we drop
-            # from the hyperparameters (its weights are in the state_dict anyway).
+            # From the CLI the net, optimizer and scheduler arrive as their configs (class_path +
+            # init_args), which is what load_from_checkpoint needs and what a resumed fit compares;
+            # built in Python they are objects, which we drop from the hyperparameters (the weights
+            # are in the state_dict; a checkpoint stores no code).
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters()
-        if isinstance(self.hparams.get("net"), nn.Module):
-            self.remove_ignored_hparams(["net"])
+        self.remove_ignored_hparams([key for key in ("net", "optimizer", "scheduler") if callable(self.hparams.get(key))])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        #: The scheduler's plan length (steps or epochs) that configure_optimizers filled in, if any.
+        self.planned_schedule_length: int | None = None
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.num_classes = num_classes
         self.nonfinite_skips = 0
@@ -340,65 +380,60 @@ class ImageClassifier(L.LightningModule):
         return torch.zeros(1, *shape, dtype=dtype)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimiser's groups: ``model.param_groups`` and the base group, each split into weights
+        """The groups handed to ``optimizer``: ``model.param_groups`` and the base group, each split into weights
         (decayed) and biases/normalisation parameters (ndim < 2, never decayed); see :func:`group_parameters`."""
-        hp = self.hparams
-        return group_parameters(self.net, hp.lr, hp.weight_decay, hp.get("param_groups"))
+        return group_parameters(self.net, self.hparams.get("param_groups"))
 
     def configure_optimizers(self):
-        hp = self.hparams
-        groups = self.parameter_groups()
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        if hp.scheduler == "none":
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        scale_learning_rates(optimizer)
+        if self.scheduler_factory is None:
             return optimizer
-        if hp.scheduler == "step":
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.step_size, gamma=hp.gamma)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        if hp.scheduler == "cosine":
-            # Each group anneals from its own initial lr (lr * lr_scale) to zero.
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        else:
-            # One peak per group: the one-cycle curve scaled by the group's lr_scale.
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps)
-        self._replan_resumed_schedule(scheduler, total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        factory, options = self.scheduler_factory, {}
+        planned = _unset_argument(factory, "total_steps")
+        interval = self.hparams.get("scheduler_interval") or ("step" if planned or _takes(factory, "total_steps") else "epoch")
+        if planned:
+            options["total_steps"] = self.planned_schedule_length = self.schedule_length(interval)
+        max_lr = getattr(factory, "keywords", {}).get("max_lr")
+        if isinstance(max_lr, (int, float)) and not isinstance(max_lr, bool):
+            # One peak per group: OneCycleLR's max_lr scaled by each group's lr_scale, as the optimizer's lr is.
+            options["max_lr"] = [max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+        try:
+            scheduler = factory(optimizer, **options)
+        except ValueError as err:  # torch's schedulers check their arguments (step_size, max_lr, ...) so
+            raise UserError(f"model.scheduler refused its arguments: {err}") from err
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning calls this before configure_optimizers and loads the checkpoint's optimiser and
-        # scheduler states after it: keep a reference so the schedule can be re-planned.
-        self._resumed = checkpoint
+    def schedule_length(self, interval: str) -> int:
+        """The number of scheduler steps the fit plans: optimiser steps (``interval`` ``step``) or epochs."""
+        trainer = self.trainer
+        length = trainer.estimated_stepping_batches if interval == "step" else trainer.max_epochs
+        if length is None or length < 0 or length == float("inf"):
+            raise UserError(
+                "model.scheduler plans its curve over the whole fit, but the fit has no end "
+                "(trainer.max_epochs -1 and no trainer.max_steps): set --trainer.max_epochs or --trainer.max_steps, "
+                "or give the scheduler its own total_steps, or choose model.scheduler null."
+            )
+        return max(1, int(length))
 
-    def _replan_resumed_schedule(self, scheduler, total_steps: int) -> None:
-        """A resumed fit that runs a different number of steps (``--trainer.max_epochs`` changed)
-        re-plans its per-step schedule for the new length instead of keeping the old one (whose
-        cosine would sit at zero or climb back up after its end, and whose one-cycle would refuse
-        to step on): from the step reached it follows the curve planned for the new length."""
-        resumed, self._resumed = getattr(self, "_resumed", None), None
-        if not resumed or not resumed.get("lr_schedulers"):
-            return
-        stored = resumed["lr_schedulers"][0]
-        planned = stored.get("T_max", stored.get("total_steps"))
-        if planned is None or planned == total_steps:
-            return
-        done = stored.get("last_epoch", 0)
-        replanned = scheduler.state_dict()
-        replanned.update({key: stored[key] for key in ("last_epoch", "_step_count") if key in stored})
-        if "T_max" in stored:
-            # CosineAnnealingLR updates the rate relative to the current one, so the current one must
-            # be where the new curve is at this step (a finished run's is 0 and would stay 0).
-            groups = resumed["optimizer_states"][0]["param_groups"]
-            for group in groups:
-                group["lr"] = group["initial_lr"] * (1 + math.cos(math.pi * min(done, total_steps) / total_steps)) / 2
-            replanned["_last_lr"] = [group["lr"] for group in groups]
-        elif "_last_lr" in stored:
-            replanned["_last_lr"] = stored["_last_lr"]  # OneCycleLR computes each rate from the step alone
-        stored.clear()
-        stored.update(replanned)
-        rank_zero_info(
-            f"Resumed {self.hparams.scheduler} schedule re-planned from {planned} to {total_steps} steps "
-            f"(the fit now runs {total_steps} optimiser steps in all; {done} are done)."
-        )
+    def on_train_start(self) -> None:
+        # A scheduler that keeps its plan in its state (OneCycleLR) has just been loaded from the checkpoint
+        # of a resumed fit; a different plan now would fail mid-run (or train at a wrong rate).
+        scheduler = self.lr_schedulers()
+        stored = getattr(scheduler, "total_steps", None)
+        if self.planned_schedule_length is not None and stored is not None and stored != self.planned_schedule_length:
+            raise UserError(
+                f"The resumed {type(scheduler).__name__} schedule was planned for {stored} steps, but this fit plans "
+                f"{self.planned_schedule_length}: resume with the checkpoint's trainer.max_epochs/max_steps, or start a "
+                "new run to change the plan (project.schedules.WarmupCosine follows a changed plan)."
+            )
+
+
+def _takes(factory: Callable, name: str) -> bool:
+    """Whether ``factory`` has been given, or accepts, the keyword ``name``."""
+    if name in (getattr(factory, "keywords", None) or {}):
+        return True
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False

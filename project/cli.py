@@ -30,7 +30,7 @@ from project.callbacks import (
     ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState, SyncBuffers,
 )
 from project.callbacks.learning_rates import LearningRates
-from project.classifier import ImageClassifier
+from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier
 from project.cluster import SLURMRequeue
 from project.data.plugins import DataPluginParser, declared
 from project.errors import UserError
@@ -49,6 +49,9 @@ def model_differences(stored: dict, current: dict) -> list[str]:
     in RESUME_HONOURED and those linked from the data module."""
     old, new = _flatten(stored), _flatten(current)
     skip = {*RESUME_HONOURED, *LINKED_MODEL_KEYS}
+    # A key that only one side has counts where the other has its parent (a scheduler given on one side, null on the other).
+    old.update({key: None for key in new.keys() - old.keys() if key.rsplit(".", 1)[0] in old})
+    new.update({key: None for key in old.keys() - new.keys() if key.rsplit(".", 1)[0] in new})
     return [
         f"model.{key} (checkpoint {old[key]!r}, now {new[key]!r})"
         for key in sorted(old.keys() & new.keys())
@@ -188,6 +191,8 @@ class ProjectCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.set_defaults({"data": {"class_path": "project.data.CIFAR10DataModule"}})
+        # The optimiser as --print_config and config.yaml show it (and --model.optimizer.lr=... can change it).
+        parser.set_defaults({"model.optimizer": DEFAULT_OPTIMIZER})
         # The model is built from what the data module declares (project/data/plugins.py).
         parser.link_arguments("data", "model.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
         parser.link_arguments("data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")

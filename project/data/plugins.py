@@ -68,6 +68,39 @@ def data_class_problem(message: str) -> str | None:
     return None  # e.g. a wrong init_args value: jsonargparse's message names the key
 
 
+#: The classes that replaced the string values of model.optimizer and model.scheduler (null: no scheduler).
+_RENAMED_CLASSES = {
+    "sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW", "cosine": "project.schedules.WarmupCosine",
+    "onecycle": "torch.optim.lr_scheduler.OneCycleLR", "step": "torch.optim.lr_scheduler.StepLR", "none": "null",
+}
+#: Model options that moved into model.optimizer's or model.scheduler's init_args.
+_MOVED_MODEL_KEYS = ("lr", "momentum", "nesterov", "betas", "weight_decay", "step_size", "gamma")
+_OLD_STRING = re.compile(r'Parser key "model\.(optimizer|scheduler)":.*(?:dot import path string|Given value): (\w+)\s*$', re.S)
+_MOVED_KEY = re.compile(r"Group 'model' does not accept option '(\w+)'|unrecognized arguments:.*--model\.(\w+)")
+
+
+def old_training_option(message: str) -> str | None:
+    """One sentence showing the class_path form for the string form of the optimiser and schedule
+    (``optimizer: sgd``, ``scheduler: cosine``, ``model.lr``) that the template used before; None for other errors."""
+    see = 'see the README\'s "Change the optimiser or schedule"'
+    if (found := _MOVED_KEY.search(message)) and (found[1] or found[2]) in _MOVED_MODEL_KEYS:
+        name = found[1] or found[2]
+        owner, example = (("scheduler", "{class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 30, gamma: 0.1}}")
+                          if name in ("step_size", "gamma") else
+                          ("optimizer", "{class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}}"))
+        return (f"model.{name} is the old form: it is now an argument of model.{owner}'s class, --model.{owner}.{name} "
+                f"on the command line, or in YAML model: {{{owner}: {example}}}; {see}.")
+    found = _OLD_STRING.search(message)
+    if not found or found[2].lower() not in _RENAMED_CLASSES:
+        return None
+    key, value = found[1], found[2].lower()
+    new = _RENAMED_CLASSES[value]
+    yaml = "null" if new == "null" else f"{{class_path: {new}, init_args: {{...}}}}"
+    command_line = f"--model.{key} null" if new == "null" else f"--model.{key} {new} --model.{key}.<argument> <value>"
+    return (f"model.{key} {value} is the old form: model.{key} is now a class with its own arguments (model.lr, momentum, "
+            f"... moved into them), {command_line} on the command line, or in YAML {key}: {yaml}; {see}.")
+
+
 class DataPluginParser(LightningArgumentParser):
     """LightningCLI's parser, with one sentence (and exit status 2) for a bad ``data:`` class and for a
     data module that lacks a required attribute or refuses its arguments, instead of a wrapped
@@ -77,7 +110,7 @@ class DataPluginParser(LightningArgumentParser):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # raises instead of exiting
         # The message without jsonargparse's usage screen (a hundred lines of options before it).
-        sys.stderr.write(f"error: {data_class_problem(message) or message.rstrip()}\n")
+        sys.stderr.write(f"error: {data_class_problem(message) or old_training_option(message) or message.rstrip()}\n")
         sys.exit(2)
 
     def instantiate(self, *args, **kwargs):
