@@ -22,14 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-#: Prefixes that wrappers add in front of the plain model's keys: ImageClassifier (``net.``),
-#: DistributedDataParallel (``module.``), torch.compile (``_orig_mod.``), Lightning's
-#: DeepSpeed/FSDP forward wrappers (``_forward_module.``) and generic ``model.`` holders.
-WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.", "net.", "_orig_mod.")
-#: Name parts that wrappers insert anywhere in a key: torch.compile'd submodules, FSDP units and
-#: activation-checkpointing wrappers. They are removed wherever they occur.
-WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-
+from project.state_dicts import WRAPPER_PREFIXES, clean_name, differences
 
 class CheckpointError(RuntimeError):
     """A file is not a usable checkpoint for the requested model; the message says why."""
@@ -93,7 +86,7 @@ def _is_legacy_torch_file(path: Path) -> bool:
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREFIXES) -> dict[str, torch.Tensor]:
-    """Remove wrapper parts (:data:`WRAPPER_PARTS`, anywhere) and wrapper prefixes from every key.
+    """Remove wrapper parts (``project.state_dicts.WRAPPER_PARTS``, anywhere) and wrapper prefixes from every key.
 
     Outer wrappers (``_forward_module.``, ``module.``, ``model.``) are peeled repeatedly. When keys
     of the classifier's ``net.`` are among them, only those are kept (not the metric states, for
@@ -101,7 +94,7 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREF
     ``net`` keeps that name. Without ``net.`` keys, wrapper prefixes are peeled in any order.
     """
     outer = tuple(p for p in prefixes if p != "net.")
-    pairs = [(_peel(_drop_wrapper_parts(key), outer), key) for key in state_dict]
+    pairs = [(_peel(clean_name(key), outer), key) for key in state_dict]
     if any(key.startswith("net.") for key, _ in pairs):
         pairs = [(key.removeprefix("net."), original) for key, original in pairs if key.startswith("net.")]
     else:
@@ -112,10 +105,6 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREF
             raise CheckpointError(f"Two entries of the checkpoint both become {key!r} once wrapper prefixes are removed.")
         out[key] = state_dict[original]
     return out
-
-
-def _drop_wrapper_parts(key: str) -> str:
-    return ".".join(part for part in key.split(".") if part not in WRAPPER_PARTS)
 
 
 def _peel(key: str, prefixes: Sequence[str]) -> str:
@@ -141,7 +130,7 @@ def _unwrapped_state(checkpoint: Mapping) -> dict[str, torch.Tensor] | None:
     """A plain state_dict's keys with only wrapper parts (``_orig_mod``, FSDP units) removed."""
     if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return None
-    return {_drop_wrapper_parts(k): v for k, v in checkpoint.items()}
+    return {clean_name(k): v for k, v in checkpoint.items()}
 
 
 def save_net(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
@@ -198,21 +187,8 @@ def load_into(
         as_saved = _unwrapped_state(checkpoint)
         if as_saved is not None and set(as_saved) == set(expected):
             state = as_saved
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if shapes or (strict and (missing or unexpected)):
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_short(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches {_short(shapes)}")
+    parts = differences(state, expected, strict)
+    if parts:
         name = name or (source if isinstance(source, (str, Path)) else "the state_dict")
         raise CheckpointError(
             f"{name} does not fit {type(model).__name__} ({'; '.join(parts)}); "
@@ -221,11 +197,6 @@ def load_into(
     if not dry_run:
         model.load_state_dict(state, strict=strict)
     return model
-
-
-def _short(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
 
 
 def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict:

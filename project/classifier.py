@@ -20,14 +20,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from project.errors import UserError
 from project.schedules import WarmupCosine
+from project.state_dicts import clean_name
 
 EVAL_STAGES = ("val", "test")
 #: The keys of one ``model.param_groups`` entry.
 PARAM_GROUP_KEYS = ("match", "lr_scale", "weight_decay", "name")
 #: The name of the group of parameters that no ``param_groups`` entry matches (they train at the optimizer's lr).
 BASE_GROUP = "base"
-#: Wrapper modules that insert themselves into parameter names (FSDP units, activation checkpointing).
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def _check_param_group_specs(specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -79,9 +78,7 @@ def group_parameters(net: nn.Module, param_groups: Sequence[Mapping[str, Any]] |
     for raw_name, param in net.named_parameters():
         if not param.requires_grad:
             continue
-        name = raw_name
-        for prefix in _WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
+        name = clean_name(raw_name)  # without the names wrappers insert (FSDP units, activation checkpointing)
         index = next((i for i, spec in enumerate(specs) if fnmatch.fnmatchcase(name, spec["match"])), len(specs))
         buckets[index][0 if param.ndim >= 2 else 1].append((name, param))
     for spec, (decay, no_decay) in zip(specs, buckets):

@@ -1,11 +1,12 @@
-"""The command line: LightningCLI with argument links and our defaults.
+"""The command line: LightningCLI with our arguments, argument links and defaults.
 
 ``python -m project fit -c experiments/lenet.yaml`` builds the configured data module
 (CIFAR10DataModule unless ``data:`` names another by class_path), an ImageClassifier around the
-configured plain net, and a Trainer whose every output (resolved
-config, checkpoints, metrics.csv, net.pt, wandb files) lands in one run directory of its own.
-The run itself (directory, lock, resume plan, stop signals) is project.runs' business; this
-module hands it the parsed configuration and hands Lightning the directory.
+configured plain net, and a Trainer whose every output (resolved config, checkpoints,
+metrics.csv, net.pt, wandb files) lands in one run directory of its own. The run itself
+(directory, lock, the checkpoint it loads, stop signals, where each file goes) is project.runs'
+business: this module opens it once the arguments are parsed, and the loggers, callbacks and
+plugins it names by default ask it where to write.
 """
 
 import errno
@@ -18,14 +19,14 @@ import torch
 import yaml
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from project import checkpoints, runs, tracking
-from project.callbacks.checkpointing import AtomicCheckpointIO
+from project.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint
 from project.callbacks import (
     ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState, SyncBuffers,
 )
@@ -35,7 +36,6 @@ from project.cluster import SLURMRequeue
 from project.data.plugins import DataPluginParser, declared
 from project.errors import UserError
 
-LOGGERS_WITH_SAVE_DIR = ("CSVLogger", "WandbLogger", "TensorBoardLogger")
 #: Model settings that may differ from the checkpoint when a fit resumes, and then take effect:
 #: they change how the model runs, not what it has learnt or how it is optimised. Every other
 #: difference is refused (see ProjectCLI.check_resume_settings).
@@ -47,7 +47,7 @@ LINKED_MODEL_KEYS = ("num_classes", "net.init_args.num_classes", "image_shape")
 def model_differences(stored: dict, current: dict) -> list[str]:
     """``model.<key> (checkpoint X, now Y)`` for every setting both define differently, but those
     in RESUME_HONOURED and those linked from the data module."""
-    old, new = _flatten(stored), _flatten(current)
+    old, new = tracking.flatten(stored), tracking.flatten(current)
     skip = {*RESUME_HONOURED, *LINKED_MODEL_KEYS}
     # A key that only one side has counts where the other has its parent (a scheduler given on one side, null on the other).
     old.update({key: None for key in new.keys() - old.keys() if key.rsplit(".", 1)[0] in old})
@@ -57,12 +57,6 @@ def model_differences(stored: dict, current: dict) -> list[str]:
         for key in sorted(old.keys() & new.keys())
         if key not in skip and not key.startswith("_") and old[key] != new[key]
     ]
-
-
-def _flatten(value, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: list(value) if isinstance(value, (tuple, list)) else value}
 
 
 def check_devices(trainer_config) -> None:
@@ -84,13 +78,25 @@ def check_devices(trainer_config) -> None:
 
 class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config as ``config.yaml``; a resumed run adds ``config-<time>.yaml`` beside it
-    instead of failing or overwriting the original. The CLI hands it the portable config: the one
-    the user gave, without this run's paths, so that re-running it starts a new run."""
+    instead of failing or overwriting the original. It saves the portable config: the one the user
+    gave, with the experiment's name and without this run's directory or resume checkpoint, so that
+    re-running it starts a new run of the same experiment that touches nothing of this one.
+    validate/test/predict keep the checkpoint they evaluate (``last``/``best`` resolved): it is what
+    they report on, not where they write, and re-running their config evaluates it again."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        log_dir = trainer.log_dir
-        if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
-            self.config_filename = f"config-{runs.new_run_name()}.yaml"
+        run = runs.current()
+        if self.already_saved:  # by the fit before the test after it
+            return
+        if run is not None:
+            self.config = self.config.clone()
+            self.config.name, self.config.run_dir = run.name, None
+            if (run.directory / self.config_filename).exists():
+                self.config_filename = f"config-{runs.new_run_name()}.yaml"
+        if stage == "fit":
+            self.config.ckpt_path = None
+        elif trainer.ckpt_path:
+            self.config.ckpt_path = str(trainer.ckpt_path)
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
@@ -98,30 +104,14 @@ class RunConfigSaver(SaveConfigCallback):
         tracking.log_config(trainer, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
 
-def name_experiment(config) -> str:
+def experiment_name(config) -> str:
     """``--name``, else the stem of the last --config file (presets never name a run), else ``run``."""
-    if config.get("name") is None:
-        sources = config.get("config") or []
-        # Presets (experiments/presets/*.yaml: strategy, precision, compile) never name a run.
-        named = [s for s in sources if Path(str(s)).parent.name != "presets"] or sources
-        config.name = Path(str(named[-1])).stem if named else "run"
-    return config.name
-
-
-def experiment_dir(config) -> Path:
-    return Path(config.trainer.default_root_dir or "runs") / name_experiment(config)
-
-
-def portable_config(config, subcommand: str | None = "fit"):
-    """The config to save and log: as the user gave it, without this run's checkpoint and
-    directory, so that ``fit -c <run>/config.yaml`` starts a new run that touches nothing of this one.
-    validate/test/predict keep the checkpoint they evaluate (resolved from last/best): it is what
-    they report on, not where they write, and re-running their config evaluates it again."""
-    portable = config.clone()
-    if subcommand == "fit":
-        portable.ckpt_path = None
-    portable.run_dir = None
-    return portable
+    if config.get("name") is not None:
+        return config.name
+    sources = config.get("config") or []
+    # Presets (experiments/presets/*.yaml: strategy, precision, compile) never name a run.
+    named = [s for s in sources if Path(str(s)).parent.name != "presets"] or sources
+    return Path(str(named[-1])).stem if named else "run"
 
 
 class ProjectCLI(LightningCLI):
@@ -133,9 +123,8 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", DataPluginParser)  # one sentence for a bad data: class
         self.run: runs.Run | None = None
-        self.portable_config = None
-        #: validate/test/predict: the --ckpt_path file's contents (memory-mapped), read once.
-        self.evaluated_checkpoint: dict | None = None
+        #: --ckpt_path as given (a path, `last` or `best`): the run resolves it and Lightning loads it.
+        self.requested_checkpoint: str | None = None
         failed = True
         try:
             # data: may name any LightningDataModule (class_path); without one it is CIFAR10DataModule.
@@ -161,21 +150,23 @@ class ProjectCLI(LightningCLI):
             # started from the same Python process (tests, notebooks).
             if os.environ.get(runs.RUN_DIR_ENV) == str(self.run.directory):
                 os.environ.pop(runs.RUN_DIR_ENV, None)
+        else:
+            self.run.close(failed=False)  # forget it; the primary process owns the directory
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
-                            help="Experiment name: runs go to <trainer.default_root_dir>/<name>/. "
+                            help="Experiment name (one folder name): runs go to <trainer.default_root_dir>/<name>/. "
                                  "Default: the stem of the last --config file.")
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Write into this directory instead of a new one (to resume a fit).")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": False,
             "checkpoint.filename": "best-epoch{epoch:03d}-step{step:06d}",
             "checkpoint.auto_insert_metric_name": False,
-            "trainer.logger": {"class_path": "project.tracking.CSVLogger", "init_args": {"save_dir": "runs"}},
+            # Our loggers write into the run directory (project.tracking).
+            "trainer.logger": {"class_path": "project.tracking.CSVLogger"},
             "trainer.default_root_dir": "runs",
         })
         parser.add_argument("--test_after_fit", type=bool, default=False,
@@ -198,69 +189,51 @@ class ProjectCLI(LightningCLI):
         parser.link_arguments("data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
         parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        # PRIVATE LIGHTNING METHOD (1 of 2; tests/test_lightning_api.py::test_lightning_private_hooks_still_exist
-        # fails if it goes).
-        # LightningCLI calls it before any public hook to merge the checkpoint's hyperparameters into
-        # the config. Overridden to (1) resolve `--ckpt_path last|best` for validate/test/predict to
-        # the experiment's newest such checkpoint (Lightning would evaluate random weights), (2) make
-        # a missing, unreadable or unsafe file one clear error instead of a traceback, and (3) for fit,
-        # skip the merge, which would silently drop the user's overrides: the resume plan is read once
-        # in project.runs and check_resume_settings refuses differences instead.
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        config = self.config[subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if subcommand == "fit" or not ckpt_path:
-            return
-        if ckpt_path in runs.NAMED_CHECKPOINTS:
-            config.ckpt_path = ckpt_path = str(runs.find_named_checkpoint(experiment_dir(config), ckpt_path))
-        if runs.names_a_path(ckpt_path) and runs.check_checkpoint_path(ckpt_path).is_file():
-            self.evaluated_checkpoint = checkpoints.load_file(ckpt_path, mmap=True)  # checked before instantiation
-        given = {key: config.model.get(key) for key in RESUME_HONOURED}
-        super()._parse_ckpt_path()
-        for key, value in given.items():
-            if value is not None:
-                self.config[subcommand].model[key] = value
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # --ckpt_path is the run's to resolve and check (project.runs) and Lightning's to load, once
+        # (handed over as trainer.ckpt_path before the subcommand runs). Left in the config,
+        # LightningCLI would read the file now as well, to merge its hyperparameters over the
+        # user's settings (which a resumed fit would then silently ignore).
+        config = self.config.get(str(self.config.get("subcommand")))
+        if config is not None and config.get("ckpt_path") and not runs.lightnings_own(config.ckpt_path):
+            self.requested_checkpoint, config.ckpt_path = config.ckpt_path, None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        name_experiment(config)
         check_devices(config.trainer)
-        self.portable_config = portable_config(config, self.subcommand)
         self.run = runs.Run.open(
-            subcommand=self.subcommand or "", root=Path(config.trainer.default_root_dir or "runs"), name=config.name,
-            run_dir=config.get("run_dir"), ckpt_path=config.get("ckpt_path"),
+            subcommand=self.subcommand or "", root=Path(config.trainer.default_root_dir or "runs"),
+            name=experiment_name(config), run_dir=config.get("run_dir"),
+            ckpt_path=self.requested_checkpoint or config.get("ckpt_path"),
         )
         os.environ[runs.RUN_DIR_ENV] = str(self.run.directory)
         if self.subcommand == "fit":
             self.apply_resume_plan(config)
-        # This run's paths go into the objects built now, never into the saved config (portable_config).
-        config.trainer.default_root_dir = str(self.run.directory)  # where everything goes, also with logger false
-        for group in ("checkpoint", "last_checkpoint"):
-            if config[group].get("dirpath") is None:
-                config[group].dirpath = str(self.run.directory / "checkpoints")
-        loggers = config.trainer.logger
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            if hasattr(logger, "class_path") and logger.class_path.rsplit(".", 1)[-1] in LOGGERS_WITH_SAVE_DIR:
-                if logger.class_path == "lightning.pytorch.loggers.CSVLogger":
-                    logger.class_path = "project.tracking.CSVLogger"  # the same, but a resumed fit keeps metrics.csv
-                logger.init_args.save_dir = str(self.run.directory)
-                if logger.class_path.endswith("CSVLogger") or logger.class_path.endswith("TensorBoardLogger"):
-                    # name="" and version="" make the logger write straight into the run directory.
-                    logger.init_args.name = ""
-                    logger.init_args.version = ""
-                elif logger.class_path.endswith("WandbLogger"):
-                    tracking.configure_wandb_logger(logger.init_args, self.run.directory, config.name)
+        elif self.run.contents is not None:
+            self.evaluate_the_checkpoints_model()
+
+    def evaluate_the_checkpoints_model(self) -> None:
+        """validate/test/predict evaluate the checkpoint's model: its hyperparameters are the model
+        settings, but for those in RESUME_HONOURED (how to run it) that the command line gives.
+        (What LightningCLI does with a --ckpt_path it reads itself, from the contents the run read.)"""
+        hparams = dict(self.run.contents.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        model = self.config[self.subcommand].model
+        given = {key: model.get(key) for key in RESUME_HONOURED if model.get(key) is not None}
+        self.config = self.parser.parse_object({self.subcommand: {"model": hparams}}, self.config)
+        for key, value in given.items():
+            self.config[self.subcommand].model[key] = value
 
     def apply_resume_plan(self, config) -> None:
-        """Point the fit at the checkpoint the run resumes from (or none), refusing changed model settings."""
-        plan, asked = self.run.resume, config.get("ckpt_path")
-        lightnings_own = runs.lightnings_own(asked)
-        config.ckpt_path = str(plan.checkpoint) if plan is not None else asked if lightnings_own else None
+        """Say what the fit resumes from (or that it starts afresh), refusing changed model settings."""
+        plan, asked = self.run.resume, self.requested_checkpoint
         if plan is None:
-            if asked and not lightnings_own:
+            if asked:
                 rank_zero_info(f"--ckpt_path {asked}: no checkpoint to resume in {self.run.directory}; starting from scratch.")
             return
         rank_zero_info(f"Resuming from {plan.checkpoint}")
@@ -283,65 +256,47 @@ class ProjectCLI(LightningCLI):
             raise UserError(str(err)) from err
 
     def instantiate_trainer(self, **kwargs):
+        """The configured Trainer, with our defaults where the configuration leaves them open."""
+        config = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
         # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's
         # own hyperparameter logging would log parts of it again under other names.
         kwargs.setdefault("enable_autolog_hparams", False)
-        plugins = self.cluster_plugins()
-        if plugins is not None:
-            kwargs["plugins"] = plugins
-        trainer = super().instantiate_trainer(**kwargs)
-        # Atomic, fsynced writes and weights_only loads, unless a plugin chose its own I/O.
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        for callback in trainer.callbacks:
-            if isinstance(callback, RunConfigSaver) and self.portable_config is not None:
-                callback.config = self.portable_config
-            if isinstance(callback, SLURMRequeue):
-                callback.keep_after_fit = True  # through the test after fit; the run restores the handler
-        # Lightning's default progress bar redraws after every batch; ours at most twice a second.
-        bar = trainer.progress_bar_callback
-        if type(bar) is TQDMProgressBar and bar.refresh_rate == 1:
-            trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
-        return trainer
+        if self.run is not None:
+            # What Lightning writes by itself (profiles, hpc checkpoints) goes into the run too.
+            kwargs.setdefault("default_root_dir", str(self.run.directory))
+        kwargs.setdefault("plugins", self.default_plugins(config.get("plugins")))
+        callbacks = as_list(config.get("callbacks"))
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, AnyProgressBar) for c in callbacks):
+            # Lightning's default bar redraws after every batch; ours at most twice a second.
+            kwargs.setdefault("callbacks", [*callbacks, ProgressBar()])
+        return super().instantiate_trainer(**kwargs)
 
-    def cluster_plugins(self) -> list | None:
-        """In a SLURM job with ``requeue.enabled``, a SLURMEnvironment whose auto-requeue is off:
-        SLURMRequeue requeues instead (see project.cluster). ``None``: leave the plugins as configured."""
+    def default_plugins(self, configured) -> list:
+        """The configured plugins, plus atomic checkpoint writes and code-free loads unless one of
+        them chose its own checkpoint I/O, plus, in a SLURM job with ``requeue.enabled``, a
+        SLURMEnvironment whose auto-requeue is off (SLURMRequeue requeues instead; see project.cluster)."""
+        plugins = as_list(configured)
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         requeue = config.get("requeue")
-        if not (isinstance(requeue, SLURMRequeue) and requeue.enabled and SLURMEnvironment.detect()):
-            return None
-        plugins = config.trainer.get("plugins")
-        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
-        if any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
-            return None
-        return [*plugins, SLURMEnvironment(auto_requeue=False, requeue_signal=requeue.signum)]
+        if (isinstance(requeue, SLURMRequeue) and requeue.enabled and SLURMEnvironment.detect()
+                and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins)):
+            plugins.append(SLURMEnvironment(auto_requeue=False, requeue_signal=requeue.signum))
+        return plugins
 
-    def check_checkpoint_fits(self, checkpoint: dict | None, name: str) -> None:
-        """Refuse a checkpoint of another architecture before Lightning half-loads it."""
-        if checkpoint is None:
-            return
-        if "state_dict" not in checkpoint:
-            raise checkpoints.CheckpointError(
-                f"{name} is not a Lightning checkpoint of this template (no state_dict entry); "
-                "pass a .ckpt file from a run's checkpoints/ folder."
-            )
-        checkpoints.load_into(self.model.net, checkpoint, dry_run=True, name=name)
+    def load_run_checkpoint(self) -> None:
+        """Hand Lightning the checkpoint the run resolved and read, once a checkpoint of another
+        architecture is refused (before Lightning half-loads it); Lightning loads the run's contents."""
+        if self.run.contents is not None:
+            checkpoints.load_into(self.model.net, self.run.contents, dry_run=True, name=str(self.run.checkpoint))
+        if self.run.checkpoint is not None:
+            self.trainer.ckpt_path = str(self.run.checkpoint)
 
-    def check_evaluated_checkpoint(self) -> None:
-        rank_zero_info(f"Run directory: {self.run_dir}")
-        # The file _parse_ckpt_path read (and validated) before the classes were built.
-        self.check_checkpoint_fits(self.evaluated_checkpoint, str(self.config_init[self.subcommand].get("ckpt_path")))
+    before_validate = before_test = before_predict = load_run_checkpoint
 
     def before_fit(self) -> None:
-        rank_zero_info(f"Run directory: {self.run_dir}")
-        plan = self.run.resume
-        if plan is not None and plan.checkpoint.is_file():
-            self.check_checkpoint_fits(plan.contents, str(plan.checkpoint))
-        if plan is not None and plan.global_step is not None:
-            for logger in self.trainer.loggers:
-                if isinstance(logger, tracking.CSVLogger):
-                    logger.continue_at(plan.global_step)
+        self.load_run_checkpoint()
         # Ctrl-C saves a resume checkpoint at the next batch boundary (LastCheckpoint), like SIGTERM;
         # the requeue signal of a SLURM job is noted from here to the end of test_after_fit.
         requeue = self.config_init.fit.get("requeue")
@@ -350,16 +305,19 @@ class ProjectCLI(LightningCLI):
             signums.append(requeue.signum)
         runs.stop_signals.install(*signums)
 
-    before_validate = before_test = before_predict = check_evaluated_checkpoint
-
     def after_fit(self) -> None:
         # The fit is over and saved: Ctrl-C during the test after it stops at once (exit status 130).
         runs.stop_signals.save_on_sigint = False
         if not self.config.fit.get("test_after_fit"):
             return
         best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
-                if isinstance(cb, ModelCheckpoint) and not isinstance(cb, LastCheckpoint) and cb.best_model_path]
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best[0] if best else None)
+                if isinstance(cb, BestCheckpoint) and cb.best_model_path]
+        self.trainer.ckpt_path = best[0] if best else None  # None: the final weights
+        self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 #: Errors a user can cause by configuration or files; printed as one sentence, exit status 2.

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from project.callbacks import LastCheckpoint
 from project.errors import UserError
+from project import runs
 from project.runs import slurm_job_id, stop_signals
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,10 @@ class SLURMRequeue(L.Callback):
             raise UserError(f"requeue.signal: {err}") from None
         self.enabled = enabled
         self.checkpoint_path: Path | None = None
-        #: Set by the CLI: note the signal from setup to the end of the command (the test after fit
-        #: included); the CLI's run restores the handler. Otherwise the handler is installed when the
-        #: sanity check or training starts and restored when fit ends.
-        self.keep_after_fit = False
+        #: Under the CLI (a run is open): note the signal from setup to the end of the command (the
+        #: test after fit included); the run restores the handler when it closes. Otherwise the
+        #: handler is installed when the sanity check or training starts and restored when fit ends.
+        self.keep_after_fit = runs.current() is not None
         self._active = False
 
     @property
@@ -88,8 +89,8 @@ class SLURMRequeue(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not (self.enabled and stage == "fit" and SLURMEnvironment.detect()):
             return
-        # log_dir is broadcast from rank zero: every rank asks for it here.
-        self.checkpoint_path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        # Without a run, log_dir is broadcast from rank zero: every rank asks for it here.
+        self.checkpoint_path = runs.run_directory(trainer) / "checkpoints" / "last.ckpt"
         environment = getattr(trainer.strategy, "cluster_environment", None)
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False  # this callback requeues (see the module docstring)

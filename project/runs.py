@@ -34,6 +34,41 @@ NAMED_CHECKPOINTS = {"last": "last*.ckpt", "best": "best*.ckpt"}
 STARTUP_FILES = ("config.yaml", "hparams.yaml", LOCK_FILE)
 
 
+def current() -> "Run | None":
+    """The run this process's command writes into (the CLI opened it), or ``None`` outside the CLI."""
+    return _open_run
+
+
+def run_directory(trainer) -> Path:
+    """Where this run writes: the open run's directory, else (a Trainer used without the CLI)
+    ``trainer.log_dir`` or its ``default_root_dir``. Without a run every rank must ask (log_dir broadcasts)."""
+    if _open_run is not None:
+        return _open_run.directory
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def path_in_run(value: str | Path | None, option: str, default: str = ".") -> Path | None:
+    """``value`` (default: ``default``) resolved against the open run's directory, or one sentence
+    refusing a path that leads outside it (``..``, an absolute path, a symbolic link elsewhere).
+    Outside the CLI (no run open): ``value`` as given, ``None`` for none."""
+    if _open_run is None:
+        return Path(value) if value else None
+    path = (_open_run.directory / (value or default)).resolve()
+    if not path.is_relative_to(_open_run.directory):
+        raise UserError(
+            f"{option}={value} leads outside the run directory {_open_run.directory}; every file a run writes stays "
+            f"inside its own directory: give a path relative to it (e.g. {default})."
+        )
+    return path
+
+
+def check_name(name: str, option: str = "--name") -> str:
+    """``name`` if it is one path component (a folder name), else one sentence saying so."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        raise UserError(f"{option}={name!r} must be a single folder name (no '/', not '.' or '..'), e.g. lenet-wide.")
+    return name
+
+
 def new_run_name() -> str:
     """A sortable, collision-free directory name: local time plus random hex."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -240,6 +275,14 @@ class Run:
     by the primary process, and closed when the command ends."""
 
     directory: Path
+    #: The experiment: runs of the same name share ``<root>/<name>/``.
+    name: str = ""
+    #: The checkpoint this command loads (fit: the one it resumes from; validate/test/predict: the
+    #: one evaluated, ``last``/``best`` resolved), handed to Lightning as ``trainer.ckpt_path``.
+    checkpoint: Path | None = None
+    #: That checkpoint file's contents, read once (memory-mapped) by this run; Lightning loads them
+    #: from here (project.callbacks.checkpointing.AtomicCheckpointIO) instead of reading the file again.
+    contents: dict | None = None
     resume: ResumePlan | None = None
     created: list[Path] = field(default_factory=list)
     lock: RunLock | None = None
@@ -247,8 +290,13 @@ class Run:
     @classmethod
     def open(cls, *, subcommand: str, root: Path, name: str, run_dir: str | None, ckpt_path: str | None) -> "Run":
         """Choose, check, create and lock the directory of this command; ``ckpt_path`` as given."""
+        check_name(name)
+        if subcommand != "fit" and ckpt_path in NAMED_CHECKPOINTS:
+            ckpt_path = str(find_named_checkpoint(root / name, ckpt_path))
+        contents = None
         if names_a_path(ckpt_path):
-            check_checkpoint_path(ckpt_path)
+            if check_checkpoint_path(ckpt_path).is_file() and subcommand != "fit":
+                contents = checkpoints.load_file(ckpt_path, mmap=True)  # before anything is created
         explicit = None
         if subcommand == "fit":
             explicit = run_dir or run_dir_of_checkpoint(ckpt_path)
@@ -258,7 +306,9 @@ class Run:
         directory = choose_run_dir(root, name, explicit, resume_last=subcommand == "fit" and ckpt_path == "last")
         if directory.exists() and not directory.is_dir():
             raise UserError(f"The run directory {directory} is a file; remove it or choose another --run_dir.")
-        run = cls(directory.resolve())
+        run = cls(directory.resolve(), name=name)
+        if subcommand != "fit" and names_a_path(ckpt_path):
+            run.checkpoint, run.contents = Path(ckpt_path), contents
         if is_primary_process():
             run.created = _make_dirs(run.directory)
             run.lock = RunLock(run.directory)
@@ -278,10 +328,15 @@ class Run:
                         "(a fit resumes from its own run: --ckpt_path last); give the best-*.ckpt file itself to continue from it."
                     )
                 run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
+                run.checkpoint = resume_from
+                if resume_from is not None and resume_from.is_file():
+                    run.contents = run.resume.contents
             except BaseException:
                 # A checkpoint that cannot be read: the caller never gets the run to close.
                 run.close(failed=True)
                 raise
+        global _open_run
+        _open_run = run
         return run
 
     def fit_checkpoint(self, ckpt_path: str | None) -> Path | None:
@@ -312,12 +367,19 @@ class Run:
 
     def close(self, failed: bool) -> None:
         """Release the lock; after a failure, take back the folders that stayed empty."""
+        global _open_run
+        if _open_run is self:
+            _open_run = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
         if failed:
             self.remove_if_unused()
         stop_signals.restore()
+
+
+#: The run of the command running in this process (see :func:`current`).
+_open_run: Run | None = None
 
 
 def _make_dirs(directory: Path) -> list[Path]:

@@ -57,12 +57,15 @@ class ContinuingExperimentWriter(ExperimentWriter):
 
 
 class CSVLogger(lightning.pytorch.loggers.CSVLogger):
-    """Lightning's CSVLogger whose ``metrics.csv`` a resumed fit continues (see ContinuingExperimentWriter).
-    Local paths only (``save_dir`` on a remote filesystem: use Lightning's CSVLogger)."""
+    """Lightning's CSVLogger that writes ``metrics.csv`` and ``hparams.yaml`` straight into the run
+    directory (``save_dir``, default ``.``, is relative to it and stays inside it), and whose
+    ``metrics.csv`` a resumed fit continues (see ContinuingExperimentWriter). Local paths only."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.resume_step: int | None = None
+    def __init__(self, save_dir: str | None = None, name: str = "", version: int | str | None = "", **kwargs) -> None:
+        run = runs.current()
+        super().__init__(runs.path_in_run(save_dir, "trainer.logger.save_dir") or ".", name=name, version=version, **kwargs)
+        plan = run.resume if run is not None else None
+        self.resume_step: int | None = plan.global_step if plan is not None else None
         self.writer: ContinuingExperimentWriter | None = None
 
     def continue_at(self, step: int) -> None:
@@ -85,7 +88,18 @@ class WandbSetupError(UserError):
 
 
 class WandbLogger(lightning.pytorch.loggers.WandbLogger):
-    """Lightning's WandbLogger; when wandb cannot start a run, one sentence saying what to do instead."""
+    """Lightning's WandbLogger that keeps its files in the run directory (``save_dir``, relative to
+    it), is named ``<experiment>/<run dir name>``, continues the wandb run found in the run
+    directory, joins a sweep's project; when wandb cannot start a run, one sentence saying what to do."""
+
+    def __init__(self, name: str | None = None, save_dir: str | None = None, version: str | None = None,
+                 id: str | None = None, project: str | None = None, **kwargs) -> None:
+        run = runs.current()
+        version = version or None  # "" when jsonargparse carries it over from a CSVLogger config: no id
+        if run is not None:
+            name, id, project = wandb_identity(run.directory, run.name, name, id or version, project)
+        save_dir = runs.path_in_run(save_dir, "trainer.logger.save_dir")
+        super().__init__(name=name, save_dir=str(save_dir or "."), version=version, id=id, project=project, **kwargs)
 
     @property
     def experiment(self):
@@ -110,25 +124,26 @@ def wandb_run_id(run_dir: Path) -> str | None:
     return _RUN_FOLDER.match(newest.name).group(1) if newest else None
 
 
-def configure_wandb_logger(init_args: Any, run_dir: Path, experiment: str) -> None:
-    """Fill in a WandbLogger's name, id and (under ``wandb agent``) project; ``init_args`` is changed in place."""
-    if init_args.get("name") is None:
-        init_args.name = f"{experiment}/{run_dir.name}"
+def wandb_identity(run_dir: Path, experiment: str, name: str | None, id: str | None, project: str | None) -> tuple:
+    """The wandb run's ``(name, id, project)`` for ``run_dir``: the name ``<experiment>/<run dir name>``,
+    the id of the wandb run found there (to continue it), under ``wandb agent`` the sweep's project."""
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_PROJECT"):
-        init_args.project = os.environ["WANDB_PROJECT"]  # a sweep's runs must log into the sweep's project
-    if init_args.get("id") is None and init_args.get("version") is None and not os.environ.get("WANDB_RUN_ID"):
-        init_args.id = wandb_run_id(run_dir)
+        project = os.environ["WANDB_PROJECT"]  # a sweep's runs must log into the sweep's project
+    if id is None and not os.environ.get("WANDB_RUN_ID"):
+        id = wandb_run_id(run_dir)
+    return name or f"{experiment}/{run_dir.name}", id, project
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"lr": 0.1}}`` -> ``{"model.lr": 0.1}``; lists and other values are kept whole."""
+    """``{"model": {"lr": 0.1}}`` -> ``{"model.lr": 0.1}``; lists and other values are kept whole
+    (tuples as lists, so a setting read back from a checkpoint compares equal to the config's)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, name + "."))
         else:
-            flat[name] = value
+            flat[name] = list(value) if isinstance(value, tuple) else value
     return flat
 
 

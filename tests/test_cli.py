@@ -80,6 +80,7 @@ def test_cli_subprocess_fit_test_predict(tmp_path, tiny_npz):
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = run_dirs(tmp_path, "lenet")
     assert f"Run directory: {run}" in out.stderr + out.stdout
+    assert (out.stderr + out.stdout).count("Run directory:") == 1, "printed once, by rank 0, at the end"
     ckpt = run / "checkpoints" / "last.ckpt"
     for sub in ("validate", "test", "predict"):
         res = run_cli([sub, "-c", str(run / "config.yaml"), f"--ckpt_path={ckpt}", *common], timeout=300)

@@ -60,11 +60,11 @@ def test_predict_writes_one_row_per_image_in_dataset_order(trained, pipeline):
     assert not list(cli.run_dir.glob(".*.tmp")), "no temporary file is left behind"
 
 
-def test_predictions_can_be_switched_off_or_sent_elsewhere(trained, tmp_path):
+def test_predictions_can_be_switched_off_or_sent_elsewhere_in_the_run(trained, tmp_path):
     cli = main(["predict", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={trained['npz']}",
                 f"--trainer.default_root_dir={trained['root']}", *COMMON, f"--ckpt_path={trained['ckpt']}",
-                f"--predictions.output_dir={tmp_path / 'out'}", "--predictions.filename=test-preds.csv"])
-    assert (tmp_path / "out" / "test-preds.csv").is_file() and not (cli.run_dir / "predictions.csv").exists()
+                "--predictions.output_dir=out", "--predictions.filename=test-preds.csv"])
+    assert (cli.run_dir / "out" / "test-preds.csv").is_file() and not (cli.run_dir / "predictions.csv").exists()
     cli = main(["predict", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={trained['npz']}",
                 f"--trainer.default_root_dir={trained['root']}", *COMMON, f"--ckpt_path={trained['ckpt']}",
                 "--predictions.enabled=false"])

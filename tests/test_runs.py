@@ -124,6 +124,47 @@ def test_without_a_logger_every_output_lands_in_the_run_directory(tmp_path, npz)
     assert [p for p in (root / "lenet").iterdir()] == [run]
 
 
+#: Options that name a file or folder, given a value that leads out of the run directory (``{other}``: another
+#: run of the same experiment), and the option the one-sentence refusal names.
+ESCAPES = [
+    ("best checkpoint over another run's last.ckpt", "--checkpoint.filename=../../{other}/checkpoints/last", "checkpoint.filename"),
+    ("best checkpoint above the experiment", "--checkpoint.filename=../../../x", "checkpoint.filename"),
+    ("best checkpoint named last", "--checkpoint.filename=last", "checkpoint.filename=last"),
+    ("best checkpoint folder elsewhere", "--checkpoint.dirpath={tmp}/elsewhere", "checkpoint.dirpath"),
+    ("last checkpoint folder above the run", "--last_checkpoint.dirpath=..", "last_checkpoint.dirpath"),
+    ("experiment name with a path", "--name=../../x", "--name='../../x' must be a single folder name"),
+    ("experiment name ..", "--name=..", "must be a single folder name"),
+    ("exported net above the run", "--export.filename=../net.pt", "export.filename"),
+    ("predictions elsewhere", "--predictions.output_dir={tmp}/out", "predictions.output_dir"),
+    ("logger files in another run", "--trainer.logger.save_dir=../{other}", "trainer.logger.save_dir"),
+]
+
+
+@pytest.mark.parametrize(("case", "option", "named"), ESCAPES, ids=[e[0] for e in ESCAPES])
+def test_a_path_leading_out_of_the_run_is_refused_and_nothing_is_written(tmp_path, npz, finished, capsys, case, option, named):
+    """`--checkpoint.filename ../../<other run>/checkpoints/last` once overwrote another run's last.ckpt
+    (exit 0), `--name ../../x` put the run outside the root; now each is one sentence, exit status 2,
+    and every byte under tmp_path (the other run, the root, the folder above it) is as it was."""
+    root = tmp_path / "runs"
+    other = copy_run(finished, root)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(root, npz, option.format(other=other.name, tmp=tmp_path)))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and named in lines[-1], lines[-3:]
+    assert snapshot(tmp_path) == before
+
+
+def test_paths_inside_the_run_are_kept_there(tmp_path, npz):
+    """The same options, given paths inside the run, write where they say, relative to the run directory."""
+    run = main(fit_args(tmp_path / "runs", npz, "--checkpoint.dirpath=best", "--checkpoint.filename=top/{epoch}",
+                        "--export.filename=weights/plain.pt", "--trainer.logger.save_dir=logs")).run_dir
+    assert len(list((run / "best" / "top").glob("*.ckpt"))) == 1
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "weights" / "plain.pt").is_file()
+    assert (run / "logs" / "metrics.csv").is_file()
+
+
 # ---- 3. one process per run --------------------------------------------------------------------------
 
 

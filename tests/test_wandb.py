@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 
-from jsonargparse import Namespace
 from wandb.proto import wandb_internal_pb2
 
 from project import tracking
@@ -136,17 +135,15 @@ def test_wandb_logger_is_named_after_its_run_directory_and_joins_the_sweep_proje
     run = tmp_path / "lenet" / "20250101-120000-abcdef"
     (run / "wandb" / "offline-run-20250101_120001-old11111").mkdir(parents=True)
     (run / "wandb" / "run-20250102_090000-new22222").mkdir()
-    args = Namespace(name=None, id=None, version=None, project="image-classification")
-    tracking.configure_wandb_logger(args, run, "lenet")
-    assert (args.name, args.id, args.project) == ("lenet/20250101-120000-abcdef", "new22222", "image-classification")
+    identity = tracking.wandb_identity(run, "lenet", name=None, id=None, project="image-classification")
+    assert identity == ("lenet/20250101-120000-abcdef", "new22222", "image-classification")
 
     # Inside a sweep trial wandb agent names the run (WANDB_RUN_ID) and its project (WANDB_PROJECT).
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
     monkeypatch.setenv("WANDB_RUN_ID", "tr1al")
     monkeypatch.setenv("WANDB_PROJECT", "sweeps-project")
-    args = Namespace(name="mine", id=None, version=None, project="image-classification")
-    tracking.configure_wandb_logger(args, tmp_path / "fresh", "lenet")
-    assert (args.name, args.id, args.project) == ("mine", None, "sweeps-project")
+    identity = tracking.wandb_identity(tmp_path / "fresh", "lenet", name="mine", id=None, project="image-classification")
+    assert identity == ("mine", None, "sweeps-project")
     assert tracking.sweep_run_name() == "sweep-sw33p-tr1al"
 
 

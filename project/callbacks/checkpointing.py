@@ -1,18 +1,24 @@
-"""How checkpoints are written and kept: atomic, fsynced files, an always-fresh ``last.ckpt``,
-and a final save when the cluster sends SIGTERM."""
+"""How checkpoints are written and kept: atomic, fsynced files, loads that refuse code, the best
+checkpoint and an always-fresh ``last.ckpt`` inside the run directory, and a final save when the
+process is asked to stop (SIGTERM, Ctrl-C)."""
 
 import signal
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from project.checkpoints import save_atomically
+from project import runs
+from project.checkpoints import CheckpointError, load_file, save_atomically
 from project.errors import UserError
 from project.runs import stop_signals
+
+#: The file LastCheckpoint keeps (``--ckpt_path last`` finds ``last*.ckpt``).
+LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -20,7 +26,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A process killed mid-write leaves at worst a stray ``.tmp`` file; the previous checkpoint
     under the real name stays complete and loadable. Loading is ``weights_only=True`` unless
-    asked otherwise, so a checkpoint carrying a pickled payload is refused instead of run.
+    asked otherwise, so a checkpoint carrying a pickled payload is refused instead of run, and a
+    file that is not a Lightning checkpoint is one sentence (project.checkpoints.load_file). The
+    checkpoint the run already read (``--ckpt_path``) is not read again. The CLI gives it to the
+    Trainer as a plugin.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
@@ -28,8 +37,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO does not take storage_options.")
         save_atomically(checkpoint, path)
 
-    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = True) -> dict[str, Any]:
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True) -> dict[str, Any]:
+        run = runs.current()
+        if run is not None and run.contents is not None and run.checkpoint == Path(path):
+            checkpoint = run.contents  # the run read this file already (for --ckpt_path's checks): not again
+        else:
+            checkpoint = load_file(path, weights_only=weights_only is not False)  # tensors on the CPU, as Lightning's
+        if "state_dict" not in checkpoint:
+            raise CheckpointError(
+                f"{path} is not a Lightning checkpoint of this template (no state_dict entry); "
+                "pass a .ckpt file from a run's checkpoints/ folder."
+            )
+        return checkpoint
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (the best checkpoints by a metric) that writes inside the run:
+    ``dirpath`` is relative to the run directory (default ``checkpoints``) and ``filename`` may not
+    lead out of it, nor name LastCheckpoint's ``last*.ckpt`` (that would make best and last one file)."""
+
+    def __init__(self, dirpath: str | None = None, filename: str | None = None, **kwargs) -> None:
+        if filename is not None and Path(filename).name.startswith("last"):
+            raise UserError(
+                f"checkpoint.filename={filename} would be taken for last_checkpoint's {LAST} (what --ckpt_path last "
+                "finds); give the best checkpoint a name that does not start with 'last', e.g. best-{epoch}."
+            )
+        if kwargs.get("save_last"):
+            raise UserError(f"checkpoint.save_last would write a second {LAST}; last_checkpoint keeps it always fresh.")
+        dirpath = runs.path_in_run(dirpath, "checkpoint.dirpath", default="checkpoints")
+        if filename is not None:
+            runs.path_in_run(Path(dirpath or ".") / filename, "checkpoint.filename", default="best-{epoch}")
+        super().__init__(dirpath=dirpath, filename=filename, **kwargs)
 
 
 def stop_reason() -> str:
@@ -37,50 +75,54 @@ def stop_reason() -> str:
     return "SIGINT received" if stop_signals.pending(signal.SIGINT) else "SIGTERM received"
 
 
-class LastCheckpoint(ModelCheckpoint):
-    """Always keep an up-to-date ``last.ckpt`` to resume from.
+class LastCheckpoint(Checkpoint):
+    """Always keep an up-to-date ``last.ckpt`` to resume from, in ``<run dir>/checkpoints/``.
 
     Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes ``last.ckpt`` when its monitored
     checkpoint improves, so a plateaued run would resume from an old epoch. This callback
-    monitors nothing and overwrites one file instead; the best-by-metric checkpoint is the
-    separate ``checkpoint`` callback. When the process receives SIGTERM (what schedulers send
-    before killing a job) or SIGINT (Ctrl-C, under the CLI) it saves at the next batch boundary and
-    stops the run (exit status 143 or 130).
+    monitors nothing and overwrites one file instead (through ``trainer.save_checkpoint``, so
+    atomically with the CLI's AtomicCheckpointIO); the best-by-metric checkpoint is the separate
+    ``checkpoint`` callback. A step that left the weights NaN or infinite never replaces the last
+    good file. When the process receives SIGTERM (what schedulers send before killing a job) or
+    SIGINT (Ctrl-C, under the CLI) it saves at the next batch boundary and stops the run (exit
+    status 143 or 130).
 
     Args:
         every_n_train_steps: save every N optimiser steps instead of at epoch ends, so a killed
             run loses at most N steps (0: use ``every_n_epochs``).
         every_n_epochs: save at the end of every N-th epoch (when ``every_n_train_steps`` is 0).
+        dirpath: the folder, relative to the run directory (default ``checkpoints``).
     """
 
     def __init__(self, every_n_train_steps: int = 0, every_n_epochs: int = 1, dirpath: str | None = None) -> None:
         if every_n_train_steps < 0 or every_n_epochs < 0:
             raise UserError("last_checkpoint.every_n_train_steps and every_n_epochs must be >= 0.")
-        super().__init__(
-            dirpath=dirpath,
-            filename="last",
-            monitor=None,
-            save_top_k=1,
-            save_last=False,
-            # Lightning takes one trigger only.
-            every_n_train_steps=every_n_train_steps or None,
-            every_n_epochs=None if every_n_train_steps else every_n_epochs,
-            enable_version_counter=False,
-        )
-        #: The global step of the newest checkpoint this callback wrote (None: none yet).
+        self.every_n_train_steps, self.every_n_epochs = every_n_train_steps, every_n_epochs
+        self.dirpath = runs.path_in_run(dirpath, "last_checkpoint.dirpath", default="checkpoints")
+        #: The global step of the newest checkpoint this callback wrote (None: none yet), and its path.
         self.saved_at_step: int | None = None
+        self.last_model_path = ""
 
     @property
     def state_key(self) -> str:
-        # Distinct from the best-checkpoint callback's key, so both restore their own state.
         return "LastCheckpoint"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.dirpath is None:  # a Trainer without the CLI: where Lightning's ModelCheckpoint would write
+            self.dirpath = runs.run_directory(trainer) / "checkpoints"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.received_sigterm and trainer.world_size == 1:
             # Single process: Lightning would only stop at the end of the epoch; stop now.
             self.save_now(trainer, stop_reason())
             raise SIGTERMException
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # After the epoch's validation (and the model's own epoch-end hook): what ModelCheckpoint does too.
+        if not self.every_n_train_steps and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Under DDP every rank raises SIGTERMException at the same batch boundary (Lightning
@@ -88,19 +130,21 @@ class LastCheckpoint(ModelCheckpoint):
         if isinstance(exception, SIGTERMException) and self.saved_at_step != trainer.global_step:
             self.save_now(trainer, stop_reason())
 
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        # PRIVATE LIGHTNING METHOD (2 of 2; tests/test_lightning_api.py::test_lightning_private_hooks_still_exist
-        # fails if it goes): every save of a ModelCheckpoint passes here, and a step that produced
-        # NaN or infinite weights must not replace the last good checkpoint.
+    def save(self, trainer, now: bool = False) -> bool:
+        """Write ``last.ckpt`` (every rank calls this: a collective under DDP); False when skipped.
+        Unless ``now``: not in the sanity check or a fast_dev_run, nor twice at one step."""
+        if not now and (trainer.sanity_checking or trainer.fast_dev_run or self.saved_at_step == trainer.global_step):
+            return False
+        path = Path(self.dirpath) / LAST
         weights = [p.detach().float().sum() for p in trainer.lightning_module.parameters()]
         if weights and not torch.isfinite(torch.stack(weights).sum()):
-            rank_zero_info(f"Not saving {filepath} at step {trainer.global_step}: the weights are not finite.")
-            return
-        super()._save_checkpoint(trainer, filepath)
-        self.saved_at_step = trainer.global_step
+            rank_zero_info(f"Not saving {path} at step {trainer.global_step}: the weights are not finite.")
+            return False
+        trainer.save_checkpoint(path)
+        self.saved_at_step, self.last_model_path = trainer.global_step, str(path)
+        return True
 
     def save_now(self, trainer, reason: str) -> None:
-        path = self.format_checkpoint_name({}, "last")
-        self._save_checkpoint(trainer, path)
-        self.best_model_path = self.last_model_path = path
-        rank_zero_info(f"{reason}: saved {path} at step {trainer.global_step}; resume with --ckpt_path last.")
+        if self.save(trainer, now=True):
+            rank_zero_info(f"{reason}: saved {self.last_model_path} at step {trainer.global_step}; "
+                           "resume with --ckpt_path last.")

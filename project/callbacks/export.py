@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+from project import runs
 from project.checkpoints import save_net, strip_prefixes
 
 
@@ -25,7 +26,8 @@ def full_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor]:
 
 
 class ExportNet(L.Callback):
-    """Save ``pl_module.net``'s state_dict, without any wrapper prefix, to ``<run dir>/<filename>``.
+    """Save ``pl_module.net``'s state_dict, without any wrapper prefix, to ``<run dir>/<filename>``
+    (a path inside the run directory; one leading out of it is refused).
 
     The state_dict is gathered through the strategy, so the file is complete under DDP and FSDP;
     only global rank 0 writes it. Load it with ``torch.load(path, weights_only=True)``.
@@ -34,12 +36,13 @@ class ExportNet(L.Callback):
     def __init__(self, filename: str = "net.pt") -> None:
         self.filename = filename
         self.path: Path | None = None
+        runs.path_in_run(filename, "export.filename")  # inside the run, or refused before anything runs
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = full_state_dict(trainer)
-        # trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking on rank 0
-        # alone deadlocks DDP: rank 0 waits in the broadcast, the others in the barrier below).
-        log_dir = trainer.log_dir or trainer.default_root_dir
+        # Without a run, trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking
+        # on rank 0 alone deadlocks DDP: rank 0 waits in the broadcast, the others in the barrier below).
+        path = runs.run_directory(trainer) / self.filename
         if trainer.is_global_zero:
-            self.path = save_net(strip_prefixes(state), Path(log_dir) / self.filename)
+            self.path = save_net(strip_prefixes(state), path)
         trainer.strategy.barrier("ExportNet")

@@ -7,21 +7,14 @@ import lightning as L
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-#: Segments that wrappers insert into parameter and module names (FSDP, activation checkpointing,
-#: torch.compile); removed so a layer has one name under every strategy.
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+from project.state_dicts import clean_name  # so a layer has one name under every strategy
+
 
 
 def network(pl_module: L.LightningModule) -> nn.Module:
     """The plain network a LightningModule trains (``pl_module.net``), or the module itself."""
     net = getattr(pl_module, "net", None)
     return net if isinstance(net, nn.Module) else pl_module
-
-
-def clean_name(name: str) -> str:
-    for segment in WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
 
 
 def is_compiled(module: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from project import plots
+from project import plots, runs
 from project.errors import UserError
 
 
@@ -52,8 +52,8 @@ class PredictionPlots(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.enabled:
             return
-        # log_dir broadcasts from rank zero, so every rank must ask for it; only here, never on rank zero alone.
-        self._dir = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
+        # Without a run, log_dir broadcasts from rank zero, so every rank must ask; only here, never on rank zero alone.
+        self._dir = runs.run_directory(trainer) / "plots"
         self._classes = [str(c) for c in getattr(trainer.datamodule, "classes", None) or range(pl_module.num_classes)]
         self._confusion = MulticlassConfusionMatrix(len(self._classes))
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from project import runs
 from project.checkpoints import write_atomically
 from project.errors import UserError
 
@@ -30,14 +31,15 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         enabled: write the file (``false``: predict as before and write nothing).
         filename: the file's name; with several predict dataloaders, ``-<i>`` is added to its stem.
-        output_dir: where to write it; default: the run directory (``trainer.log_dir``).
+        output_dir: where to write it, inside the run directory (relative to it); default: the run directory.
     """
 
     def __init__(self, enabled: bool = True, filename: str = "predictions.csv", output_dir: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.enabled = enabled
         self.filename = filename
-        self.output_dir = output_dir
+        self.output_dir = runs.path_in_run(output_dir, "predictions.output_dir")  # inside the run, or refused now
+        runs.path_in_run(Path(output_dir or ".") / filename, "predictions.filename")
         self.paths: list[Path] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -49,8 +51,8 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         if not self.enabled:
             return
-        # trainer.log_dir broadcasts from rank 0, so every rank asks for it.
-        directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        # Without a run, trainer.log_dir broadcasts from rank 0, so every rank asks for it.
+        directory = Path(self.output_dir or runs.run_directory(trainer))
         loaders = trainer.predict_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         per_loader = predictions if len(loaders) > 1 else [predictions]
