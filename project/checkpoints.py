@@ -228,7 +228,7 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict:
 
 
 def _read_distributed_checkpoint(path: Path, weights_only: bool) -> dict:
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import CheckpointException, FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -241,9 +241,19 @@ def _read_distributed_checkpoint(path: Path, weights_only: bool) -> dict:
         # Only the model entries: the optimiser state of a large model can be twice its size.
         keys = {"model"} if "model" in top_level else None
         state: dict = {}
-        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+        planner = _checked_planner(_EmptyStateDictLoadPlanner, path)(keys=keys) if weights_only else \
+            _EmptyStateDictLoadPlanner(keys=keys)
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     except CheckpointError:
         raise
+    except CheckpointException as err:
+        # What a planner raises comes back wrapped, as (exception, traceback) per rank.
+        first = next(iter(err.failures.values()))[0]
+        if isinstance(first, CheckpointError):
+            raise first from None
+        raise CheckpointError(
+            f"{path} is not a readable torch.distributed.checkpoint directory ({type(first).__name__}: {first})."
+        ) from first
     except Exception as err:
         raise CheckpointError(f"{path} is not a readable torch.distributed.checkpoint directory ({type(err).__name__}: {err}).") from err
     meta = path / "meta.pt"  # Lightning's FSDP strategy writes everything but the tensors here
@@ -253,6 +263,64 @@ def _read_distributed_checkpoint(path: Path, weights_only: bool) -> dict:
     else:
         checkpoint.update(state)
     return checkpoint
+
+
+def check_distributed_checkpoint(path: str | Path) -> None:
+    """Refuse a torch.distributed.checkpoint directory whose metadata or non-tensor entries hold
+    Python objects beyond plain data, before anything else (Lightning's FSDP resume) unpickles them.
+
+    Only the non-tensor entries are read (a few bytes each), not the weights or optimiser state.
+    """
+    from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    _check_metadata(path / ".metadata")
+    reader = FileSystemReader(path)
+    try:
+        metadata = reader.read_metadata()
+        entries = {fqn for fqn, item in metadata.state_dict_metadata.items() if isinstance(item, BytesStorageMetadata)}
+        if entries:
+            planner = _checked_planner(_EmptyStateDictLoadPlanner, path)(keys=entries)
+            _load_state_dict({}, storage_reader=reader, planner=planner, no_dist=True)
+    except CheckpointException as err:
+        first = next(iter(err.failures.values()))[0]
+        if isinstance(first, CheckpointError):
+            raise first from None
+        raise CheckpointError(
+            f"{path} is not a readable torch.distributed.checkpoint directory ({type(first).__name__}: {first})."
+        ) from first
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable torch.distributed.checkpoint directory ({type(err).__name__}: {err}).") from err
+
+
+def _checked_planner(planner_class: type, path: Path) -> type:
+    """``planner_class`` whose non-tensor entries are read with ``weights_only=True``.
+
+    torch.distributed.checkpoint stores every entry that is not a tensor (an int, a dict of
+    settings, or any object) as a ``torch.save`` blob in the ``.distcp`` data, and its planners
+    read those blobs back with ``weights_only=False``: a crafted entry would run code. Each blob is
+    first read with the restricted unpickler; only one that holds plain data is then handed on.
+    """
+
+    class CheckedPlanner(planner_class):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                torch.load(value, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(
+                    f"{path} holds an entry ({read_item.dest_index.fqn}) with Python objects beyond tensors and plain "
+                    "containers, so it was not loaded (it could run code); only read it with weights_only=False "
+                    "(--unsafe) if you trust its source."
+                ) from err
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return CheckedPlanner
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from project import checkpoints, runs, tracking
+from project import checkpoints, option_checks, runs, tracking
 from project.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint
 from project.callbacks import (
     ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState, SyncBuffers,
@@ -191,6 +191,12 @@ class ProjectCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        # Before LightningCLI seeds (numpy refuses a seed out of its range with a traceback) and
+        # before anything is read or written.
+        subcommand = self.config.get("subcommand")
+        root = self.config[subcommand] if subcommand else self.config
+        option_checks.check_seed(root.get("seed_everything"))
+        option_checks.check_trainer_numbers(root.trainer)
         # --ckpt_path is the run's to resolve and check (project.runs) and Lightning's to load, once
         # (handed over as trainer.ckpt_path before the subcommand runs). Left in the config,
         # LightningCLI would read the file now as well, to merge its hyperparameters over the

@@ -75,18 +75,34 @@ def prediction_grid_figure(
 
 
 def read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{column: (steps, values)}`` for every metric column of a CSVLogger ``metrics.csv``."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """``{column: (steps, values)}`` for every metric column of a CSVLogger ``metrics.csv``; a file that
+    is not one raises ValueError naming it (and the line)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a CSV text file ({err}); give a run directory written by the CSVLogger.") from None
+    if "step" not in header:
+        raise ValueError(f"{path} has no step column (its header is {header[:5]}); it was not written by the CSVLogger.")
     series: dict[str, tuple[list[float], list[float]]] = {}
-    for row in rows:
+    for line, row in enumerate(rows, start=2):
         step = row.get("step")
         for key, value in row.items():
             if key in ("step", "epoch") or value in ("", None) or step in ("", None):
                 continue
+            if key is None:  # more cells than the header has columns
+                raise ValueError(f"{path}, line {line}: more values than the header has columns; the file is damaged.")
+            try:
+                point = float(step), float(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{path}, line {line}: step {step!r} or {key} {value!r} is not a number; the file is damaged."
+                ) from None
             steps, values = series.setdefault(key, ([], []))
-            steps.append(float(step))
-            values.append(float(value))
+            steps.append(point[0])
+            values.append(point[1])
     return {k: (np.array(s), np.array(v)) for k, (s, v) in series.items()}
 
 
@@ -142,7 +158,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         print(plot_learning_curves(args.run_dir, args.out))
     except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)  # a user's mistake, like every command of the template
+    except OSError as err:  # e.g. --out in a folder that does not exist or cannot be written
+        print(f"error: {err.strerror or err}: {err.filename}; check that path or choose another --out.", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

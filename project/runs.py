@@ -168,6 +168,8 @@ def check_checkpoint_path(ckpt_path: str) -> Path:
         raise UserError(f"--ckpt_path {ckpt_path} is a directory, not a checkpoint; give a .ckpt file from a run's checkpoints/ folder.")
     if not os.access(path, os.R_OK):
         raise UserError(f"--ckpt_path {ckpt_path} is not readable by this user; check its permissions.")
+    if path.is_dir() and (path / ".metadata").is_file():
+        checkpoints.check_distributed_checkpoint(path)  # Lightning's FSDP loader would unpickle any entry
     return path
 
 
@@ -207,6 +209,8 @@ class ResumePlan:
 
     @classmethod
     def read(cls, path: Path) -> "ResumePlan":
+        if path.is_dir() and (path / ".metadata").is_file():
+            checkpoints.check_distributed_checkpoint(path)  # Lightning's FSDP loader would unpickle any entry
         stored = path / "meta.pt" if path.is_dir() else path
         return cls(path, checkpoints.load_file(stored, mmap=True) if stored.is_file() else {})
 

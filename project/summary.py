@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import nn
 
+from project.config_files import read_config_file
 from project.errors import UserError
 
 
@@ -216,9 +217,16 @@ def model_options(path: str | None) -> dict:
     """``model.lr``, ``model.weight_decay`` and ``model.param_groups`` from an experiment YAML file, where given."""
     if not path:
         return {}
-    with open(path) as f:
-        model = (yaml.safe_load(f) or {}).get("model") or {}
+    model = model_section(path)
     return {key: model[key] for key in ("lr", "weight_decay", "param_groups") if model.get(key) is not None}
+
+
+def model_section(path: str) -> dict:
+    """The ``model:`` mapping of an experiment YAML file (empty when it has none)."""
+    model = read_config_file(path).get("model")
+    if model is not None and not isinstance(model, dict):
+        raise UserError(f"{path}: model is a {type(model).__name__}, not a mapping of model options (e.g. `net:`, `lr:`).")
+    return model or {}
 
 
 def format_param_groups(model: nn.Module, lr: float, weight_decay: float, param_groups) -> str:
@@ -243,14 +251,15 @@ def format_param_groups(model: nn.Module, lr: float, weight_decay: float, param_
 
 def net_from_config(path: str) -> tuple[str, dict]:
     """``model.net``'s class_path and init_args from an experiment YAML file."""
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    net = (config.get("model") or {}).get("net")
+    net = model_section(path).get("net")
     if isinstance(net, str):
         return net, {}
     if not isinstance(net, dict) or "class_path" not in net:
         raise ValueError(f"{path} has no model.net.class_path; pass --model instead.")
-    return net["class_path"], dict(net.get("init_args") or {})
+    init_args = net.get("init_args") or {}
+    if not isinstance(net["class_path"], str) or not isinstance(init_args, dict):
+        raise UserError(f"{path}: model.net needs a class_path string and an init_args mapping; fix that block.")
+    return net["class_path"], dict(init_args)
 
 
 def parse_init(pairs: Sequence[str]) -> dict:
@@ -259,8 +268,16 @@ def parse_init(pairs: Sequence[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--init expects key=value, got {pair!r}.")
-        args[key] = yaml.safe_load(value)
+        args[key] = inline_yaml(value, f"--init {pair}")
     return args
+
+
+def inline_yaml(text: str, option: str):
+    """A value given on the command line, read as YAML (plain values only)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{option} is not valid YAML ({' '.join(str(err).split())}); quote or fix it.") from None
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -292,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             sections.append(hook_demo(model, args.hook_on, args.input_size, args.batch_size, args.device))
         options = model_options(args.config)
         if args.param_groups is not None:
-            options["param_groups"] = yaml.safe_load(args.param_groups)
+            options["param_groups"] = inline_yaml(args.param_groups, "--param-groups")
         if options.get("param_groups"):
             sections.append(format_param_groups(model, options.get("lr", 0.05), options.get("weight_decay", 5e-4), options["param_groups"]))
     except (ValueError, TypeError, RuntimeError, OSError) as err:

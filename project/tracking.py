@@ -94,6 +94,7 @@ class WandbLogger(lightning.pytorch.loggers.WandbLogger):
 
     def __init__(self, name: str | None = None, save_dir: str | None = None, version: str | None = None,
                  id: str | None = None, project: str | None = None, **kwargs) -> None:
+        check_wandb_api_key(offline=bool(kwargs.get("offline")))
         run = runs.current()
         version = version or None  # "" when jsonargparse carries it over from a CSVLogger config: no id
         if run is not None:
@@ -122,6 +123,27 @@ def wandb_run_id(run_dir: Path) -> str | None:
     folders = [p for p in (Path(run_dir) / "wandb").glob("*run-*") if p.is_dir() and _RUN_FOLDER.match(p.name)]
     newest = max(folders, key=lambda p: p.name.split("run-", 1)[1], default=None)
     return _RUN_FOLDER.match(newest.name).group(1) if newest else None
+
+
+#: A wandb API key: 40 or more letters, digits and underscores, optionally after an on-prem ``<prefix>-``;
+#: or a JWT (three base64url parts). The format wandb itself checks (wandb.sdk.lib.wbauth.validation).
+_API_KEY = re.compile(r"(?:\w*-)?[\w-]{40,}|[\w-]+\.[\w-]+\.[\w-]+", re.ASCII)
+
+
+def check_wandb_api_key(offline: bool = False) -> None:
+    """Refuse a malformed ``WANDB_API_KEY`` before any network call: an online run would otherwise try to
+    log in with it for about 100 s and end in a traceback. The key itself is never printed."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    key = os.environ.get("WANDB_API_KEY")
+    if offline or mode in ("offline", "dryrun", "disabled") or key is None:
+        return
+    if not _API_KEY.fullmatch(key):
+        problem = "surrounded by whitespace" if key != key.strip() else (
+            f"{len(key)} characters long" if len(key) < 40 else "not made of letters, digits and underscores")
+        raise WandbSetupError(
+            f"WANDB_API_KEY is not a wandb API key ({problem}; a key has 40 or more letters, digits and underscores): "
+            "copy it again from https://wandb.ai/authorize, or set WANDB_MODE=offline to log without an account."
+        )
 
 
 def wandb_identity(run_dir: Path, experiment: str, name: str | None, id: str | None, project: str | None) -> tuple:

@@ -143,6 +143,54 @@ def test_sharded_checkpoint_metadata_cannot_run_code(tmp_path, lenet_state):
     assert not payload.marker.exists()
 
 
+class _RunsCodeWhenLoaded:
+    """A non-tensor entry that creates ``marker`` when unpickled without restrictions."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
+@pytest.mark.parametrize("where", ["model", "optimizer_0"])
+def test_a_sharded_checkpoint_entry_cannot_run_code(tmp_path, lenet_state, capsys, where):
+    """torch.distributed.checkpoint saves every non-tensor entry as a pickle inside the .distcp data and
+    its planners read them with weights_only=False: `python -m project.checkpoints <dir>` once ran one.
+    The model entry is refused by the conversion and load_into; one in the optimiser state (which they
+    skip) by the check a fit makes before Lightning's FSDP loader reads the directory."""
+    path = tmp_path / "evil.ckpt"
+    marker = tmp_path / "pwned"
+    state = {"model": {f"net.{k}": v.clone() for k, v in lenet_state.items()},
+             "optimizer_0": {"state": {}, "param_groups": [{"lr": 0.1, "params": ["net.conv1.weight"]}]}}
+    state[where]["payload"] = _RunsCodeWhenLoaded(marker)
+    dcp.save(state, checkpoint_id=path, no_dist=True)
+    torch.save({"epoch": 0, "global_step": 1}, path / "meta.pt")
+    from project.checkpoints import check_distributed_checkpoint
+    with pytest.raises(CheckpointError, match="could run code"):
+        check_distributed_checkpoint(path)
+    if where == "model":
+        with pytest.raises(CheckpointError, match=r"holds an entry \(model.payload\).*could run code"):
+            read_checkpoint(path)
+        with pytest.raises(CheckpointError, match="could run code"):
+            load_into(LeNet(), path)
+        with pytest.raises(SystemExit) as exited:
+            main([str(path), str(tmp_path / "net.pt")])
+        assert exited.value.code == 2 and not (tmp_path / "net.pt").exists()
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "could run code" in err and len(err.splitlines()) == 1
+    assert not marker.exists(), "the pickled payload ran"
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
+def test_a_plain_sharded_checkpoint_passes_the_check(tmp_path, lenet_state):
+    from project.checkpoints import check_distributed_checkpoint
+    path = tmp_path / "last.ckpt"
+    write_sharded_checkpoint(path, lenet_state)
+    check_distributed_checkpoint(path)
+
+
 def test_deepspeed_directory(tmp_path, lenet_state):
     """The ZeRO 1/2 layout, written here by torch.save since DeepSpeed is not installed (a stand-in
     for its files): the full weights sit under "module", behind Lightning's _forward_module. prefix."""

@@ -18,6 +18,7 @@ from project.data import (
 from project.data import cifar_files as files
 from project.data.cifar10 import CIFAR10
 from project.data.cifar100 import CIFAR100
+from project.errors import UserError
 from tests.conftest import make_npz, official_archive
 
 PER_BATCH = 12
@@ -288,3 +289,29 @@ def test_real_subset_loads(subset_npz):
     dm.setup("fit")
     assert len(dm.train_split) == 4670 and len(dm.val_split) == 500 and len(dm.test_split) == 508
     assert dm.test_split.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+
+
+def test_val_size_is_a_count_or_a_fraction(tiny_npz, recwarn):
+    """An int keeps meaning a count; a float in (0, 1) is a share of the 64 training images."""
+    by_count = CIFAR10DataModule(npz=tiny_npz, val_size=16)
+    by_count.setup("fit")
+    by_fraction = CIFAR10DataModule(npz=tiny_npz, val_size=0.25)
+    by_fraction.setup("fit")
+    assert len(by_count.val_split) == len(by_fraction.val_split) == 16 and len(by_fraction.train_split) == 48
+    assert torch.equal(by_count.val_split.labels, by_fraction.val_split.labels), "the same seeded split"
+    assert not [w for w in recwarn if "val_size" in str(w.message)]
+
+
+def test_a_split_leaving_fewer_training_than_validation_images_warns(tiny_npz):
+    """experiments/lenet.yaml's offline command once left the default 5000 of the subset's 5170 images
+    out, training on 170 without a word."""
+    data = CIFAR10DataModule(npz=tiny_npz, val_size=40)
+    with pytest.warns(UserWarning, match=r"holds out 40 of 64 training images, so the model trains on only 24"):
+        data.setup("fit")
+
+
+@pytest.mark.parametrize("val_size, words", [(1.5, "fraction between 0 and 1"), (0.0, "fraction between 0 and 1"),
+                                             (0.001, "is no image"), (1.0, "fraction between 0 and 1")])
+def test_a_val_size_fraction_out_of_range_is_refused(tiny_npz, val_size, words):
+    with pytest.raises(UserError, match=words):
+        CIFAR10DataModule(npz=tiny_npz, val_size=val_size).setup("fit")

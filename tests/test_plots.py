@@ -77,7 +77,7 @@ def test_learning_curves_from_metrics_csv_by_command(tmp_path):
     assert imread(run / "learning_curves.png").shape[2] in (3, 4)
 
     missing = subprocess.run([sys.executable, "-m", "project.plots", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: {tmp_path / 'metrics.csv'} does not exist; give a run directory written by the CSVLogger."
 
 
@@ -128,3 +128,29 @@ def test_cli_draws_the_final_plots_by_default_and_can_be_turned_off(tmp_path, ti
     assert off.returncode == 0, off.stderr[-3000:]
     (run,) = run_dirs(tmp_path, "off")
     assert not (run / "plots").exists()
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe\x00binary", "is not a CSV text file"),
+    (b"epoch,loss\n0,1.5\n", "has no step column"),
+    (b"step,train/loss\n0,1.5\n1,oops\n", "line 3: step '1' or train/loss 'oops' is not a number"),
+    (b"step,train/loss\n0,1.5,7\n", "line 2: more values than the header has columns"),
+    (b"step,epoch\n0,0\n", "no metric columns to plot"),
+], ids=["binary", "no-step", "not-a-number", "extra-cell", "no-metrics"])
+def test_a_malformed_metrics_csv_is_one_sentence_and_exit_2(tmp_path, capsys, content, words):
+    """Each once ended in a traceback (or, with a message, exit status 1); nothing is written."""
+    (tmp_path / "metrics.csv").write_bytes(content)
+    with pytest.raises(SystemExit) as exited:
+        plots.main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+def test_an_unwritable_plot_output_is_one_sentence(tmp_path, capsys):
+    (tmp_path / "metrics.csv").write_text("step,train/loss\n0,1.5\n1,1.2\n")
+    with pytest.raises(SystemExit) as exited:
+        plots.main([str(tmp_path), "--out", str(tmp_path / "metrics.csv" / "curves.png")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

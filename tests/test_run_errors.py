@@ -42,7 +42,27 @@ def workspace(tmp_path_factory):
     (earlier / "checkpoints").mkdir(parents=True)
     (earlier / "config.yaml").write_text("name: lenet\n")
     (earlier / "checkpoints" / "last.ckpt").write_bytes(b"earlier results")
+    for name, content in CONFIG_FILES.items():
+        (home / name).write_bytes(content)
     return home
+
+
+#: -c files that are not usable experiments; each must be refused naming the file.
+CONFIG_FILES = {
+    "empty.yaml": b"",
+    "comments.yaml": b"# nothing but a comment\n",
+    "binary.yaml": bytes(range(256)),
+    "syntax.yaml": b"model:\n  lr: [0.1\ntrainer:\n  max_epochs: 1\n",
+    "twice.yaml": b"trainer:\n  max_epochs: 1\n  max_epochs: 2\n",
+    "list.yaml": b"- model\n- trainer\n",
+    "python-object.yaml": b"seed_everything: !!python/object/apply:os.getpid []\n",
+    "no-layer.yaml": b"trainer:\n  callbacks:\n    - class_path: project.callbacks.ActivationStatistics\n"
+                     b"      init_args: {layers: ['nomatch*']}\n",
+}
+
+
+def with_config(name):
+    return lambda h: fit_args(h, "-c", str(h / name))
 
 
 def fit_args(home, *extra, root=None, npz=True):
@@ -72,6 +92,41 @@ MISTAKES = [
     ("net-rejects-its-arguments", lambda h: fit_args(h, "--model.net.init_args.init=normal",
                                                      "--model.net.init_args.init_scale=-1"), "Init scale"),
     ("too-many-cpu-processes", lambda h: fit_args(h, "--trainer.accelerator=cpu", "--trainer.devices=4096"), "trainer.devices"),
+    # -c files: named, with the line where there is one.
+    ("config-empty", with_config("empty.yaml"), "empty.yaml is empty"),
+    ("config-only-comments", with_config("comments.yaml"), "comments.yaml is empty"),
+    ("config-binary", with_config("binary.yaml"), "binary.yaml is not a text file"),
+    ("config-syntax", with_config("syntax.yaml"), "syntax.yaml is not valid YAML at line 3"),
+    ("config-key-twice", with_config("twice.yaml"), "twice.yaml: the key 'max_epochs' is given twice (lines 2 and 3)"),
+    ("config-not-a-mapping", with_config("list.yaml"), "list.yaml is a list, not a mapping"),
+    ("config-python-object", with_config("python-object.yaml"), "a Python object is never built"),
+    # Values Lightning or numpy refused late (a ZeroDivisionError mid-fit, a traceback after the run
+    # directory existed) or not at all.
+    ("accumulate-zero", lambda h: fit_args(h, "--trainer.accumulate_grad_batches=0"), "accumulate_grad_batches must be at least 1"),
+    ("seed-negative", lambda h: fit_args(h, "--seed_everything=-1"), "seed_everything must be true, false or a whole number"),
+    ("seed-too-large", lambda h: fit_args(h, "--seed_everything=4294967296"), "from 0 to 4294967295"),
+    ("seed-not-a-number", lambda h: fit_args(h, "--seed_everything=abc"),
+     "seed_everything does not accept 'abc'; give true or false or a whole number."),
+    ("precision-unknown", lambda h: fit_args(h, "--trainer.precision=15"),
+     "trainer.precision does not accept '15'; give one of 64, 32, 16"),
+    ("batch-size-not-a-number", lambda h: fit_args(h, "--data.batch_size=abc"), "data.batch_size must be a whole number, got 'abc'"),
+    ("clip-negative", lambda h: fit_args(h, "--trainer.gradient_clip_val=-1"), "gradient_clip_val must be a finite number >= 0"),
+    ("clip-not-a-number", lambda h: fit_args(h, "--trainer.gradient_clip_val=abc"),
+     "trainer.gradient_clip_val does not accept 'abc'; give a number or null."),
+    ("check-val-every-zero", lambda h: fit_args(h, "--trainer.check_val_every_n_epoch=0"), "check_val_every_n_epoch must be at least 1"),
+    ("val-check-interval-zero", lambda h: fit_args(h, "--trainer.val_check_interval=0"), "val_check_interval must be"),
+    ("val-check-interval-fraction", lambda h: fit_args(h, "--trainer.val_check_interval=1.5"), "fraction of the epoch in (0, 1]"),
+    ("devices-negative", lambda h: fit_args(h, "--trainer.devices=-2"), "trainer.devices must be at least 1"),
+    ("limit-train-batches", lambda h: fit_args(h, "--trainer.limit_train_batches=-1"), "limit_train_batches"),
+    ("limit-val-batches", lambda h: fit_args(h, "--trainer.limit_val_batches=1.5"), "limit_val_batches"),
+    ("max-steps", lambda h: fit_args(h, "--trainer.max_steps=-5"), "max_steps"),
+    ("num-nodes", lambda h: fit_args(h, "--trainer.num_nodes=0"), "num_nodes"),
+    ("eval-batch-size", lambda h: fit_args(h, "--data.eval_batch_size=0"), "data.eval_batch_size"),
+    ("val-size-negative", lambda h: fit_args(h, "--data.val_size=-3"), "data.val_size"),
+    ("val-size-not-a-number", lambda h: fit_args(h, "--data.val_size=x"), "data.val_size does not accept 'x'; give a number."),
+    ("val-size-fraction-above-one", lambda h: fit_args(h, "--data.val_size=1.5"), "or a fraction between 0 and 1, got 1.5"),
+    ("data-url-not-http", lambda h: fit_args(h, "--data.url=file:///etc/passwd", npz=False), "data.url must be an http"),
+    ("layer-pattern-matches-nothing", with_config("no-layer.yaml"), "ActivationStatistics matched no layer of LeNet"),
 ]
 
 
@@ -180,3 +235,22 @@ def test_an_npz_that_is_a_folder_is_called_a_folder(workspace, capsys):
     with pytest.raises(SystemExit):
         main(fit_args(workspace, f"--data.npz={workspace / 'a-folder'}"))
     assert "directory" in one_sentence(capsys)
+
+
+@pytest.mark.parametrize("key", ["abc123", "x" * 39, " " + "a" * 40, "ключ" * 10])
+def test_a_malformed_wandb_api_key_fails_before_any_network_call(workspace, capsys, monkeypatch, key):
+    """With WANDB_MODE=online, such a key once made wandb try to log in for about 100 s and end in a
+    traceback, leaving a run directory. The format is checked first (no network here: a call would
+    hang or fail differently); the key itself is never printed."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(workspace / "a-folder"))
+    before = snapshot(workspace)
+    args = fit_args(workspace)
+    args[1:1] = ["-c", str(REPO / "experiments/loggers/wandb.yaml")]  # the preset before the experiment
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    sentence = one_sentence(capsys)
+    assert exited.value.code == 2 and sentence.startswith("error: WANDB_API_KEY is not a wandb API key")
+    assert key.strip() not in sentence
+    assert snapshot(workspace) == before

@@ -141,3 +141,27 @@ def test_internals_and_param_group_mistakes(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "is empty"),
+    (bytes(range(256)), "is not a text file"),
+    (b"model:\n  net: [project.models.LeNet\n", "is not valid YAML at line 3"),
+    (b"model:\n  net:\n    class_path: project.models.LeNet\n  net: project.models.ResNet20\n",
+     "the key 'net' is given twice (lines 2 and 4)"),
+    (b"- model\n", "is a list, not a mapping of options"),
+    (b"model: 5\n", "model is a int, not a mapping"),
+    (b"model:\n  net:\n    class_path: project.models.LeNet\n    init_args: [1]\n", "needs a class_path string and an init_args mapping"),
+    (b"model: {net: !!python/object/apply:os.getpid []}\n", "a Python object is never built"),
+    (b"trainer: {}\n", "has no model.net.class_path"),
+], ids=["empty", "binary", "syntax", "key-twice", "list", "model-not-a-mapping", "init-args-list", "python-object", "no-net"])
+def test_a_malformed_config_is_one_sentence(tmp_path, capsys, content, words):
+    """Each once ended in a traceback (AttributeError, yaml's error naming `<unicode string>`) or,
+    with a key given twice, summarised whichever came last."""
+    config = tmp_path / "experiment.yaml"
+    config.write_bytes(content)
+    with pytest.raises(SystemExit) as exited:
+        main(["-c", str(config)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, err

@@ -7,6 +7,7 @@ import lightning as L
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from project.errors import UserError
 from project.state_dicts import clean_name  # so a layer has one name under every strategy
 
 
@@ -44,7 +45,7 @@ def select_layers(
     }
     if not chosen:
         available = sorted({type(m).__name__ for _, m in net.named_modules()})
-        raise ValueError(
+        raise UserError(
             f"{owner} matched no layer of {type(net).__name__} (layers={patterns or None}, types={sorted(type_names) or None}); "
             f"give name patterns such as 'conv1' or 'stages.*', or types among {', '.join(available)}."
         )

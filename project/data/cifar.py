@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -61,7 +62,9 @@ class CIFARDataModule(L.LightningDataModule):
         download: fetch the archive when it is missing (on local rank 0 of each node).
         url: where to download from (``None``: the official archive); ``md5``: the archive's checksum,
             checked after download and before extraction (``None``: the official archive's).
-        val_size: training images held out for validation (0 disables validation).
+        val_size: training images held out for validation: a count (``5000``; 0 disables validation)
+            or a fraction of the training set (``0.1``). A split that leaves fewer training than
+            validation images warns.
         split_seed: seed of the train/validation split, independent of the training seed.
         augment: random crop with 4-pixel padding and horizontal flip on training images.
         normalize: subtract the dataset's channel mean (``format.mean``) and divide by its std.
@@ -83,7 +86,7 @@ class CIFARDataModule(L.LightningDataModule):
         download: bool = True,
         url: str | None = None,
         md5: str | None = None,
-        val_size: int = 5000,
+        val_size: int | float = 5000,
         split_seed: int = 0,
         augment: bool = True,
         normalize: bool = True,
@@ -98,8 +101,14 @@ class CIFARDataModule(L.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise UserError(f"data.{name} must be at least 1, got {value}.")
+        if isinstance(val_size, float) and not 0 < val_size < 1:
+            raise UserError(
+                f"data.val_size must be a count of images (a whole number >= 0) or a fraction between 0 and 1, got {val_size}."
+            )
         if val_size < 0:
             raise UserError(f"data.val_size must be >= 0, got {val_size}.")
+        if url is not None and not url.lower().startswith(("http://", "https://")):
+            raise UserError(f"data.url must be an http:// or https:// address of the archive, got {url!r}.")
         if num_workers < 0:
             raise UserError(f"data.num_workers must be >= 0, got {num_workers}.")
         self.save_hyperparameters()
@@ -172,15 +181,30 @@ class CIFARDataModule(L.LightningDataModule):
         if self.train_split is not None:
             return
         train, self.test_split = self.load()
-        if self.val_size >= len(train):
+        val_count = self.validation_count(len(train))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = order[:val_count], order[val_count:]
+        self.train_split = Split(train.images[train_idx], train.labels[train_idx])
+        self.val_split = Split(train.images[val_idx], train.labels[val_idx]) if val_count else None
+
+    def validation_count(self, available: int) -> int:
+        """How many of the ``available`` training images ``val_size`` holds out (a count or a fraction)."""
+        count = round(self.val_size * available) if isinstance(self.val_size, float) else self.val_size
+        if isinstance(self.val_size, float) and count == 0:
             raise UserError(
-                f"data.val_size={self.val_size} leaves no training images (the training set has {len(train)}); "
+                f"data.val_size={self.val_size} of {available} training images is no image; give a larger fraction or 0."
+            )
+        if count >= available:
+            raise UserError(
+                f"data.val_size={self.val_size} leaves no training images (the training set has {available}); "
                 "choose a smaller val_size."
             )
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-        self.train_split = Split(train.images[train_idx], train.labels[train_idx])
-        self.val_split = Split(train.images[val_idx], train.labels[val_idx]) if self.val_size else None
+        if available - count < count:
+            rank_zero_warn(
+                f"data.val_size={self.val_size} holds out {count} of {available} training images, so the model "
+                f"trains on only {available - count}; give a smaller val_size (e.g. 0.1) to train on more."
+            )
+        return count
 
     @property
     def device(self) -> torch.device:

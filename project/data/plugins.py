@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
 
+from project.config_files import ConfigFileError, read_config_file
 from project.errors import UserError
 
 #: The attributes every data module must have: the CLI sets the model's from them.
@@ -101,6 +102,40 @@ def old_training_option(message: str) -> str | None:
             f"... moved into them), {command_line} on the command line, or in YAML {key}: {yaml}; {see}.")
 
 
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string", "NoneType": "null"}
+
+
+def union_problem(message: str) -> str | None:
+    """One sentence for jsonargparse's report on a value no type of a Union accepts (8-12 lines listing
+    every subtype and why each refused it), or None for other errors."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return None
+    key, given = re.match(r'Parser key "([^"]+)"', message), re.search(r"Given value: (.*)", message)
+    if key is None or given is None:
+        return None
+    # A nested key of a class (data.val_size) refused its value: that key's own report, under the outer key.
+    nested = message.find('Parser key "', 1)
+    if nested > 0 and "Does not validate against any of the Union subtypes" in message[nested:]:
+        sentence = union_problem(message[nested:])
+        if sentence is not None:
+            return f"{key[1]}.{sentence}"
+    inner = re.search(r'Parser key "([^"]+)":\s*Expected an? (.+?)\. Got value: (.*)', message)
+    if inner:
+        expected = re.sub(r"<class '(?:\w+\.)*(\w+)'>", lambda m: _TYPE_WORDS.get(m[1], m[1]), inner[2])
+        return f"{key[1]}.{inner[1]} must be {expected}, got {inner[3].strip()!r}."
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    choices: list[str] = []
+    found = re.findall(r"Literal\[([^\]]*)\]|<class '(?:\w+\.)*(\w+)'>", subtypes[1] if subtypes else "")
+    for literal, cls in found:
+        words = [v.strip().strip("'\"") for v in literal.split(",")] if literal else [_TYPE_WORDS.get(cls, f"a {cls}")]
+        choices += [w for w in words if w and w not in choices]
+    if "a number" in choices and "a whole number" in choices:
+        choices.remove("a whole number")  # int or float: any number
+    valid = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else "".join(choices) or "another value"
+    one_of = "one of " if any(literal for literal, _ in found) else ""
+    return f"{key[1]} does not accept {given[1].strip()!r}; give {one_of}{valid}."
+
+
 class DataPluginParser(LightningArgumentParser):
     """LightningCLI's parser, with one sentence (and exit status 2) for a bad ``data:`` class and for a
     data module that lacks a required attribute or refuses its arguments, instead of a wrapped
@@ -110,8 +145,18 @@ class DataPluginParser(LightningArgumentParser):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # raises instead of exiting
         # The message without jsonargparse's usage screen (a hundred lines of options before it).
-        sys.stderr.write(f"error: {data_class_problem(message) or old_training_option(message) or message.rstrip()}\n")
+        sys.stderr.write(f"error: {data_class_problem(message) or old_training_option(message) or union_problem(message) or message.rstrip()}\n")
         sys.exit(2)
+
+    def parse_path(self, path, *args, **kwargs):
+        # Every -c file is read once with a strict safe loader first, so an empty, binary or
+        # malformed file, or a key given twice, is one sentence naming the file (and the line).
+        try:
+            read_config_file(path)
+        except ConfigFileError as err:
+            sys.stderr.write(f"error: {err}\n")
+            sys.exit(2)
+        return super().parse_path(path, *args, **kwargs)
 
     def instantiate(self, *args, **kwargs):
         try:
