@@ -249,6 +249,14 @@ class ImageClassifier(L.LightningModule):
         self._train_sums: torch.Tensor | None = None
         self._train_count = 0
 
+    def metric_names(self, stage: str) -> list[str]:
+        """The names this module logs in ``stage`` (``train``, ``val`` or ``test``): what a checkpoint
+        or an early-stopping callback may monitor."""
+        if stage == "train":
+            topk = [f"train/acc_top{self.train_topk}"] if self.train_topk > 1 else []
+            return ["train/loss_step", "train/loss_epoch", "train/loss", "train/acc", *topk]
+        return [f"{stage}/loss", *self.metrics[f"{stage}_metrics"].keys()]
+
     def configure_model(self) -> None:
         # Lightning calls this hook after the callbacks' setup and before the strategy wraps the
         # model; Module.compile() compiles in place, so state_dict keys stay those of the plain net.

@@ -13,12 +13,14 @@ import errno
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import yaml
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -35,6 +37,11 @@ from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier
 from project.cluster import SLURMRequeue
 from project.data.plugins import DataPluginParser, declared
 from project.errors import UserError
+
+# Lightning 2.6's CombinedLoader (every fit, validate and test) builds torch's LeafSpec, which torch 2.10+
+# deprecates: a warning meant for Lightning's developers, printed twice on every run. Silenced there only.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        module=r"lightning\.pytorch\.utilities\._pytree")
 
 #: Model settings that may differ from the checkpoint when a fit resumes, and then take effect:
 #: they change how the model runs, not what it has learnt or how it is optimised. Every other
@@ -76,6 +83,21 @@ def check_devices(trainer_config) -> None:
         )
 
 
+def check_monitor(trainer, model) -> None:
+    """Refuse a checkpoint ``monitor`` the model never logs before training starts (Lightning notices
+    it only after the first validation)."""
+    names = getattr(model, "metric_names", None)
+    if names is None:
+        return
+    valid = [*names("train"), *names("val")]
+    for callback in trainer.checkpoint_callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if monitor is None or monitor in valid or monitor in ("epoch", "step") or monitor.startswith("lr-"):
+            continue
+        raise UserError(f"checkpoint.monitor {monitor!r} is not a metric this model logs; give one of "
+                        f"{', '.join(valid)} (or null to keep the newest checkpoint).")
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config as ``config.yaml``; a resumed run adds ``config-<time>.yaml`` beside it
     instead of failing or overwriting the original. It saves the portable config: the one the user
@@ -92,6 +114,10 @@ class RunConfigSaver(SaveConfigCallback):
             self.config = self.config.clone()
             self.config.name, self.config.run_dir = run.name, None
             if (run.directory / self.config_filename).exists():
+                if stage != "fit":
+                    # The test after fit, in the fit's run and with its config (under ddp_spawn through a
+                    # fresh copy of this callback, which does not know that the fit saved it already).
+                    return
                 self.config_filename = f"config-{runs.new_run_name()}.yaml"
         if stage == "fit":
             self.config.ckpt_path = None
@@ -104,6 +130,22 @@ class RunConfigSaver(SaveConfigCallback):
         tracking.log_config(trainer, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
 
+class ProjectParser(DataPluginParser):
+    """The CLI's parser, whose YAML (``--print_config``, a run's ``config.yaml``) starts by saying where
+    the run writes: the paths in it are the user's, and the run fills in its own directory when it starts."""
+
+    def dump(self, cfg=None, *args, **kwargs) -> str:
+        text = super().dump(cfg, *args, **kwargs)
+        trainer = cfg.get("trainer") if cfg is not None and hasattr(cfg, "get") else None
+        if trainer is None or kwargs.get("format", "parser_mode") not in ("parser_mode", "yaml"):
+            return text
+        where = cfg.get("run_dir") or (
+            f"a new directory {Path(trainer.get('default_root_dir') or 'runs') / experiment_name(cfg)}/<date>-<time>-<hex>/ "
+            "(with fit --ckpt_path last: the newest run there)")
+        return (f"# This run writes every file into {where};\n# it fills that directory into the loggers' save_dir and "
+                "the checkpoints' dirpath when it starts (README: Run directories).\n" + text)
+
+
 def experiment_name(config) -> str:
     """``--name``, else the stem of the last --config file (presets never name a run), else ``run``."""
     if config.get("name") is not None:
@@ -114,14 +156,21 @@ def experiment_name(config) -> str:
     return Path(str(named[-1])).stem if named else "run"
 
 
+def command_name() -> str:
+    """What the usage line calls this command: ``imgcls`` (the console script) or ``python -m project``,
+    never ``__main__.py``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name == "imgcls" else "python -m project"
+
+
 class ProjectCLI(LightningCLI):
     """LightningCLI for ImageClassifier + any LightningDataModule (CIFAR-10 by default), one directory per run (project.runs)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "prog": command_name()})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_class", DataPluginParser)  # one sentence for a bad data: class
+        kwargs.setdefault("parser_class", ProjectParser)  # one sentence for a bad data: class
         self.run: runs.Run | None = None
         #: --ckpt_path as given (a path, `last` or `best`): the run resolves it and Lightning loads it.
         self.requested_checkpoint: str | None = None
@@ -134,8 +183,6 @@ class ProjectCLI(LightningCLI):
             # Also when a check or instantiation fails after the directory was chosen: the lock is
             # released, folders left empty are removed, the environment forgets the directory.
             self.close_run(failed)
-        if self.subcommand and self.trainer.is_global_zero:
-            print(f"Run directory: {self.run_dir}", file=sys.stderr)
 
     @property
     def run_dir(self) -> Path | None:
@@ -168,6 +215,9 @@ class ProjectCLI(LightningCLI):
             # Our loggers write into the run directory (project.tracking).
             "trainer.logger": {"class_path": "project.tracking.CSVLogger"},
             "trainer.default_root_dir": "runs",
+            # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's
+            # own hyperparameter logging would log parts of it again under other names. `true` adds them.
+            "trainer.enable_autolog_hparams": False,
         })
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="After fit, run test on the best checkpoint (the final weights without validation).")
@@ -212,6 +262,7 @@ class ProjectCLI(LightningCLI):
             subcommand=self.subcommand or "", root=Path(config.trainer.default_root_dir or "runs"),
             name=experiment_name(config), run_dir=config.get("run_dir"),
             ckpt_path=self.requested_checkpoint or config.get("ckpt_path"),
+            scratch=bool(config.trainer.get("fast_dev_run")),
         )
         os.environ[runs.RUN_DIR_ENV] = str(self.run.directory)
         if self.subcommand == "fit":
@@ -275,7 +326,15 @@ class ProjectCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, AnyProgressBar) for c in callbacks):
             # Lightning's default bar redraws after every batch; ours at most twice a second.
             kwargs.setdefault("callbacks", [*callbacks, ProgressBar()])
-        return super().instantiate_trainer(**kwargs)
+        checkpointing = config.get("enable_checkpointing")
+        if checkpointing is False:
+            # Lightning refuses checkpoint callbacks with enable_checkpointing=False, and the CLI always
+            # configures two (checkpoint, last_checkpoint): build the trainer with them, then drop them.
+            kwargs["enable_checkpointing"] = True
+        trainer = super().instantiate_trainer(**kwargs)
+        if checkpointing is False:
+            trainer.callbacks = [callback for callback in trainer.callbacks if not isinstance(callback, Checkpoint)]
+        return trainer
 
     def default_plugins(self, configured) -> list:
         """The configured plugins, plus atomic checkpoint writes and code-free loads unless one of
@@ -292,8 +351,9 @@ class ProjectCLI(LightningCLI):
         return plugins
 
     def load_run_checkpoint(self) -> None:
-        """Hand Lightning the checkpoint the run resolved and read, once a checkpoint of another
+        """Say where the run writes (once); hand Lightning the checkpoint the run resolved and read, once a checkpoint of another
         architecture is refused (before Lightning half-loads it); Lightning loads the run's contents."""
+        rank_zero_info(f"Run directory: {self.run_dir}")
         if self.run.contents is not None:
             checkpoints.load_into(self.model.net, self.run.contents, dry_run=True, name=str(self.run.checkpoint))
         if self.run.checkpoint is not None:
@@ -302,6 +362,7 @@ class ProjectCLI(LightningCLI):
     before_validate = before_test = before_predict = load_run_checkpoint
 
     def before_fit(self) -> None:
+        check_monitor(self.trainer, self.model)
         self.load_run_checkpoint()
         # Ctrl-C saves a resume checkpoint at the next batch boundary (LastCheckpoint), like SIGTERM;
         # the requeue signal of a SLURM job is noted from here to the end of test_after_fit.
@@ -363,6 +424,11 @@ def main(args=None) -> ProjectCLI:
         if err.code == 1 and runs.stop_signals.pending(signal.SIGINT):
             sys.exit(130)
         raise
+    except KeyboardInterrupt:
+        # Ctrl-C outside Lightning's loops (start-up, parsing, building the classes): the run
+        # directory is closed already (ProjectCLI.__init__); status 130 as a shell reports SIGINT.
+        print("Interrupted (Ctrl-C).", file=sys.stderr)
+        sys.exit(130)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

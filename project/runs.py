@@ -12,9 +12,11 @@ import io
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -290,11 +292,25 @@ class Run:
     resume: ResumePlan | None = None
     created: list[Path] = field(default_factory=list)
     lock: RunLock | None = None
+    #: A temporary directory (fast_dev_run), removed with everything in it when the command ends.
+    scratch: bool = False
 
     @classmethod
-    def open(cls, *, subcommand: str, root: Path, name: str, run_dir: str | None, ckpt_path: str | None) -> "Run":
-        """Choose, check, create and lock the directory of this command; ``ckpt_path`` as given."""
+    def open(cls, *, subcommand: str, root: Path, name: str, run_dir: str | None, ckpt_path: str | None,
+             scratch: bool = False) -> "Run":
+        """Choose, check, create and lock the directory of this command; ``ckpt_path`` as given.
+        ``scratch`` (``--trainer.fast_dev_run``): a temporary directory, removed when the command ends,
+        so that a trial run leaves nothing under the runs folder."""
+        global _open_run
         check_name(name)
+        if scratch:
+            if is_primary_process() and not os.environ.get(RUN_DIR_ENV):
+                directory = Path(tempfile.mkdtemp(prefix=f"{name}-fast_dev_run-")).resolve()
+                print(f"fast_dev_run: writing into {directory}, removed at the end; nothing is kept.", file=sys.stderr)
+                _open_run = cls(directory, name=name, created=[directory], scratch=True)
+            else:
+                _open_run = cls(Path(os.environ[RUN_DIR_ENV]), name=name)  # a DDP rank of the primary's scratch run
+            return _open_run
         if subcommand != "fit" and ckpt_path in NAMED_CHECKPOINTS:
             ckpt_path = str(find_named_checkpoint(root / name, ckpt_path))
         contents = None
@@ -339,7 +355,6 @@ class Run:
                 # A checkpoint that cannot be read: the caller never gets the run to close.
                 run.close(failed=True)
                 raise
-        global _open_run
         _open_run = run
         return run
 
@@ -377,6 +392,9 @@ class Run:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if self.scratch:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.created = []
         if failed:
             self.remove_if_unused()
         stop_signals.restore()
@@ -398,15 +416,22 @@ def _make_dirs(directory: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def keep_metrics_before(path: Path, step: int) -> list[str]:
-    """Rewrite ``metrics.csv`` without the rows logged at or after ``step`` (the interrupted run's
-    steps past its checkpoint, which the resumed fit logs again); returns the header's keys."""
+#: Rows a fit never logs: a resumed fit keeps them wherever they stand (the test after the
+#: interrupted fit, for one), since it would not log them again.
+KEPT_METRIC_PREFIXES = ("test/",)
+
+
+def keep_metrics_before(path: Path, step: int | None) -> list[str]:
+    """Rewrite ``metrics.csv`` without the fit's rows logged at or after ``step`` (the interrupted
+    run's steps past its checkpoint, which the resumed fit logs again; ``None``: keep every row),
+    under a sorted header as Lightning's writer keeps it (it appends rows in that order); returns
+    the header's keys."""
     if not path.is_file():
         return []
     with path.open(newline="") as file:
         reader = csv.DictReader(file)
-        keys = list(reader.fieldnames or [])
-        rows = [row for row in reader if row.get("step", "").isdigit() and int(row["step"]) < step]
+        keys = sorted(reader.fieldnames or [])
+        rows = [row for row in reader if step is None or _logged_before(row, step) or _never_logged_by_fit(row)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
@@ -415,14 +440,29 @@ def keep_metrics_before(path: Path, step: int) -> list[str]:
     return keys
 
 
+def _logged_before(row: dict, step: int) -> bool:
+    return row.get("step", "").isdigit() and int(row["step"]) < step
+
+
+def _never_logged_by_fit(row: dict) -> bool:
+    return any(value not in ("", None) and key.startswith(KEPT_METRIC_PREFIXES) for key, value in row.items())
+
+
 class StopSignals:
     """Signals that ask a command to stop at a safe point: the handler only notes them (saving
-    inside it could catch the model in the middle of an optimiser step); callbacks act at the next
-    batch boundary (project.cluster.SLURMRequeue for the requeue signal).
+    inside it could catch the model in the middle of an optimiser step, and a collective inside it
+    deadlocks DDP); callbacks act at the next batch boundary (LastCheckpoint for Ctrl-C,
+    project.cluster.SLURMRequeue for the requeue signal).
 
-    SIGINT (Ctrl-C) is turned into the SIGTERM that Lightning already handles during a run: the
-    run saves ``last.ckpt`` at the next batch boundary, all DDP ranks together (Lightning
-    broadcasts it), and the CLI exits with status 130 instead of 143. A second Ctrl-C stops at once.
+    Ctrl-C (SIGINT) while ``save_on_sigint`` (during a fit): noted; LastCheckpoint saves ``last.ckpt``
+    at the next training batch boundary and the CLI exits with status 130. A terminal sends Ctrl-C to
+    the whole process group, so every DDP rank receives it itself; the ranks agree on the step at a
+    batch boundary (LastCheckpoint). A second Ctrl-C stops at once, without saving (KeyboardInterrupt).
+    Outside a fit Ctrl-C raises KeyboardInterrupt at once.
+
+    A process forked from the one that installed the handler (a DataLoader worker) inherits it but
+    ignores the signal: its parent decides when to stop, and a worker that died of Ctrl-C would end
+    the fit with "DataLoader worker ... killed by signal" before anything is saved.
     """
 
     def __init__(self) -> None:
@@ -431,11 +471,13 @@ class StopSignals:
         #: there is nothing left to save and Ctrl-C stops at once.
         self.save_on_sigint = True
         self._previous: dict[int, object] = {}
+        self._owner: int | None = None  # the process that installed the handlers
 
     def install(self, *signums: int) -> None:
         """Note ``signums`` from now on (installing one twice changes nothing)."""
         if threading.current_thread() is not threading.main_thread():
             return
+        self._owner = os.getpid()
         for signum in signums:
             if signum == signal.SIGINT:
                 self.save_on_sigint = True
@@ -444,17 +486,22 @@ class StopSignals:
                 self._previous[signum] = signal.getsignal(signum)
                 signal.signal(signum, self._note)
 
+    def listening(self, signum: int) -> bool:
+        """Whether ``signum`` is noted by this process (installed and not restored)."""
+        return signum in self._previous and self._owner == os.getpid()
+
     def _note(self, signum, frame) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked child (a DataLoader worker): the parent stops the run (see the class docstring)
         first = signum not in self.received
         self.received.add(signum)
         if signum != signal.SIGINT:
             print(f"Received {signal.Signals(signum).name}: stopping at the next batch boundary.", file=sys.stderr, flush=True)
             return
-        if not first or not self.save_on_sigint or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            raise KeyboardInterrupt  # a second Ctrl-C, or no training in progress to save
+        if not first or not self.save_on_sigint:
+            raise KeyboardInterrupt  # a second Ctrl-C, or no fit in progress to save
         print("Received SIGINT: saving at the next batch boundary (Ctrl-C again to stop at once, without saving).",
               file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
 
     def pending(self, signum: int) -> bool:
         """Whether ``signum`` arrived since it was installed (still true after restore)."""

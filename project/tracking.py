@@ -2,7 +2,8 @@
 that a resumed fit continues.
 
 - ``metrics.csv`` survives a resumed fit (``--ckpt_path last``, a requeued SLURM job): the new rows
-  are appended, and rows that the interrupted run logged after its checkpoint are dropped.
+  are appended, and the training and validation rows that the interrupted run logged after its
+  checkpoint are dropped (the resumed fit logs them again; test rows stay).
 
 - A run's wandb name is ``<experiment>/<run dir name>``, so the web page and the folder match.
 - A fit that continues in a run directory (a requeued SLURM job, ``--run_dir``) continues the
@@ -34,17 +35,19 @@ _RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
 
 
 class ContinuingExperimentWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted.
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted:
+    by a resumed fit, and by every new writer of the same run (under ``ddp_spawn`` the test after
+    fit logs through a fresh copy of the logger, whose writer once deleted the fit's rows).
 
     ``continue_at``: the step a resumed fit starts from; rows the interrupted run logged from that
-    step on (after its checkpoint) are dropped, since the fit logs them again.
+    step on (after its checkpoint) are dropped, since the fit logs them again (test rows stay).
     """
 
     def __init__(self, log_dir: str, continue_at: int | None = None) -> None:
         path = Path(log_dir) / self.NAME_METRICS_FILE
         kept = path.with_name(path.name + ".continued")
         keys: list[str] = []
-        if continue_at is not None and path.is_file():
+        if path.is_file():
             keys = runs.keep_metrics_before(path, continue_at)
             os.replace(path, kept)  # out of the way of Lightning's writer, which deletes an existing file
         with warnings.catch_warnings():

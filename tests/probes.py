@@ -139,3 +139,23 @@ class SignalSweepWorker(L.Callback):
             os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         os.kill(os.getppid(), self.signum)
+
+
+class Announce(L.Callback):
+    """Print ``training at step <step>`` (flushed) once training reached ``step``, for a test that
+    waits for it before it signals the whole process group, as a terminal's Ctrl-C does."""
+
+    def __init__(self, step: int = 3) -> None:
+        self.step, self.said = step, False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.said and trainer.global_step >= self.step and trainer.is_global_zero:
+            self.said = True
+            print(f"training at step {trainer.global_step}", flush=True)
+
+
+class CtrlCWhileBuilding(L.Callback):
+    """Send SIGINT to the whole process group while the CLI builds its classes (Ctrl-C during start-up)."""
+
+    def __init__(self) -> None:
+        os.killpg(os.getpgid(0), signal.SIGINT)

@@ -125,3 +125,147 @@ def test_the_cli_writes_checkpoints_atomically(tmp_path, tiny_npz):
     cli = ProjectCLI(args=["-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={tiny_npz}",
                            f"--trainer.default_root_dir={tmp_path}", *QUIET], run=False)
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+# ---- Lightning's own switches mean what they mean in Lightning ----------------------------------------
+
+
+def tiny_fit(root: Path, npz: Path, *extra: str) -> list[str]:
+    return ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={npz}", f"--trainer.default_root_dir={root}", *QUIET,
+            "--data.val_size=16", "--data.batch_size=16", "--trainer.max_epochs=1", *extra]
+
+
+def test_enable_checkpointing_false_trains_and_writes_no_checkpoint(tmp_path, tiny_npz):
+    """It once failed: the CLI always adds its checkpoint callbacks, which Lightning then refuses.
+    A normal fit otherwise: no third-party deprecation warning (Lightning's LeafSpec one was printed twice)."""
+    out = run_cli(tiny_fit(tmp_path, tiny_npz, "--trainer.enable_checkpointing=false"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = run_dirs(tmp_path, "lenet")
+    assert (run / "net.pt").is_file() and not list(tmp_path.rglob("*.ckpt"))
+    assert any(row.get("test/acc") for row in read_metrics(run)), "the test after fit ran on the final weights"
+    assert "deprecated" not in out.stderr.lower(), out.stderr[-3000:]
+    assert out.stderr.count("Run directory:") == 1
+
+
+def test_fast_dev_run_writes_nothing_under_the_runs_folder(tmp_path, tiny_npz):
+    """It once wrote net.pt and plots into a new run directory."""
+    out = run_cli(tiny_fit(tmp_path / "runs", tiny_npz, "--trainer.fast_dev_run=true"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*")), list((tmp_path / "runs").rglob("*"))
+    scratch = Path(out.stderr.split("fast_dev_run: writing into ", 1)[1].split(", removed", 1)[0])
+    assert scratch.name.startswith("lenet-fast_dev_run-") and not scratch.exists()
+
+
+@pytest.mark.parametrize("autolog", [False, True])
+def test_enable_autolog_hparams_is_honoured(tmp_path, tiny_npz, autolog):
+    """`true` was once silently ignored: Lightning then logs the model's hyperparameters too."""
+    cli = main(tiny_fit(tmp_path, tiny_npz, f"--trainer.enable_autolog_hparams={autolog}", "--test_after_fit=false",
+                        "--trainer.max_steps=1", "--plots.enabled=false"))
+    hparams = (cli.run_dir / "hparams.yaml").read_text()
+    assert "model.lr: 0.05" in hparams  # the resolved config, always
+    assert ("\nlr: 0.05" in hparams) == autolog
+
+
+def test_an_unknown_checkpoint_monitor_fails_before_training(tmp_path, tiny_npz, capsys):
+    """It was once noticed only after the first epoch, leaving a run directory behind."""
+    with pytest.raises(SystemExit) as exited:
+        main(tiny_fit(tmp_path, tiny_npz, "--checkpoint.monitor=val/accuracy"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2
+    assert err.startswith("error: checkpoint.monitor 'val/accuracy' is not a metric this model logs; give one of ")
+    assert "val/acc," in err and "train/loss_epoch" in err
+    assert run_dirs(tmp_path, "lenet") == []
+
+
+def test_print_config_says_where_the_run_writes(tmp_path, capsys):
+    """It once showed save_dir: runs and dirpath: null, which the run then rewrites."""
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--trainer.default_root_dir={tmp_path}", "--print_config"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"# This run writes every file into a new directory {tmp_path}/lenet/<date>-<time>-<hex>/ " \
+                    "(with fit --ckpt_path last: the newest run there);"
+
+
+def test_the_usage_line_names_the_command(tmp_path):
+    """`python -m project --help` once said `usage: __main__.py`."""
+    out = run_cli(["--help"], timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m project "), out.stdout[:200]
+
+
+# ---- debug presets (experiments/presets/debug.yaml, overfit.yaml, profile.yaml) -------------------------
+
+
+def preset_fit(root: Path, npz: Path, preset: str, *extra: str):
+    return main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), "-c", str(REPO / f"experiments/presets/{preset}.yaml"),
+                 f"--data.npz={npz}", f"--trainer.default_root_dir={root}", *QUIET, *extra])
+
+
+def test_debug_preset_runs_a_few_batches_with_every_callback(tmp_path):
+    npz = make_npz(tmp_path / "d.npz", n_train=256)
+    cli = preset_fit(tmp_path / "runs", npz, "debug", "--data.val_size=64", "--data.batch_size=16")
+    run = cli.run_dir
+    assert run.parent == (tmp_path / "runs" / "debug").resolve()
+    assert cli.trainer.global_step == 8, "2 epochs of 4 batches"
+    header = read_metrics(run)[0].keys()
+    assert any(k.startswith("act/") for k in header) and any(k.startswith("grad/") for k in header), sorted(header)
+    assert (run / "buffers.json").is_file() and (run / "checkpoints/last.ckpt").is_file()
+    assert (run / "plots" / "val-epoch000-confusion.png").is_file() and (run / "plots" / "test-confusion.png").is_file()
+
+
+@pytest.mark.slow
+def test_overfit_preset_drives_lenets_training_loss_near_zero(tmp_path, subset_npz):
+    """One fixed batch of real images, no augmentation: the loss must fall below 0.05 (about 45 steps;
+    the README gives the time)."""
+    cli = preset_fit(tmp_path, subset_npz, "overfit", "--data.val_size=500")
+    losses = [float(row["train/loss_epoch"]) for row in read_metrics(cli.run_dir) if row.get("train/loss_epoch")]
+    assert cli.trainer.global_step == 100 and len(losses) == 100, "one batch an epoch"
+    assert losses[-1] < 0.05 and losses[0] > 1.5, losses[::10]
+    assert not cli.datamodule.augment and not list(cli.run_dir.rglob("*.ckpt"))
+
+
+def test_profile_preset_writes_its_report_into_the_run(tmp_path, tiny_npz):
+    cli = preset_fit(tmp_path, tiny_npz, "profile", "--data.val_size=16", "--data.batch_size=8")
+    report = (cli.run_dir / "fit-profile.txt").read_text()
+    assert "FIT Profiler Report" in report and "run_training_batch" in report
+    assert cli.run_dir.parent.name == "profile"
+
+
+def test_the_console_command_runs_the_cli():
+    """setup.cfg's `imgcls` entry point is the function `python -m project` runs (without reinstalling:
+    the metadata as pip reads it)."""
+    import configparser
+
+    from project.__main__ import run
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    (line,) = [entry for entry in cfg["options.entry_points"]["console_scripts"].splitlines() if entry.strip()]
+    name, target = (part.strip() for part in line.split("="))
+    module, function = target.split(":")
+    assert name == "imgcls" and getattr(__import__(module, fromlist=[function]), function) is run
+    out = run_bounded_script(name)
+    assert out.startswith("usage: imgcls "), out[:200]
+
+
+def run_bounded_script(name: str) -> str:
+    """``--help`` of a script named ``name`` that calls project.__main__.run, as pip's generated one does."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / name
+        script.write_text("import sys\nfrom project.__main__ import run\nsys.exit(run())\n")
+        out = run_bounded_cmd([sys.executable, str(script), "--help"])
+    return out
+
+
+def run_bounded_cmd(cmd: list[str]) -> str:
+    import os
+
+    from tests.conftest import run_bounded
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = run_bounded(cmd, timeout=120, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout

@@ -149,13 +149,19 @@ def test_single_process_checkpoint_resumes_under_ddp(tmp_path):
 
 
 def test_ddp_spawn_fit(tmp_path):
+    """With the test after fit, metrics.csv once kept only the test row (the test's fresh copy of the
+    logger deleted the fit's rows) and the run got a second config-<time>.yaml beside config.yaml."""
     npz = make_npz(tmp_path / "d.npz")
     out = run_cli(["fit", "-c", "experiments/lenet.yaml", "-c", "experiments/presets/ddp_spawn.yaml", "--trainer.accelerator=cpu",
-                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false"], timeout=300)
+                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=true"], timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     (run,) = run_dirs(tmp_path, "lenet")
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3, "2 processes, 3 steps each"
     load_into(LeNet(), run / "net.pt")
+    rows = metrics(run)
+    assert [r["step"] for r in rows if "train/loss_epoch" in r] == [2] and [r["step"] for r in rows if "val/acc" in r] == [2]
+    assert len([r for r in rows if "test/acc" in r]) == 1
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml"]
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")

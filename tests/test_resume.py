@@ -158,3 +158,19 @@ def test_evaluation_takes_the_model_from_the_checkpoint_but_keeps_run_settings(r
                 "--data.val_size=16", f"--trainer.default_root_dir={tmp_path}", "--plots.enabled=false",
                 f"--ckpt_path={runs['interrupted'] / 'checkpoints/last.ckpt'}", "--model.tta_flip=true"])
     assert isinstance(cli.model.net, LeNet) and cli.model.hparams.tta_flip is True
+
+
+def test_a_resumed_fit_keeps_the_test_rows_it_does_not_log_again(runs):
+    """A resumed fit without --test_after_fit once deleted the test row that the original run had
+    logged at (or after) the step it resumes from."""
+    root, run = copy_of_interrupted(runs, "tested")
+    metrics = run / "metrics.csv"
+    header, *rows = metrics.read_text().splitlines()
+    columns = [*header.split(","), "test/acc"]
+    tested = dict.fromkeys(columns, "")
+    tested.update({"step": "6", "test/acc": "0.25"})  # at the checkpoint's step: the resumed fit starts there
+    metrics.write_text("\n".join([",".join(columns), *(row + "," for row in rows), ",".join(tested[c] for c in columns)]) + "\n")
+    main(fit_args(root, runs["npz"], "--ckpt_path=last"))
+    steps, values = read_metrics(metrics)["test/acc"]
+    assert steps.tolist() == [6] and values.tolist() == [0.25]
+    assert read_metrics(metrics)["train/loss_epoch"][0].tolist() == [5, 11]

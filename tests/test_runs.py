@@ -3,11 +3,13 @@ without touching the old one, every output lands in the run directory, one proce
 into a run, an extended cosine run keeps learning, and Ctrl-C or a SLURM signal at any moment saves
 instead of killing the job."""
 
+import concurrent.futures
 import csv
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import yaml
 
 from project import runs
 from project.cli import main
-from tests.conftest import QUIET, REPO, make_npz, run_bounded, run_cli, run_dirs
+from tests.conftest import QUIET, REPO, kill_group, make_npz, run_bounded, run_cli, run_dirs
 from tests.test_slurm import fake_scontrol, job_step_env
 
 
@@ -278,6 +280,74 @@ def test_ctrl_c_during_the_test_after_fit_stops_at_once(tmp_path, npz):
     assert (run / "net.pt").is_file() and (run / "checkpoints/last.ckpt").is_file(), "the fit itself was complete"
     with open(run / "metrics.csv", newline="") as file:
         assert not any(row.get("test/acc") for row in csv.DictReader(file)), "the test did not run to its end"
+
+
+def ctrl_c_from_a_terminal(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Start ``python -m project <args>`` in its own process group, wait until it prints
+    ``training at step`` (tests.probes.Announce), then send SIGINT to the whole group, as a
+    terminal does on Ctrl-C (DataLoader workers and DDP ranks included)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PROJECT_RUN_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "project", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            err = pool.submit(proc.stderr.read)  # drained meanwhile: a full pipe would stall the run
+            seen: list[str] = []
+
+            def read_until_training() -> bool:
+                for line in proc.stdout:
+                    seen.append(line)
+                    if "training at step" in line:
+                        return True
+                return False
+
+            assert pool.submit(read_until_training).result(timeout=timeout), f"training never started: {seen}"
+            os.killpg(proc.pid, signal.SIGINT)
+            rest = pool.submit(proc.stdout.read)
+            proc.wait(timeout=timeout)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + rest.result(timeout=60),
+                                               err.result(timeout=60))
+    finally:
+        kill_group(proc)
+
+
+@pytest.mark.parametrize("preset", ["workers", "ddp_cpu"])
+def test_ctrl_c_from_a_terminal_saves_and_resumes(tmp_path, preset):
+    """Ctrl-C reaches the whole process group. With 2 DataLoader workers the workers once died of it
+    first (`DataLoader worker ... killed by signal`, exit 1, nothing saved); under DDP both ranks
+    deadlocked in a broadcast inside Lightning's SIGTERM handler, and a second Ctrl-C did nothing."""
+    root, npz = tmp_path / "runs", make_npz(tmp_path / "d.npz", n_train=512)
+    extra = (["--data.num_workers=2"] if preset == "workers"
+             else ["-c", str(REPO / "experiments/presets/ddp_cpu.yaml")])
+    args = [*fit_args(root, npz, "--trainer.max_epochs=50", *extra),
+            '--trainer.callbacks+={"class_path": "tests.probes.Announce", "init_args": {"step": 3}}']
+    out = ctrl_c_from_a_terminal(args)
+    assert out.returncode == 130, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "killed by signal" not in out.stderr, out.stderr[-3000:]
+    saved_line = [line for line in out.stderr.splitlines() if "SIGINT received: saved" in line]
+    assert len(saved_line) == 1 and saved_line[0].endswith("resume with --ckpt_path last."), out.stderr[-3000:]
+    (run,) = run_dirs(root, "lenet")
+    saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert f"at step {saved['global_step']};" in saved_line[0] and saved["global_step"] >= 3
+    assert not (run / "net.pt").exists() and not (run / runs.LOCK_FILE).exists()
+
+    epochs = saved["epoch"] + 2
+    resumed = run_cli([*fit_args(root, npz, f"--trainer.max_epochs={epochs}", *extra), "--ckpt_path=last"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_dirs(root, "lenet") == [run] and (run / "net.pt").is_file()
+    steps_per_epoch = 496 // 8 // (2 if preset == "ddp_cpu" else 1)
+    final = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert final["global_step"] == epochs * steps_per_epoch
+
+
+def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing(tmp_path, npz):
+    """Ctrl-C while the CLI builds its classes once ended in a KeyboardInterrupt traceback."""
+    root = tmp_path / "runs"
+    out = run_cli(fit_args(root, npz, "--trainer.callbacks+=tests.probes.CtrlCWhileBuilding"), timeout=120)
+    assert out.returncode == 130, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1] == "Interrupted (Ctrl-C).", out.stderr
+    assert run_dirs(root, "lenet") == [], "the run directory chosen at start-up stays behind"
 
 
 @pytest.mark.parametrize("when", ["sanity", "test"])

@@ -71,7 +71,6 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 def stop_reason() -> str:
-    # Ctrl-C arrives as SIGTERM (project.runs.StopSignals); say which one the user sent.
     return "SIGINT received" if stop_signals.pending(signal.SIGINT) else "SIGTERM received"
 
 
@@ -84,8 +83,8 @@ class LastCheckpoint(Checkpoint):
     atomically with the CLI's AtomicCheckpointIO); the best-by-metric checkpoint is the separate
     ``checkpoint`` callback. A step that left the weights NaN or infinite never replaces the last
     good file. When the process receives SIGTERM (what schedulers send before killing a job) or
-    SIGINT (Ctrl-C, under the CLI) it saves at the next batch boundary and stops the run (exit
-    status 143 or 130).
+    SIGINT (Ctrl-C, noted by project.runs.stop_signals under the CLI) it saves at the next training
+    batch boundary and stops the run (exit status 143 or 130).
 
     Args:
         every_n_train_steps: save every N optimiser steps instead of at epoch ends, so a killed
@@ -112,8 +111,7 @@ class LastCheckpoint(Checkpoint):
             self.dirpath = runs.run_directory(trainer) / "checkpoints"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.received_sigterm and trainer.world_size == 1:
-            # Single process: Lightning would only stop at the end of the epoch; stop now.
+        if self.stop_requested(trainer):
             self.save_now(trainer, stop_reason())
             raise SIGTERMException
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
@@ -124,9 +122,23 @@ class LastCheckpoint(Checkpoint):
         if not self.every_n_train_steps and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.save(trainer)
 
+    def stop_requested(self, trainer) -> bool:
+        """Whether to save and stop at this batch boundary: the same answer on every rank."""
+        ctrl_c = stop_signals.listening(signal.SIGINT) and stop_signals.pending(signal.SIGINT)
+        if trainer.world_size == 1:
+            # Lightning would stop only at the end of the epoch on SIGTERM; stop now.
+            return ctrl_c or trainer.received_sigterm
+        # Under DDP Lightning stops every rank at the same step on SIGTERM (rank 0 broadcasts it before
+        # each batch). Ctrl-C reaches every rank of the process group by itself, possibly a step apart:
+        # they agree here, where every rank calls this collective at the same step (only where the
+        # CLI listens for Ctrl-C, which it does on every rank).
+        if stop_signals.listening(signal.SIGINT):
+            return trainer.strategy.reduce_boolean_decision(ctrl_c, all=False)
+        return False
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Under DDP every rank raises SIGTERMException at the same batch boundary (Lightning
-        # broadcasts the signal), so all ranks take part in this save.
+        # broadcasts SIGTERM; stop_requested agrees on Ctrl-C), so all ranks take part in this save.
         if isinstance(exception, SIGTERMException) and self.saved_at_step != trainer.global_step:
             self.save_now(trainer, stop_reason())
 
