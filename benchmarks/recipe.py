@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images", type=int, default=50_000, help="epoch: random training images")
     p.add_argument("--epochs", type=int, default=None, help="epoch: default 2; subset: default the config's max_epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override data.batch_size")
-    p.add_argument("--lr", type=float, default=None, help="override model.lr")
+    p.add_argument("--lr", type=float, default=None, help="override model.optimizer.lr")
     p.add_argument("--npz", default=str(SUBSET), help="subset: the real-image npz")
     p.add_argument("--name", default=None, help="result file name")
     p.add_argument("cli_args", nargs="*", help="after --: more CLI arguments")
@@ -72,7 +72,7 @@ def build_cli(args, npz: Path, root: str, epochs: int | None):
     if args.batch_size is not None:
         cli_args.append(f"--data.batch_size={args.batch_size}")
     if args.lr is not None:
-        cli_args.append(f"--model.lr={args.lr}")
+        cli_args.append(f"--model.optimizer.lr={args.lr}")
     return ProjectCLI(args=cli_args + args.cli_args, run=False)
 
 
@@ -94,9 +94,11 @@ def main() -> None:
         trainer.fit(model, datamodule=dm)
         fit_seconds = time.perf_counter() - start
         device = trainer.strategy.root_device
+        optimizer = trainer.optimizers[0]  # its defaults hold the configured lr (the groups' lr follow the schedule)
         settings = {
             "task": args.task, "configs": args.config, "cli_args": args.cli_args, "max_epochs": trainer.max_epochs,
-            "batch_size": dm.batch_size, "lr": model.hparams.lr, "precision": str(trainer.precision),
+            "batch_size": dm.batch_size, "optimizer": type(optimizer).__name__,
+            "lr": optimizer.defaults.get("lr"), "precision": str(trainer.precision),
             "channels_last": bool(model.hparams.get("channels_last")), "compile": bool(model.hparams.get("compile")),
             "tta_flip": bool(model.hparams.get("tta_flip")), "pipeline": dm.resolved_pipeline(), "net": type(model.net).__name__,
             "parameters": sum(p.numel() for p in model.net.parameters()), "training_images": len(dm.train_split),

@@ -16,6 +16,7 @@ many images/s the data pipeline alone delivers compared with what the training s
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import itertools
 import tempfile
@@ -33,6 +34,7 @@ from project.data.cifar import TensorImageDataset, image_transform
 from project.data.cifar_files import Split
 from project.data.device_loader import DeviceLoader
 from project.models import LeNet, ResNet, ResNet18
+from project.schedules import WarmupCosine
 
 MODELS = {
     "lenet": LeNet,
@@ -123,9 +125,10 @@ class StepTimer(L.Callback):
 
 
 def classifier(args, net: torch.nn.Module) -> ImageClassifier:
-    return ImageClassifier(net, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY,
-                           label_smoothing=LABEL_SMOOTHING, channels_last=args.channels_last, compile=args.compile,
-                           scheduler=args.scheduler)
+    # The same per-step schedules as PlainLoop's; ImageClassifier fills in total_steps from the trainer's max_steps.
+    scheduler = WarmupCosine if args.scheduler == "cosine" else functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=LR)
+    return ImageClassifier(net, optimizer=functools.partial(torch.optim.SGD, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY),
+                           scheduler=scheduler, label_smoothing=LABEL_SMOOTHING, channels_last=args.channels_last, compile=args.compile)
 
 
 def run_paired_control(args, initial_state, images, labels, device) -> dict:

@@ -10,6 +10,7 @@ plugins it names by default ask it where to write.
 """
 
 import errno
+import inspect
 import os
 import signal
 import sys
@@ -64,6 +65,36 @@ def model_differences(stored: dict, current: dict) -> list[str]:
         for key in sorted(old.keys() & new.keys())
         if key not in skip and not key.startswith("_") and old[key] != new[key]
     ]
+
+
+def check_net_arguments(config, model) -> None:
+    """Refuse a net that cannot take what the CLI links into it: a ``num_classes`` argument (from the
+    data module), and an ``in_channels`` that matches the channels of the data module's images.
+    Either mistake would otherwise fail at the first batch, deep inside a layer, or train a head of
+    the wrong size."""
+    net_class = type(model.net)
+    if not _accepts(net_class, "num_classes"):
+        raise UserError(no_num_classes(config.model.net.class_path))
+    in_channels = (config.model.net.get("init_args") or {}).get("in_channels")
+    shape = model.hparams.get("image_shape")
+    if isinstance(in_channels, int) and shape and in_channels != shape[0]:
+        raise UserError(
+            f"model.net.init_args.in_channels is {in_channels}, but the data module's images have {shape[0]} channels "
+            f"(image_shape {tuple(shape)}): give --model.net.init_args.in_channels {shape[0]} (README: Add a model)."
+        )
+
+
+def no_num_classes(class_path: str) -> str:
+    return (f"model.net {class_path} takes no num_classes argument, which the CLI fills in from the data module: "
+            "give the net's __init__ a num_classes argument (README: Add a model).")
+
+
+def _accepts(cls, name: str) -> bool:
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return True  # nothing to check against
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def check_devices(trainer_config) -> None:
@@ -306,11 +337,18 @@ class ProjectCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            check_net_arguments(self.config[self.subcommand] if self.subcommand else self.config, self.model)
         except ValueError as err:
             if isinstance(err, UserError):
                 raise
             # A configured class (a net, a logger, a callback) rejected the values it was given.
             raise UserError(str(err)) from err
+        except AssertionError as err:
+            if "net.init_args.num_classes" not in str(err):
+                raise
+            # jsonargparse could not apply the data module -> model.net.init_args.num_classes link.
+            model = self.config[self.subcommand].model if self.subcommand else self.config.model
+            raise UserError(no_num_classes(model.net.class_path)) from None
 
     def instantiate_trainer(self, **kwargs):
         """The configured Trainer, with our defaults where the configuration leaves them open."""

@@ -9,13 +9,15 @@ hook on every submodule records what it returns while one random batch goes thro
 (in eval mode, without gradients, so no buffer changes); the hooks are removed afterwards.
 
 With ``model.param_groups`` in the config (or ``--param-groups``) it also lists the optimiser's
-parameter groups: which parameters train at which learning rate and weight decay. ``--internals``
+parameter groups: which parameters train at which learning rate and weight decay (the optimiser's
+``model.optimizer.init_args`` lr times the group's ``lr_scale``; its own weight decay, else the optimiser's). ``--internals``
 prints, instead of the table, what each module keeps in its ``_parameters``, ``_buffers``,
 ``_modules`` and hook dictionaries, and a hook being registered and removed.
 """
 
 import argparse
 import importlib
+import inspect
 import sys
 from collections.abc import Sequence
 
@@ -214,39 +216,92 @@ def hook_demo(model: nn.Module, module_name: str, input_size: Sequence[int], bat
 
 
 def model_options(path: str | None) -> dict:
-    """``model.lr``, ``model.weight_decay`` and ``model.param_groups`` from an experiment YAML file, where given."""
+    """``model.param_groups`` and the optimiser's ``lr`` and ``weight_decay`` (``model.optimizer.init_args``)
+    from an experiment YAML file, where given."""
     if not path:
         return {}
     model = model_section(path)
-    return {key: model[key] for key in ("lr", "weight_decay", "param_groups") if model.get(key) is not None}
+    for key in ("lr", "weight_decay"):
+        if key in model:
+            raise UserError(
+                f"{path}: model.{key} is the old form: it is now an argument of the optimizer's class, "
+                f"model: {{optimizer: {{class_path: torch.optim.SGD, init_args: {{{key}: ...}}}}}}; move it there."
+            )
+    options = {key: model[key] for key in ("param_groups",) if model.get(key) is not None}
+    optimizer = model.get("optimizer")
+    if isinstance(optimizer, str):  # a class_path alone: the class's own defaults
+        optimizer = {"class_path": optimizer}
+    if isinstance(optimizer, dict):
+        init_args = optimizer.get("init_args") or {}
+        if not isinstance(init_args, dict):
+            raise UserError(f"{path}: model.optimizer.init_args is a {type(init_args).__name__}, not a mapping of the optimizer's arguments.")
+        options["optimizer_class"] = optimizer.get("class_path")
+        options.update({key: init_args[key] for key in ("lr", "weight_decay") if init_args.get(key) is not None})
+    return options
+
+
+def optimizer_settings(options: dict) -> tuple[str, float | None, float | None]:
+    """The optimiser's class path, ``lr`` and ``weight_decay`` that ImageClassifier would train with: those
+    ``options`` give (from ``model.optimizer.init_args``), else the defaults of the class it names (read from its
+    signature; the class is not called), else those of ``project.classifier.DEFAULT_OPTIMIZER``. None: the
+    optimizer has no such argument."""
+    from project.classifier import DEFAULT_OPTIMIZER  # imports Lightning: only when asked for
+
+    class_path = options.get("optimizer_class") or DEFAULT_OPTIMIZER["class_path"]
+    if class_path == DEFAULT_OPTIMIZER["class_path"] and not options.get("optimizer_class"):
+        defaults = dict(DEFAULT_OPTIMIZER["init_args"])
+    else:
+        defaults = _signature_defaults(class_path)
+    values = [options.get(key, defaults.get(key)) for key in ("lr", "weight_decay")]
+    return class_path, *values
+
+
+def _signature_defaults(class_path: str) -> dict:
+    """The keyword defaults of the optimiser class ``class_path`` names (empty when it cannot be imported)."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+        parameters = inspect.signature(factory).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
+    return {p.name: p.default for p in parameters if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
 
 
 def model_section(path: str) -> dict:
     """The ``model:`` mapping of an experiment YAML file (empty when it has none)."""
     model = read_config_file(path).get("model")
     if model is not None and not isinstance(model, dict):
-        raise UserError(f"{path}: model is a {type(model).__name__}, not a mapping of model options (e.g. `net:`, `lr:`).")
+        raise UserError(f"{path}: model is a {type(model).__name__}, not a mapping of model options (e.g. `net:`, `optimizer:`).")
     return model or {}
 
 
-def format_param_groups(model: nn.Module, lr: float, weight_decay: float, param_groups) -> str:
-    """The optimiser's parameter groups as ImageClassifier builds them (``project.classifier.group_parameters``)."""
+def format_param_groups(model: nn.Module, lr: float | None, weight_decay: float | None, param_groups,
+                        optimizer: str = "torch.optim.SGD") -> str:
+    """The optimiser's parameter groups as ImageClassifier builds them (``project.classifier.group_parameters``):
+    each group's lr is the optimiser's ``lr`` times its ``lr_scale``; its weight decay its own, else the optimiser's."""
     from project.classifier import group_parameters  # imports Lightning: only when asked for
 
-    groups = group_parameters(model, lr, weight_decay, param_groups)
+    groups = group_parameters(model, param_groups)
     header = ("Group", "lr", "Weight decay", "Params", "Parameters")
     cells = []
     for group in groups:
         names = group["param_names"]
         shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3 else "")
-        cells.append((group["name"], f"{group['lr']:.4g}", f"{group['weight_decay']:.4g}",
-                      f"{sum(p.numel() for p in group['params']):,}", shown))
+        group_lr = None if lr is None else lr * group.get("lr_scale", 1.0)
+        decay = group.get("weight_decay", weight_decay)
+        cells.append((group["name"], _number(group_lr), _number(decay), f"{sum(p.numel() for p in group['params']):,}", shown))
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
     fmt = "  ".join(f"{{:>{w}}}" if i in (1, 2, 3) else f"{{:<{w}}}" for i, w in enumerate(widths))
-    lines = [f"Parameter groups (model.lr {lr:g}, model.weight_decay {weight_decay:g}; log columns lr-<Optimizer>/<Group>):", ""]
+    lines = [f"Parameter groups ({optimizer}: model.optimizer.lr {_number(lr)}, model.optimizer.weight_decay "
+             f"{_number(weight_decay)}; log columns lr-<Optimizer>/<Group>):", ""]
     lines += [fmt.format(*header).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     lines += [fmt.format(*c).rstrip() for c in cells]
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    """A learning rate or weight decay for the table; ``-`` where the optimizer has no such argument."""
+    return "-" if value is None else f"{value:.4g}"
 
 
 def net_from_config(path: str) -> tuple[str, dict]:
@@ -311,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         if args.param_groups is not None:
             options["param_groups"] = inline_yaml(args.param_groups, "--param-groups")
         if options.get("param_groups"):
-            sections.append(format_param_groups(model, options.get("lr", 0.05), options.get("weight_decay", 5e-4), options["param_groups"]))
+            optimizer, lr, weight_decay = optimizer_settings(options)
+            sections.append(format_param_groups(model, lr, weight_decay, options["param_groups"], optimizer))
     except (ValueError, TypeError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

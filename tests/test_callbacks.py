@@ -234,7 +234,7 @@ def _fit_with_bar(tmp_path, bar, batches: int = 8):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[bar], default_root_dir=tmp_path)
-    trainer.fit(ImageClassifier(LeNet(), scheduler="none"), train_dataloaders=loader)
+    trainer.fit(ImageClassifier(LeNet(), scheduler=None), train_dataloaders=loader)
     return trainer
 
 
@@ -263,7 +263,7 @@ def test_progress_bar_stopped_mid_epoch_shows_the_batches_done(tmp_path):
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[ProgressBar(max_per_second=1e-6)], default_root_dir=tmp_path)
-    trainer.fit(ImageClassifier(LeNet(), scheduler="none"),
+    trainer.fit(ImageClassifier(LeNet(), scheduler=None),
                 train_dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4))
     assert trainer.progress_bar_callback.train_progress_bar.n == 5
 

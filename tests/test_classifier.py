@@ -1,6 +1,7 @@
 """ImageClassifier: parameter groups, optimisers and schedules, metrics, hyperparameters."""
 
 import csv
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -13,11 +14,17 @@ from torch import nn
 from project.classifier import ImageClassifier
 from project.errors import UserError
 from project.models import LeNet, ResNet20
+from project.schedules import WarmupCosine
+
+
+def sgd(lr: float, **kwargs):
+    """``model.optimizer`` as the CLI builds it from class_path and init_args."""
+    return functools.partial(torch.optim.SGD, lr=lr, **kwargs)
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    model = ImageClassifier(ResNet20(), weight_decay=1e-3)
-    decay, no_decay = model.parameter_groups()
+    model = ImageClassifier(ResNet20(), optimizer=sgd(0.05, weight_decay=1e-3), scheduler=None)
+    decay, no_decay = model.configure_optimizers().param_groups
     assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.net.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"])
@@ -32,17 +39,25 @@ class _Tiny(L.LightningDataModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "scheduler", "opt_cls", "sched_cls"),
-    [
-        ("sgd", "cosine", torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR),
-        ("adamw", "onecycle", torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR),
-        ("sgd", "step", torch.optim.SGD, torch.optim.lr_scheduler.StepLR),
-        ("adamw", "none", torch.optim.AdamW, None),
-    ],
-)
-def test_optimisers_and_schedules_train(tmp_path, optimizer, scheduler, opt_cls, sched_cls):
-    model = ImageClassifier(LeNet(), optimizer=optimizer, scheduler=scheduler, lr=0.01, step_size=1, gamma=0.5)
+ADAMW = functools.partial(torch.optim.AdamW, lr=0.01)
+#: (optimizer, scheduler, the optimizer's class, its lr, the scheduler's class); None: ImageClassifier's default.
+SCHEDULE_CASES = {
+    "default-sgd-warmup-cosine": (None, None, torch.optim.SGD, 0.05, WarmupCosine),
+    "adamw-onecycle": (ADAMW, functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
+                       torch.optim.AdamW, 0.01, torch.optim.lr_scheduler.OneCycleLR),
+    "default-sgd-step": (None, functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+                         torch.optim.SGD, 0.05, torch.optim.lr_scheduler.StepLR),
+    "adamw-constant": (ADAMW, "null", torch.optim.AdamW, 0.01, None),
+}
+
+
+@pytest.mark.parametrize("case", SCHEDULE_CASES)
+def test_optimisers_and_schedules_train(tmp_path, case):
+    optimizer, scheduler, opt_cls, lr, sched_cls = SCHEDULE_CASES[case]
+    kwargs = {"optimizer": optimizer} if optimizer is not None else {}
+    if scheduler is not None:
+        kwargs["scheduler"] = None if scheduler == "null" else scheduler
+    model = ImageClassifier(LeNet(), **kwargs)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=_Tiny())
@@ -50,18 +65,18 @@ def test_optimisers_and_schedules_train(tmp_path, optimizer, scheduler, opt_cls,
     assert isinstance(opt, opt_cls)
     if sched_cls is None:
         assert trainer.lr_scheduler_configs == []
-        assert opt.param_groups[0]["lr"] == 0.01
+        assert opt.param_groups[0]["lr"] == lr
         return
     config = trainer.lr_scheduler_configs[0]
     assert isinstance(config.scheduler, sched_cls)
-    if scheduler == "step":
-        assert config.interval == "epoch" and opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**2)
+    if sched_cls is torch.optim.lr_scheduler.StepLR:
+        assert config.interval == "epoch" and opt.param_groups[0]["lr"] == pytest.approx(lr * 0.5**2)
     else:
         # Per-step schedules span exactly the run: 2 epochs x 4 batches.
         assert config.interval == "step"
-        assert (config.scheduler.total_steps if scheduler == "onecycle" else config.scheduler.T_max) == 8
-        assert opt.param_groups[0]["lr"] < 0.01 * 0.1  # annealed far below the peak by the end
-    if optimizer == "sgd":
+        assert config.scheduler.total_steps == 8
+        assert opt.param_groups[0]["lr"] < lr * 0.1  # annealed far below the peak by the end
+    if optimizer is None:  # the default recipe: SGD with Nesterov momentum
         assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
 
 
@@ -78,7 +93,8 @@ def test_label_smoothing_only_in_training():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"lr": 0}, "model.lr must be > 0"), ({"weight_decay": -1}, "weight_decay must be >= 0"),
+    [({"optimizer": sgd(-0.1)}, "Invalid learning rate: -0.1"),  # torch checks the optimizer's arguments when it is built
+     ({"optimizer": sgd(0.05, weight_decay=-1)}, "Invalid weight_decay value: -1"),
      ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"), ({"num_classes": 1}, "num_classes must be at least 2")],
 )
 def test_bad_hyperparameters(kwargs, message):
@@ -92,16 +108,16 @@ def test_top5_only_with_more_than_five_classes():
 
 
 def test_python_built_model_checkpoint(tmp_path):
-    """Built in Python, the net object is not pickled into the hyperparameters; pass it back on load."""
-    model = ImageClassifier(LeNet(), lr=0.02)
-    assert "net" not in model.hparams and model.hparams.lr == 0.02
+    """Built in Python, the net and optimizer objects are not pickled into the hyperparameters; pass the net back on load."""
+    model = ImageClassifier(LeNet(), optimizer=sgd(0.02), label_smoothing=0.1)
+    assert "net" not in model.hparams and "optimizer" not in model.hparams and model.hparams.label_smoothing == 0.1
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=_Tiny())
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     torch.load(tmp_path / "m.ckpt", weights_only=True)  # nothing but plain data inside
     loaded = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt", net=LeNet())
-    assert loaded.hparams.lr == 0.02 and torch.equal(loaded.net.fc1.weight, model.net.fc1.weight)
+    assert loaded.hparams.label_smoothing == 0.1 and torch.equal(loaded.net.fc1.weight, model.net.fc1.weight)
 
 
 def test_images_of_another_size_are_refused_with_one_sentence():
@@ -117,7 +133,7 @@ def test_param_groups_first_match_wins_and_keep_the_decay_split():
     groups = [{"match": "fc*", "lr_scale": 10}, {"match": "fc1.*", "lr_scale": 99}, {"match": "conv1.*", "lr_scale": 0.5, "weight_decay": 0}]
     with pytest.raises(UserError, match=r"'fc1\.\*' \(match 'fc1\.\*'\) matches no trainable parameter of LeNet that an earlier entry has not taken"):
         ImageClassifier(LeNet(), param_groups=groups)  # fc* took fc1.* already
-    model = ImageClassifier(LeNet(), lr=0.1, weight_decay=1e-3, param_groups=[groups[0], groups[2]], scheduler="none")
+    model = ImageClassifier(LeNet(), optimizer=sgd(0.1, weight_decay=1e-3), param_groups=[groups[0], groups[2]], scheduler=None)
     optimizer = model.configure_optimizers()
     by_name = {g["name"]: (g["param_names"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
     assert by_name == {
@@ -131,7 +147,7 @@ def test_param_groups_first_match_wins_and_keep_the_decay_split():
 
 
 def test_param_groups_in_the_optimiser():
-    model = ImageClassifier(ResNet20(), lr=0.1, weight_decay=1e-3, scheduler="none", param_groups=[
+    model = ImageClassifier(ResNet20(), optimizer=sgd(0.1, weight_decay=1e-3), scheduler=None, param_groups=[
         {"match": "fc.*", "lr_scale": 10}, {"match": "stages.0.*", "lr_scale": 0.1, "weight_decay": 0.0, "name": "early"}])
     optimizer = model.configure_optimizers()
     groups = {g["name"]: g for g in optimizer.param_groups}
@@ -202,7 +218,7 @@ def test_training_metrics_are_the_epoch_totals_and_the_step_loss_is_logged_every
 
     torch.manual_seed(0)
     probe = _LogitsProbe()
-    model = ImageClassifier(LeNet(), lr=0.01, scheduler="none")
+    model = ImageClassifier(LeNet(), optimizer=sgd(0.01, momentum=0.9), scheduler=None)
     trainer = L.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe])
     trainer.fit(model, datamodule=_Tiny())

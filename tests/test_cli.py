@@ -162,8 +162,8 @@ def test_enable_autolog_hparams_is_honoured(tmp_path, tiny_npz, autolog):
     cli = main(tiny_fit(tmp_path, tiny_npz, f"--trainer.enable_autolog_hparams={autolog}", "--test_after_fit=false",
                         "--trainer.max_steps=1", "--plots.enabled=false"))
     hparams = (cli.run_dir / "hparams.yaml").read_text()
-    assert "model.lr: 0.05" in hparams  # the resolved config, always
-    assert ("\nlr: 0.05" in hparams) == autolog
+    assert "model.optimizer.init_args.lr: 0.05" in hparams  # the resolved config, always
+    assert ("\noptimizer:\n  class_path: torch.optim.SGD\n" in hparams) == autolog  # the model's own hparams
 
 
 def test_an_unknown_checkpoint_monitor_fails_before_training(tmp_path, tiny_npz, capsys):

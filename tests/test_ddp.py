@@ -188,7 +188,7 @@ def test_fsdp_sharded_checkpoint_converts_to_the_plain_net(ddp_run, tmp_path):
     assert rank0["stats"]["GradientStatistics"] == rank1["stats"]["GradientStatistics"]
     with pytest.raises(SystemExit) as exit_info:  # the sharded directory's meta.pt is checked on resume too
         main(["fit", "-c", str(REPO / "experiments/resnet20_hooks.yaml"), f"--data.npz={npz}", *SMALL,
-              f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={last}", "--model.lr=0.5"])
+              f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={last}", "--model.optimizer.lr=0.5"])
     assert exit_info.value.code == 2
     ddp_grads = ranks(ddp_run["run"])[0]["stats"]["GradientStatistics"]
     assert set(rank0["stats"]["GradientStatistics"]) == set(ddp_grads), "same layer names under FSDP and DDP"

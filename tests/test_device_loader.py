@@ -1,6 +1,7 @@
 """The device-resident data pipeline: same augmentation family as the DataLoader path, exact
 epochs, disjoint DDP shards, and real Lightning runs (single process and 2-process DDP on CPU)."""
 
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -237,7 +238,8 @@ class _Probe(L.Callback):
 
 def test_lightning_trains_from_the_device_pipeline_and_sets_its_epoch(tiny_npz, tmp_path):
     dm = CIFAR10DataModule(npz=tiny_npz, val_size=16, batch_size=8, pipeline="device")
-    model = ImageClassifier(LeNet(), lr=0.01, scheduler="onecycle")
+    model = ImageClassifier(LeNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
+                            scheduler=functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01))
     probe = _Probe()
     trainer = L.Trainer(
         max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -249,6 +251,7 @@ def test_lightning_trains_from_the_device_pipeline_and_sets_its_epoch(tiny_npz, 
     assert probe.devices == {"cpu"} and probe.dtypes == {torch.float32}
     assert trainer.global_step == 3 * 6  # 48 training images in batches of 8
     assert trainer.estimated_stepping_batches == 18
+    assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 18, "OneCycleLR planned from the device loader's length"
     assert "val/acc" in trainer.callback_metrics
     predictions = trainer.predict(model, datamodule=dm)
     assert sum(len(p["preds"]) for p in predictions) == 32

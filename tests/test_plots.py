@@ -1,5 +1,6 @@
 """Confusion matrix, sample predictions and learning curves: the figures, the callback, the command."""
 
+import functools
 import csv
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def test_callback_draws_every_n_epochs_last_epoch_and_test_with_synced_counts(tm
     appear on the epochs asked for, after the last validation, and after test."""
     L.seed_everything(0)
     callback = PredictionPlots(every_n_epochs=2, num_samples=5)
-    model = ImageClassifier(LeNet(), lr=0.01)
+    model = ImageClassifier(LeNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9))
     data = CIFAR10DataModule(npz=str(tiny_npz), val_size=16, batch_size=8, eval_batch_size=6)
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

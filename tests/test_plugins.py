@@ -63,7 +63,9 @@ TINY_EXPERIMENT = """
         class_path: project.models.LeNet
         init_args:
           in_channels: 1
-      lr: 0.05
+      optimizer:
+        class_path: torch.optim.SGD
+        init_args: {{lr: 0.05, momentum: 0.9}}
     data:
       class_path: {package}.TinyShades
       init_args:

@@ -1,6 +1,7 @@
 """Speed switches: precision (32 / 16-mixed / bf16-mixed), channels_last, flip-averaged evaluation,
 and the presets in experiments/presets that turn them on."""
 
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -37,7 +38,7 @@ def fit_tiny(tiny_npz: Path, tmp_path: Path, precision: str, **model_kwargs) -> 
         max_epochs=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe],
     )
-    model = ImageClassifier(LeNet(), lr=0.01, **model_kwargs)
+    model = ImageClassifier(LeNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9), **model_kwargs)
     trainer.fit(model, datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=16, batch_size=16))
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     return trainer, probe

@@ -16,6 +16,7 @@ from tests.conftest import QUIET, REPO, run_dirs
 from tests.probes import Interrupted
 
 INTERRUPT = json.dumps([{"class_path": "tests.probes.RaiseAtEpoch", "init_args": {"epoch": 1}}])
+ONE_CYCLE = ["--model.scheduler", "torch.optim.lr_scheduler.OneCycleLR", "--model.scheduler.max_lr", "0.1"]
 
 
 def fit_args(root, npz, *extra):
@@ -116,10 +117,10 @@ def test_changed_model_settings_are_refused(runs, capsys, checkpoint):
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     ckpt = "last" if checkpoint == "last" else str(run / "checkpoints/last.ckpt")
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(root, runs["npz"], f"--ckpt_path={ckpt}", "--model.lr=0.1", "--model.net.init_args.init=xavier_uniform"))
+        main(fit_args(root, runs["npz"], f"--ckpt_path={ckpt}", "--model.optimizer.lr=0.1", "--model.net.init_args.init=xavier_uniform"))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert "model.lr (checkpoint 0.05, now 0.1)" in err and "model.net.init_args.init (checkpoint 'default', now 'xavier_uniform')" in err
+    assert "model.optimizer.init_args.lr (checkpoint 0.05, now 0.1)" in err and "model.net.init_args.init (checkpoint 'default', now 'xavier_uniform')" in err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "nothing written"
     assert "PROJECT_RUN_DIR" not in os.environ, "a refused run must not hand its directory to the next one"
 
@@ -127,24 +128,28 @@ def test_changed_model_settings_are_refused(runs, capsys, checkpoint):
 def test_run_settings_given_at_resume_are_honoured(runs):
     root, run = copy_of_interrupted(runs, "honoured")
     cli = main(fit_args(root, runs["npz"], "--ckpt_path=last", "--model.tta_flip=true", "--trainer.max_epochs=3"))
-    assert cli.model.hparams.tta_flip is True and cli.model.hparams.lr == 0.05
+    assert cli.model.hparams.tta_flip is True and cli.model.hparams.optimizer["init_args"]["lr"] == 0.05
+    assert cli.trainer.optimizers[0].defaults["lr"] == 0.05
     assert cli.trainer.current_epoch == 3 and cli.trainer.global_step == 3 * 6
     # The cosine schedule was planned for 2 epochs; re-planned for 3 it still ends at zero.
-    assert cli.trainer.lr_scheduler_configs[0].scheduler.T_max == 3 * 6
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 3 * 6
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_one_cycle_schedule_is_replanned_when_a_resumed_fit_runs_longer(runs):
-    """Without re-planning, the restored OneCycleLR refuses its 7th step ("Tried to step 7 times")."""
+def test_an_interrupted_one_cycle_schedule_resumes_on_its_plan(runs):
+    """OneCycleLR keeps its plan (total_steps) in its state: an interrupted fit resumed with the same plan
+    follows the cycle to its end. (A resumed fit of another length is refused: test_learning_rates.)"""
     root = runs["tmp"] / "onecycle"
-    first = main(fit_args(root, runs["npz"], "--model.scheduler=onecycle", "--trainer.max_epochs=1"))
-    assert first.trainer.global_step == 6
-    cli = main(fit_args(root, runs["npz"], "--model.scheduler=onecycle", "--trainer.max_epochs=2", "--ckpt_path=last"))
-    assert cli.run_dir == first.run_dir and cli.trainer.global_step == 12
+    with pytest.raises(Interrupted):
+        main(fit_args(root, runs["npz"], *ONE_CYCLE, f"--trainer.callbacks={INTERRUPT}"))
+    (run,) = run_dirs(root, "lenet")
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 0
+    cli = main(fit_args(root, runs["npz"], *ONE_CYCLE, "--ckpt_path=last"))
+    assert cli.run_dir == run and cli.trainer.global_step == 12
     assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 12
     # Where a 12-step cycle planned from the start ends up after 12 steps.
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
-    planned = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=12)
+    planned = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=12)
     for _ in range(12):
         optimizer.step()
         planned.step()

@@ -5,6 +5,7 @@ and ``scontrol`` is either absent from PATH or a two-line shell script that reco
 The signal itself is real (``os.kill``), and so are the checkpoints and the resumed training.
 """
 
+import functools
 import os
 import re
 import signal
@@ -112,7 +113,7 @@ class SignalAtStep(L.Callback):
 
 def _fit(root: Path, npz: Path, *callbacks, ckpt_path=None) -> ImageClassifier:
     L.seed_everything(3)
-    model = ImageClassifier(LeNet(), lr=0.02)
+    model = ImageClassifier(LeNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9))
     # The device pipeline orders and augments each epoch from (seed, epoch) alone, and resumes mid-epoch.
     data = CIFAR10DataModule(npz=str(npz), pipeline="device", val_size=16, batch_size=4)
     # From Python, Lightning's own auto-requeue is switched off as SLURMRequeue's docstring says.

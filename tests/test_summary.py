@@ -122,15 +122,42 @@ def test_internals_show_a_hook_registered_and_removed():
 
 def test_param_groups_of_the_config_are_shown(tmp_path):
     config = tmp_path / "groups.yaml"
-    config.write_text(yaml.safe_dump({"model": {"net": {"class_path": "project.models.LeNet"}, "lr": 0.1, "weight_decay": 0.001,
+    optimizer = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.001}}
+    config.write_text(yaml.safe_dump({"model": {"net": {"class_path": "project.models.LeNet"}, "optimizer": optimizer,
                                                 "param_groups": [{"match": "fc*", "lr_scale": 10}]}}))
     text = main(["-c", str(config)])
-    assert "Parameter groups (model.lr 0.1, model.weight_decay 0.001" in text
+    assert "Parameter groups (torch.optim.SGD: model.optimizer.lr 0.1, model.optimizer.weight_decay 0.001" in text
     rows = {line.split()[0]: line.split() for line in text.splitlines()[-4:]}
     assert rows["fc*"][:4] == ["fc*", "1", "0.001", "58,920"] and rows["fc*/no_decay"][:4] == ["fc*/no_decay", "1", "0", "214"]
     assert rows["base"][:4] == ["base", "0.1", "0.001", "2,850"] and rows["base/no_decay"][1:3] == ["0.1", "0"]
-    shown = main(["--model", "project.models.LeNet", "--param-groups", "[{match: 'conv*', lr_scale: 0.5}]"])
-    assert "conv*           0.025" in shown
+    # Without a config: the default optimizer's lr (0.05) and weight decay (5e-4); a group's own weight decay wins.
+    shown = main(["--model", "project.models.LeNet", "--param-groups", "[{match: 'conv*', lr_scale: 0.5, weight_decay: 0.01}]"])
+    assert "model.optimizer.lr 0.05, model.optimizer.weight_decay 0.0005" in shown
+    assert "conv*           0.025          0.01" in shown and "base             0.05        0.0005" in shown
+
+
+def test_param_groups_under_another_optimizer_use_its_own_defaults(tmp_path):
+    """AdamW given only its lr decays at AdamW's own default (0.01), as ImageClassifier would train it."""
+    config = tmp_path / "adamw.yaml"
+    config.write_text(yaml.safe_dump({"model": {"net": {"class_path": "project.models.LeNet"},
+                                                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+                                                "param_groups": [{"match": "fc*", "lr_scale": 2}]}}))
+    text = main(["-c", str(config)])
+    assert "Parameter groups (torch.optim.AdamW: model.optimizer.lr 0.003, model.optimizer.weight_decay 0.01" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[-4:]}
+    assert rows["fc*"][1:3] == ["0.006", "0.01"] and rows["base"][1:3] == ["0.003", "0.01"]
+    assert rows["base/no_decay"][1:3] == ["0.003", "0"]
+
+
+def test_the_old_lr_key_is_refused(tmp_path, capsys):
+    config = tmp_path / "old.yaml"
+    config.write_text(yaml.safe_dump({"model": {"net": {"class_path": "project.models.LeNet"}, "lr": 0.1,
+                                                "param_groups": [{"match": "fc*", "lr_scale": 10}]}}))
+    with pytest.raises(SystemExit) as exited:
+        main(["-c", str(config)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "model.lr is the old form" in err and "optimizer: {class_path: torch.optim.SGD, init_args: {lr: ...}}" in err
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -141,10 +141,10 @@ def test_trials_from_the_sweep_engine_run_end_to_end_and_a_crashing_trial_fails_
     third = sweeps.next_run(lenet, finished, validate=True)
     assert third.config not in [s.config for s in suggestions]
 
-    crash = run_trial(agent_command(lenet, {**suggestions[0].config, "model.lr": {"value": -0.1}}),
+    crash = run_trial(agent_command(lenet, {**suggestions[0].config, "model.optimizer.lr": {"value": -0.1}}),
                       {**env, "WANDB_RUN_ID": "bad"}, tmp_path, subset_npz)
     assert crash.returncode == 2
-    assert crash.stderr.strip().splitlines()[-1] == "error: model.lr must be > 0, got -0.1."
+    assert crash.stderr.strip().splitlines()[-1] == "error: Invalid learning rate: -0.1"
     assert not (tmp_path / "lenet" / "sweep-sw33p-bad").exists()
 
     resnet = load(REPO / "experiments/sweeps/resnet_gpu.yaml")
@@ -160,4 +160,4 @@ def test_trials_from_the_sweep_engine_run_end_to_end_and_a_crashing_trial_fails_
     (run,) = run_dirs(tmp_path, "resnet20")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert run.name == "sweep-sw33p-bayes" and saved["model"]["net"]["class_path"] == bayes.config["model.net"]["value"]
-    assert saved["model"]["lr"] == pytest.approx(bayes.config["model.lr"]["value"])
+    assert saved["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(bayes.config["model.optimizer.lr"]["value"])
