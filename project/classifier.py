@@ -146,6 +146,25 @@ DEFAULT_OPTIMIZER = {
 }
 
 
+def check_optimizer(optimizer: Callable, groups: list[dict[str, Any]]) -> None:
+    """Build the optimiser once, so that a mistake in its arguments (torch checks them) or a learning rate
+    that cannot train stops the command with one sentence naming the option, before anything runs."""
+    try:
+        built = optimizer(groups)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"model.optimizer refused its arguments: {err}") from None
+    lr = built.defaults.get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
+        raise UserError(f"model.optimizer.lr must be > 0, got {lr}.")
+    # torch refuses only negative ones; 1 or more makes the step grow instead of average.
+    for key in ("momentum", "betas"):
+        values = built.defaults.get(key)
+        values = values if isinstance(values, (tuple, list)) else [values]
+        if any(isinstance(v, (int, float)) and not 0 <= v < 1 for v in values):
+            raise UserError(f"model.optimizer.{key} must be in [0, 1), got {built.defaults[key]}.")
+    scale_learning_rates(built)
+
+
 class NonFiniteLoss(UserError, FloatingPointError):
     """The training loss became NaN or infinite (a learning rate too high, bad data): the run stops."""
 
@@ -218,7 +237,7 @@ class ImageClassifier(L.LightningModule):
         if not isinstance(net, nn.Module):
             raise UserError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
         # Mistakes in param_groups and in the optimiser's arguments (torch checks them: lr > 0, ...) fail now, not at fit.
-        scale_learning_rates(optimizer(group_parameters(net, param_groups)))
+        check_optimizer(optimizer, group_parameters(net, param_groups))
         with warnings.catch_warnings():
             # From the CLI the net, optimizer and scheduler arrive as their configs (class_path +
             # init_args), which is what load_from_checkpoint needs and what a resumed fit compares;
@@ -356,7 +375,7 @@ class ImageClassifier(L.LightningModule):
             return None  # Lightning skips backward and the optimiser step
         raise NonFiniteLoss(
             f"The training loss became {loss.item()} at {step}; the run stopped and the checkpoints written "
-            "before it are intact: lower model.lr, or set model.on_nonfinite_loss=skip to skip such batches."
+            "before it are intact: lower model.optimizer.lr, or set model.on_nonfinite_loss=skip to skip such batches."
         )
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -407,6 +426,9 @@ class ImageClassifier(L.LightningModule):
             scheduler = factory(optimizer, **options)
         except ValueError as err:  # torch's schedulers check their arguments (step_size, max_lr, ...) so
             raise UserError(f"model.scheduler refused its arguments: {err}") from err
+        step_size = getattr(scheduler, "step_size", None)  # StepLR: 0 would divide by zero at its first step
+        if isinstance(step_size, int) and step_size < 1:
+            raise UserError(f"model.scheduler.step_size must be at least 1, got {step_size}.")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def schedule_length(self, interval: str) -> int:

@@ -146,7 +146,7 @@ class SLURMRequeue(L.Callback):
                 callback.save_now(trainer, "SLURM requeue signal")
                 self.checkpoint_path = Path(callback.last_model_path)
                 return
-        trainer.save_checkpoint(self.checkpoint_path)
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # The test after fit (--test_after_fit): training is over and its checkpoints are written;

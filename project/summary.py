@@ -9,10 +9,10 @@ hook on every submodule records what it returns while one random batch goes thro
 (in eval mode, without gradients, so no buffer changes); the hooks are removed afterwards.
 
 With ``model.param_groups`` in the config (or ``--param-groups``) it also lists the optimiser's
-parameter groups: which parameters train at which learning rate and weight decay (the optimiser's
-``model.optimizer.init_args`` lr times the group's ``lr_scale``; its own weight decay, else the optimiser's). ``--internals``
-prints, instead of the table, what each module keeps in its ``_parameters``, ``_buffers``,
-``_modules`` and hook dictionaries, and a hook being registered and removed.
+parameter groups: which parameters train at which learning rate and weight decay (the lr in
+``model.optimizer.init_args`` times the group's ``lr_scale``; the group's own weight decay, else the
+optimiser's). ``--internals`` prints, instead of the table, what each module keeps in its
+``_parameters``, ``_buffers``, ``_modules`` and hook dictionaries, and a hook being registered and removed.
 """
 
 import argparse

@@ -152,7 +152,7 @@ class LastCheckpoint(Checkpoint):
         if weights and not torch.isfinite(torch.stack(weights).sum()):
             rank_zero_info(f"Not saving {path} at step {trainer.global_step}: the weights are not finite.")
             return False
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full resume checkpoint
         self.saved_at_step, self.last_model_path = trainer.global_step, str(path)
         return True
 

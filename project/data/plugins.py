@@ -93,13 +93,30 @@ def old_training_option(message: str) -> str | None:
                 f"on the command line, or in YAML model: {{{owner}: {example}}}; {see}.")
     found = _OLD_STRING.search(message)
     if not found or found[2].lower() not in _RENAMED_CLASSES:
-        return None
+        return unknown_class(message)
     key, value = found[1], found[2].lower()
     new = _RENAMED_CLASSES[value]
     yaml = "null" if new == "null" else f"{{class_path: {new}, init_args: {{...}}}}"
     command_line = f"--model.{key} null" if new == "null" else f"--model.{key} {new} --model.{key}.<argument> <value>"
-    return (f"model.{key} {value} is the old form: model.{key} is now a class with its own arguments (model.lr, momentum, "
-            f"... moved into them), {command_line} on the command line, or in YAML {key}: {yaml}; {see}.")
+    moved = "(model.lr, momentum, ... moved into them)" if key == "optimizer" else "(model.step_size, gamma moved into it)"
+    return (f"model.{key} {value} is the old form: model.{key} is now a class with its own arguments {moved}, "
+            f"{command_line} on the command line, or in YAML {key}: {yaml}; {see}.")
+
+
+_UNKNOWN_CLASS = re.compile(r'Parser key "model\.(optimizer|scheduler)":.*?(?:dot import path string: (\S+)|'
+                            r"(module '[\w.]+' has no attribute '\w+')\. Got value: (\S+))", re.S)
+
+
+def unknown_class(message: str) -> str | None:
+    """One sentence for a model.optimizer or model.scheduler that names no importable class."""
+    found = _UNKNOWN_CLASS.search(message)
+    if not found:
+        return None
+    key, value = found[1], found[2] or found[4]
+    why = f" ({found[3]})" if found[3] else ""
+    example = "torch.optim.AdamW" if key == "optimizer" else "torch.optim.lr_scheduler.StepLR"
+    return (f"model.{key} {value} is not a class that can be imported{why}: give its full class_path, e.g. {example} "
+            f"(any torch.optim{'' if key == 'optimizer' else '.lr_scheduler'} class, or your own by its import path).")
 
 
 _TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string", "NoneType": "null"}
