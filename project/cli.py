@@ -150,11 +150,20 @@ class RunConfigSaver(SaveConfigCallback):
                     # fresh copy of this callback, which does not know that the fit saved it already).
                     return
                 self.config_filename = f"config-{runs.new_run_name()}.yaml"
+                # A resume: saved once training starts, so that a resume refused while Lightning
+                # loads the checkpoint (a plan shorter than the steps done) leaves no file behind.
+                self.save_at_train_start = True
         if stage == "fit":
             self.config.ckpt_path = None
         elif trainer.ckpt_path:
             self.config.ckpt_path = str(trainer.ckpt_path)
-        super().setup(trainer, pl_module, stage)
+        if not getattr(self, "save_at_train_start", False):
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(self, "save_at_train_start", False):
+            self.save_at_train_start = False
+            super().setup(trainer, pl_module, "fit")
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         # Called once, on global rank zero only: the loggers record the resolved config.

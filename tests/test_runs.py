@@ -252,6 +252,20 @@ def test_an_extended_cosine_run_keeps_learning(tmp_path, npz, finished):
     assert len(losses) == 3 and losses[2] != losses[1], losses
 
 
+def test_a_resume_whose_plan_ends_before_the_steps_done_is_refused(tmp_path, npz, finished, capsys):
+    """A 2-epoch fit resumed with a plan of fewer steps than it has done once trained at lr 0, exit 0."""
+    root = tmp_path / "runs"
+    run = copy_run(finished, root)
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args(root, npz, "--ckpt_path=last", "--trainer.max_epochs=4", "--trainer.limit_train_batches=2"))
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: The schedule now plans 8 optimiser steps, but the checkpoint has done 12 already; ") and (
+        "give a longer plan" in last), last
+    assert snapshot(run) == before  # no config-<time>.yaml, no metrics row lost, no checkpoint touched
+
+
 # ---- 5. signals ---------------------------------------------------------------------------------------
 
 

@@ -144,7 +144,7 @@ def test_trials_from_the_sweep_engine_run_end_to_end_and_a_crashing_trial_fails_
     crash = run_trial(agent_command(lenet, {**suggestions[0].config, "model.optimizer.lr": {"value": -0.1}}),
                       {**env, "WANDB_RUN_ID": "bad"}, tmp_path, subset_npz)
     assert crash.returncode == 2
-    assert crash.stderr.strip().splitlines()[-1] == "error: Invalid learning rate: -0.1"
+    assert crash.stderr.strip().splitlines()[-1] == "error: model.optimizer refused its arguments: Invalid learning rate: -0.1"
     assert not (tmp_path / "lenet" / "sweep-sw33p-bad").exists()
 
     resnet = load(REPO / "experiments/sweeps/resnet_gpu.yaml")
