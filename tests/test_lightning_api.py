@@ -59,7 +59,7 @@ def private_lightning_uses() -> list[str]:
     module_of = {Path(m.__file__): m for m in modules.values()}
 
     for path, tree in trees.items():
-        where = lambda node: f"{path.relative_to(PROJECT.parent)}:{node.lineno}"  # noqa: E731
+        where = lambda node, path=path: f"{path.relative_to(PROJECT.parent)}:{node.lineno}"  # noqa: E731
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning"):
                 if any(_is_private(part) for part in node.module.split(".")):

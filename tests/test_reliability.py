@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from project.callbacks.checkpointing import AtomicCheckpointIO
+from project.checkpoints import CheckpointError
 from project.classifier import ImageClassifier
 from project.cli import main as cli_main
 from project.models import LeNet
@@ -80,7 +81,7 @@ def test_pickle_payload_is_refused_without_running(tmp_path, tiny_npz):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "could run code" in out.stderr.splitlines()[-1]
     assert not marker.exists()
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError, match="could run code"):
         AtomicCheckpointIO().load_checkpoint(evil)
     assert not marker.exists()
 

@@ -209,7 +209,7 @@ def read_official(folder: Path, fmt: CIFARFormat) -> tuple[Split, Split]:
     train = [_read_batch(folder / name, fmt) for name in fmt.train_files]
     test = [_read_batch(folder / name, fmt) for name in fmt.test_files]
     return tuple(  # type: ignore[return-value]
-        _split(np.concatenate([d for d, _ in part]), np.concatenate([l for _, l in part]), folder, fmt)
+        _split(np.concatenate([d for d, _ in part]), np.concatenate([labels for _, labels in part]), folder, fmt)
         for part in (train, test)
     )
 
