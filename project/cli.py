@@ -153,7 +153,9 @@ class RunConfigSaver(SaveConfigCallback):
                 # A resume: saved once training starts, so that a resume refused while Lightning
                 # loads the checkpoint (a plan shorter than the steps done) leaves no file behind.
                 self.save_at_train_start = True
-        if stage == "fit":
+        if "ckpt_path" not in self.config:
+            pass  # ProjectCLI(run=False): no subcommand
+        elif stage == "fit":
             self.config.ckpt_path = None
         elif trainer.ckpt_path:
             self.config.ckpt_path = str(trainer.ckpt_path)
@@ -298,6 +300,9 @@ class ProjectCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_devices(config.trainer)
+        for logger in as_list(config.trainer.get("logger")):
+            if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):  # before the run directory exists
+                tracking.check_wandb_api_key(offline=bool((logger.get("init_args") or {}).get("offline")))
         self.run = runs.Run.open(
             subcommand=self.subcommand or "", root=Path(config.trainer.default_root_dir or "runs"),
             name=experiment_name(config), run_dir=config.get("run_dir"),
@@ -362,9 +367,6 @@ class ProjectCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """The configured Trainer, with our defaults where the configuration leaves them open."""
         config = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
-        # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's
-        # own hyperparameter logging would log parts of it again under other names.
-        kwargs.setdefault("enable_autolog_hparams", False)
         if self.run is not None:
             # What Lightning writes by itself (profiles, hpc checkpoints) goes into the run too.
             kwargs.setdefault("default_root_dir", str(self.run.directory))

@@ -2,6 +2,7 @@
 archives in the official CIFAR layouts, CLI runners."""
 
 import io
+import json
 import os
 import pickle
 import signal
@@ -147,3 +148,38 @@ def _add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+# ---- test tiers -----------------------------------------------------------------------------------
+#: Seconds each test took on the reference machine (2 CPU cores), written by
+#: ``pytest --store-durations``: a test that took SLOW_SECONDS or more is marked ``slow``, so
+#: ``pytest -m "not slow"`` (the daily loop) is chosen by measurement, not by guess.
+DURATIONS = Path(__file__).with_name("durations.json")
+SLOW_SECONDS = 1.5
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"record every test's duration into {DURATIONS.name} (run the full suite on the reference machine)")
+
+
+def pytest_collection_modifyitems(config, items):
+    durations = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    for item in items:
+        if durations.get(item.nodeid, 0.0) >= SLOW_SECONDS:
+            item.add_marker(pytest.mark.slow)
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    # setup (fixtures it alone uses), call and teardown: what the test costs the run.
+    _measured[report.nodeid] = _measured.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("--store-durations") and _measured:
+        stored = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+        stored.update({nodeid: round(seconds, 2) for nodeid, seconds in _measured.items()})
+        DURATIONS.write_text(json.dumps(dict(sorted(stored.items())), indent=1) + "\n")

@@ -43,7 +43,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checkpoint = run.contents  # the run read this file already (for --ckpt_path's checks): not again
         else:
             checkpoint = load_file(path, weights_only=weights_only is not False)  # tensors on the CPU, as Lightning's
-        if "state_dict" not in checkpoint:
+        if "state_dict" not in checkpoint and not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            # (A plain state_dict of tensors is what ddp_spawn's launcher hands from the workers back.)
             raise CheckpointError(
                 f"{path} is not a Lightning checkpoint of this template (no state_dict entry); "
                 "pass a .ckpt file from a run's checkpoints/ folder."
