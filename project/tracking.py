@@ -12,7 +12,7 @@ that a resumed fit continues.
   run directory ``<root>/<experiment>/sweep-<sweep id>-<run id>``.
 - The resolved LightningCLI config is what every logger records as hyperparameters (the wandb
   run's config, ``hparams.yaml``), with the dotted names of the command line and the sweep files
-  (``model.lr``, ``data.batch_size``, ...).
+  (``model.optimizer.init_args.lr``, ``data.batch_size``, ...).
 """
 
 import os
