@@ -137,14 +137,21 @@ class RunConfigSaver(SaveConfigCallback):
     validate/test/predict keep the checkpoint they evaluate (``last``/``best`` resolved): it is what
     they report on, not where they write, and re-running their config evaluates it again."""
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # The run's directory and name, kept here: ddp_spawn's processes get a copy of this callback,
+        # not the process-wide run.
         run = runs.current()
+        self.run = (run.directory, run.name) if run is not None else None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:  # by the fit before the test after it
             return
-        if run is not None:
+        if self.run is not None:
+            directory, name = self.run
             self.config = self.config.clone()
-            self.config.name, self.config.run_dir = run.name, None
-            if (run.directory / self.config_filename).exists():
+            self.config.name, self.config.run_dir = name, None
+            if (directory / self.config_filename).exists():
                 if stage != "fit":
                     # The test after fit, in the fit's run and with its config (under ddp_spawn through a
                     # fresh copy of this callback, which does not know that the fit saved it already).

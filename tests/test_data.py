@@ -134,6 +134,21 @@ def test_pickle_payload_in_batch_is_not_executed(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_pickle_payload_in_npz_is_not_executed(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    good = np.load(make_npz(tmp_path / "good.npz"))
+    arrays = {key: good[key] for key in good.files}
+    labels = np.empty(len(arrays["y_train"]), dtype=object)
+    labels[:] = [Payload()] * len(labels)
+    np.savez(tmp_path / "evil.npz", **{**arrays, "y_train": labels})  # an object array: pickled inside the npz
+    with pytest.raises(DatasetError, match="is not a readable npz file.*allow_pickle=False"):
+        CIFAR10DataModule(npz=tmp_path / "evil.npz", val_size=0).setup("fit")
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_npz_split_is_seeded_and_disjoint(tmp_path):
     npz = make_npz(tmp_path / "d.npz", n_train=100)
     a = CIFAR10DataModule(npz=npz, val_size=20, split_seed=3)
