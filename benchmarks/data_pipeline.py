@@ -44,25 +44,50 @@ def main() -> None:
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (args.images,))
 
-    loaders = {"device": DeviceLoader(images, labels, args.batch_size, shuffle=True, augment=True,
-                                      mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device)}
+    loaders = {
+        "device": DeviceLoader(
+            images,
+            labels,
+            args.batch_size,
+            shuffle=True,
+            augment=True,
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
+            device=device,
+        )
+    }
     for workers in args.workers:
-        dataset = TensorImageDataset(Split(images, labels), image_transform(augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD))
+        dataset = TensorImageDataset(
+            Split(images, labels), image_transform(augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+        )
         loaders[f"dataloader_{workers}_workers"] = torch.utils.data.DataLoader(
-            dataset, args.batch_size, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0)
+            dataset,
+            args.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
 
     results = {}
     for name, loader in loaders.items():
         epoch_images_per_s(loader, device, epoch=0)  # warm-up (worker start-up, CUDA kernels)
         rates = [epoch_images_per_s(loader, device, epoch=1 + r) for r in range(args.repeats)]
-        results[name] = {"images_per_s_median": round(report.median(rates), 1), "images_per_s_per_repeat": [round(r, 1) for r in rates]}
+        results[name] = {
+            "images_per_s_median": round(report.median(rates), 1),
+            "images_per_s_per_repeat": [round(r, 1) for r in rates],
+        }
         print(f"{name:<24} {results[name]['images_per_s_median']:12.0f} images/s", flush=True)
     best_loader = max(v["images_per_s_median"] for k, v in results.items() if k != "device")
     results["device_over_best_dataloader"] = round(results["device"]["images_per_s_median"] / best_loader, 2)
     print(f"device pipeline / best DataLoader: {results['device_over_best_dataloader']}x")
-    report.write("data-pipeline", device, vars(args), results,
-                 notes="One epoch per repeat after a warm-up epoch; batches end on the device (DataLoader: pinned, non_blocking copies on CUDA).")
+    report.write(
+        "data-pipeline",
+        device,
+        vars(args),
+        results,
+        notes="One epoch per repeat after a warm-up epoch; batches end on the device (DataLoader: pinned, non_blocking copies on CUDA).",
+    )
 
 
 if __name__ == "__main__":

@@ -20,15 +20,17 @@ import time
 import warnings
 from pathlib import Path
 
-import report
 import lightning as L
 import numpy as np
+import report
 
 SUBSET = report.REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("task", choices=["epoch", "subset"])
     p.add_argument("-c", "--config", action="append", required=True, help="config files, as for python -m project")
     p.add_argument("--images", type=int, default=50_000, help="epoch: random training images")
@@ -56,8 +58,13 @@ class EpochTimer(L.Callback):
 
 def random_npz(path: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, n).astype(np.uint8),
-             x_test=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, 16).astype(np.uint8))
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 10, n).astype(np.uint8),
+        x_test=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 16).astype(np.uint8),
+    )
     return path
 
 
@@ -65,8 +72,15 @@ def build_cli(args, npz: Path, root: str, epochs: int | None):
     from project.cli import ProjectCLI
 
     cli_args = [x for c in args.config for x in ("-c", c)]
-    cli_args += [f"--data.npz={npz}", "--data.val_size=0", "--test_after_fit=false", "--trainer.enable_progress_bar=false",
-                 "--trainer.num_sanity_val_steps=0", f"--trainer.default_root_dir={root}", f"--name=bench-{args.task}"]
+    cli_args += [
+        f"--data.npz={npz}",
+        "--data.val_size=0",
+        "--test_after_fit=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={root}",
+        f"--name=bench-{args.task}",
+    ]
     if epochs is not None:
         cli_args.append(f"--trainer.max_epochs={epochs}")
     if args.batch_size is not None:
@@ -96,25 +110,40 @@ def main() -> None:
         device = trainer.strategy.root_device
         optimizer = trainer.optimizers[0]  # its defaults hold the configured lr (the groups' lr follow the schedule)
         settings = {
-            "task": args.task, "configs": args.config, "cli_args": args.cli_args, "max_epochs": trainer.max_epochs,
-            "batch_size": dm.batch_size, "optimizer": type(optimizer).__name__,
-            "lr": optimizer.defaults.get("lr"), "precision": str(trainer.precision),
-            "channels_last": bool(model.hparams.get("channels_last")), "compile": bool(model.hparams.get("compile")),
-            "tta_flip": bool(model.hparams.get("tta_flip")), "pipeline": dm.resolved_pipeline(), "net": type(model.net).__name__,
-            "parameters": sum(p.numel() for p in model.net.parameters()), "training_images": len(dm.train_split),
+            "task": args.task,
+            "configs": args.config,
+            "cli_args": args.cli_args,
+            "max_epochs": trainer.max_epochs,
+            "batch_size": dm.batch_size,
+            "optimizer": type(optimizer).__name__,
+            "lr": optimizer.defaults.get("lr"),
+            "precision": str(trainer.precision),
+            "channels_last": bool(model.hparams.get("channels_last")),
+            "compile": bool(model.hparams.get("compile")),
+            "tta_flip": bool(model.hparams.get("tta_flip")),
+            "pipeline": dm.resolved_pipeline(),
+            "net": type(model.net).__name__,
+            "parameters": sum(p.numel() for p in model.net.parameters()),
+            "training_images": len(dm.train_split),
         }
         results = {"epoch_seconds": [round(s, 3) for s in timer.seconds], "fit_seconds": round(fit_seconds, 2)}
         targets = []
         if args.task == "epoch":
             steady = min(timer.seconds[1:] or timer.seconds)
             results.update(seconds_per_epoch=round(steady, 3), images_per_s=round(len(dm.train_split) / steady, 1))
-            print(f"{stem}: {steady:.2f} s per epoch of {len(dm.train_split)} images after warm-up (epochs: {results['epoch_seconds']})")
+            print(
+                f"{stem}: {steady:.2f} s per epoch of {len(dm.train_split)} images after warm-up (epochs: {results['epoch_seconds']})"
+            )
         else:
             start = time.perf_counter()
             (test,) = trainer.test(model, datamodule=dm, verbose=False)
-            results.update(test_seconds=round(time.perf_counter() - start, 2), test=test, test_images=len(dm.test_split))
+            results.update(
+                test_seconds=round(time.perf_counter() - start, 2), test=test, test_images=len(dm.test_split)
+            )
             targets.append(report.target("test accuracy on the 508 real test images", test["test/acc"], ">=", 0.70))
-            print(f"{stem}: test/acc {test['test/acc']:.4f} after {fit_seconds:.1f} s of training ({trainer.max_epochs} epochs)")
+            print(
+                f"{stem}: test/acc {test['test/acc']:.4f} after {fit_seconds:.1f} s of training ({trainer.max_epochs} epochs)"
+            )
     report.write(args.name or f"{args.task}-{stem}", device, settings, results, targets)
 
 

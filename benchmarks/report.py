@@ -17,10 +17,17 @@ if str(REPO) not in sys.path:  # `python benchmarks/<script>.py` from a checkout
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "type": device.type,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}")
+        info.update(
+            name=props.name, memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}"
+        )
     else:
         info["name"] = info["cpu"]
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
@@ -79,7 +86,9 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def write(name: str, device: torch.device, settings: dict, results: dict, targets: list[dict] | None = None, notes: str = "") -> Path:
+def write(
+    name: str, device: torch.device, settings: dict, results: dict, targets: list[dict] | None = None, notes: str = ""
+) -> Path:
     """Write ``benchmarks/results/<name>-<device type>.json`` (atomically) and return its path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{device.type}.json"
@@ -103,7 +112,12 @@ def write(name: str, device: torch.device, settings: dict, results: dict, target
 
 def target(name: str, measured: float | None, op: str, goal: float) -> dict:
     met = None if measured is None else (measured <= goal if op == "<=" else measured >= goal)
-    return {"name": name, "target": f"{op} {goal}", "measured": None if measured is None else round(measured, 4), "met": met}
+    return {
+        "name": name,
+        "target": f"{op} {goal}",
+        "measured": None if measured is None else round(measured, 4),
+        "met": met,
+    }
 
 
 def clocks(device: torch.device) -> tuple[float, float]:

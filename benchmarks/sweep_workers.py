@@ -41,25 +41,47 @@ def sweep_config(args: argparse.Namespace) -> dict:
         "metric": {"name": "val/acc", "goal": "maximize"},
         "parameters": {"seed_everything": {"values": list(range(1, args.trials + 1))}},
         "program": "project",
-        "command": ["${env}", "${interpreter}", "-m", "${program}", "fit", "--config", config,
-                    f"--data.npz={args.npz}", "--data.val_size=500", f"--trainer.accelerator={device}",
-                    f"--trainer.max_epochs={args.epochs}", "--trainer.enable_progress_bar=false",
-                    "--test_after_fit=false", "--plots.enabled=false", "${args}"],
+        "command": [
+            "${env}",
+            "${interpreter}",
+            "-m",
+            "${program}",
+            "fit",
+            "--config",
+            config,
+            f"--data.npz={args.npz}",
+            "--data.val_size=500",
+            f"--trainer.accelerator={device}",
+            f"--trainer.max_epochs={args.epochs}",
+            "--trainer.enable_progress_bar=false",
+            "--test_after_fit=false",
+            "--plots.enabled=false",
+            "${args}",
+        ],
     }
 
 
 def timed_sweep(sweep_file: Path, directory: Path, workers: int) -> dict:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "project.sweep", str(sweep_file), "--dir", str(directory),
-                           "--workers", str(workers)], cwd=report.REPO, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(report.REPO)})
+    done = subprocess.run(
+        [sys.executable, "-m", "project.sweep", str(sweep_file), "--dir", str(directory), "--workers", str(workers)],
+        cwd=report.REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(report.REPO)},
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"the sweep with {workers} worker(s) failed:\n{done.stderr[-3000:]}")
     trials = json.loads((directory / "trials.json").read_text())["trials"]
     assert all(t["state"] == "finished" for t in trials) and len(trials) > 0
-    return {"seconds": round(seconds, 1), "trials": len(trials), "trials_per_hour": round(3600 * len(trials) / seconds, 1),
-            "val_acc": [t["history"][-1] for t in trials]}
+    return {
+        "seconds": round(seconds, 1),
+        "trials": len(trials),
+        "trials_per_hour": round(3600 * len(trials) / seconds, 1),
+        "val_acc": [t["history"][-1] for t in trials],
+    }
 
 
 def main() -> None:
@@ -76,13 +98,29 @@ def main() -> None:
             print(f"{workers} worker(s): {results[f'workers_{workers}']}", flush=True)
     ratio = results[f"workers_{args.workers}"]["trials_per_hour"] / results["workers_1"]["trials_per_hour"]
     results["ratio"] = round(ratio, 3)
-    notes = ("Wall time of the whole sweep (worker start to exit, CLI start-up of every trial included). "
-             + ("On the CPU the worker splits the cores between its trials (OMP_NUM_THREADS). " if not args.gpu else
-                "All workers' trials share the one GPU (CUDA_VISIBLE_DEVICES=0). ") + args.note)
-    report.write(f"sweep-workers-{'resnet20' if args.gpu else 'lenet'}", device,
-                 {"trials": args.trials, "workers": [1, args.workers], "epochs": args.epochs, "npz": str(args.npz),
-                  "sweep": sweep_config(args)},
-                 results, [report.target(f"trials/hour, {args.workers} workers over 1", ratio, ">=", 1.7)], notes.strip())
+    notes = (
+        "Wall time of the whole sweep (worker start to exit, CLI start-up of every trial included). "
+        + (
+            "On the CPU the worker splits the cores between its trials (OMP_NUM_THREADS). "
+            if not args.gpu
+            else "All workers' trials share the one GPU (CUDA_VISIBLE_DEVICES=0). "
+        )
+        + args.note
+    )
+    report.write(
+        f"sweep-workers-{'resnet20' if args.gpu else 'lenet'}",
+        device,
+        {
+            "trials": args.trials,
+            "workers": [1, args.workers],
+            "epochs": args.epochs,
+            "npz": str(args.npz),
+            "sweep": sweep_config(args),
+        },
+        results,
+        [report.target(f"trials/hour, {args.workers} workers over 1", ratio, ">=", 1.7)],
+        notes.strip(),
+    )
 
 
 if __name__ == "__main__":

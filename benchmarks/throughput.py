@@ -22,8 +22,8 @@ import itertools
 import tempfile
 import warnings
 
-import report  # also puts the repository on sys.path
 import lightning as L
+import report  # also puts the repository on sys.path
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,28 +46,45 @@ LR, MOMENTUM, WEIGHT_DECAY, LABEL_SMOOTHING = 0.05, 0.9, 5e-4, 0.1
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--model", default="lenet", choices=sorted(MODELS))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", default="32-true", choices=["32-true", "16-mixed", "bf16-mixed"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the net in both loops")
-    p.add_argument("--data", default="device", choices=["device", "dataloader"], help="the pipeline both loops read from")
+    p.add_argument(
+        "--data", default="device", choices=["device", "dataloader"], help="the pipeline both loops read from"
+    )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (with --data dataloader)")
     p.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--repeats", type=int, default=5, help="alternating repeats of every variant")
-    p.add_argument("--callbacks", default="both", choices=["off", "on", "both"],
-                   help="Lightning with progress bar, summary, logger and checkpointing off, on (the CLI's defaults), or both")
+    p.add_argument(
+        "--callbacks",
+        default="both",
+        choices=["off", "on", "both"],
+        help="Lightning with progress bar, summary, logger and checkpointing off, on (the CLI's defaults), or both",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--scheduler", default="onecycle", choices=["onecycle", "cosine"], help="the per-step schedule of both loops")
-    p.add_argument("--plain-metrics", default="on", choices=["on", "off"],
-                   help="on: the plain loop updates the same torchmetrics accuracies as Lightning (identical work); "
-                        "off: it computes only the loss, so Lightning's metric and logging costs count as overhead")
-    p.add_argument("--paired", action="store_true",
-                   help="CPU: also run each Lightning variant with one plain-loop step before each of its iterations, both timed "
-                        "(the steadiest comparison on a shared machine)")
+    p.add_argument(
+        "--scheduler", default="onecycle", choices=["onecycle", "cosine"], help="the per-step schedule of both loops"
+    )
+    p.add_argument(
+        "--plain-metrics",
+        default="on",
+        choices=["on", "off"],
+        help="on: the plain loop updates the same torchmetrics accuracies as Lightning (identical work); "
+        "off: it computes only the loss, so Lightning's metric and logging costs count as overhead",
+    )
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="CPU: also run each Lightning variant with one plain-loop step before each of its iterations, both timed "
+        "(the steadiest comparison on a shared machine)",
+    )
     p.add_argument("--name", default=None, help="result file name (default: throughput-<model>-<settings>)")
     return p.parse_args()
 
@@ -75,11 +92,29 @@ def parse_args() -> argparse.Namespace:
 def make_loader(args, images: torch.Tensor, labels: torch.Tensor, device: torch.device):
     """A fresh loader over the same images with the same seed: every variant sees identical batches."""
     if args.data == "device":
-        return DeviceLoader(images, labels, args.batch_size, shuffle=True, augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD, seed=0, device=device)
-    dataset = TensorImageDataset(Split(images, labels), image_transform(augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD))
-    return torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.num_workers,
-                                       pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
-                                       persistent_workers=args.num_workers > 0)
+        return DeviceLoader(
+            images,
+            labels,
+            args.batch_size,
+            shuffle=True,
+            augment=True,
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
+            seed=0,
+            device=device,
+        )
+    dataset = TensorImageDataset(
+        Split(images, labels), image_transform(augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),
+        persistent_workers=args.num_workers > 0,
+    )
 
 
 def build_net(args, initial_state: dict) -> torch.nn.Module:
@@ -126,9 +161,21 @@ class StepTimer(L.Callback):
 
 def classifier(args, net: torch.nn.Module) -> ImageClassifier:
     # The same per-step schedules as PlainLoop's; ImageClassifier fills in total_steps from the trainer's max_steps.
-    scheduler = WarmupCosine if args.scheduler == "cosine" else functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=LR)
-    return ImageClassifier(net, optimizer=functools.partial(torch.optim.SGD, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY),
-                           scheduler=scheduler, label_smoothing=LABEL_SMOOTHING, channels_last=args.channels_last, compile=args.compile)
+    scheduler = (
+        WarmupCosine
+        if args.scheduler == "cosine"
+        else functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=LR)
+    )
+    return ImageClassifier(
+        net,
+        optimizer=functools.partial(
+            torch.optim.SGD, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY
+        ),
+        scheduler=scheduler,
+        label_smoothing=LABEL_SMOOTHING,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
 
 
 def run_paired_control(args, initial_state, images, labels, device) -> dict:
@@ -142,25 +189,50 @@ def run_paired_control(args, initial_state, images, labels, device) -> dict:
     return pairs.result()
 
 
-def run_lightning(args, initial_state, images, labels, device, callbacks_on: bool, root: str, paired: bool = False) -> dict:
+def run_lightning(
+    args, initial_state, images, labels, device, callbacks_on: bool, root: str, paired: bool = False
+) -> dict:
     total = args.warmup + args.steps + 1
     model = classifier(args, build_net(args, initial_state))
     stopwatch = Stopwatch(device, args.warmup, args.steps)
-    timer = PairedPlainSteps(PlainLoop(args, initial_state, images, labels, device), args.warmup, args.steps) if paired else StepTimer(stopwatch)
-    common = dict(accelerator=device.type, devices=1, precision=args.precision, max_steps=total, limit_val_batches=0,
-                  num_sanity_val_steps=0, benchmark=device.type == "cuda")
+    timer = (
+        PairedPlainSteps(PlainLoop(args, initial_state, images, labels, device), args.warmup, args.steps)
+        if paired
+        else StepTimer(stopwatch)
+    )
+    common = dict(
+        accelerator=device.type,
+        devices=1,
+        precision=args.precision,
+        max_steps=total,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        benchmark=device.type == "cuda",
+    )
     if callbacks_on:
         # The trainer exactly as our CLI builds it (progress bar, model summary, CSV logger, checkpoint
         # and export callbacks and whatever else the CLI adds by default), fed our model and loader.
         from project.cli import ProjectCLI
 
-        cli_args = ["--model.net.class_path=project.models.LeNet", f"--trainer.default_root_dir={root}", "--name=bench",
-                    "--test_after_fit=false", *[f"--trainer.{k}={v}" for k, v in common.items()]]
+        cli_args = [
+            "--model.net.class_path=project.models.LeNet",
+            f"--trainer.default_root_dir={root}",
+            "--name=bench",
+            "--test_after_fit=false",
+            *[f"--trainer.{k}={v}" for k, v in common.items()],
+        ]
         trainer = ProjectCLI(args=cli_args, run=False).trainer
         trainer.callbacks.append(timer)
     else:
-        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[timer], default_root_dir=root, **common)
+        trainer = L.Trainer(
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+            default_root_dir=root,
+            **common,
+        )
     trainer.fit(model, train_dataloaders=make_loader(args, images, labels, device))
     return timer.result() if paired else stopwatch.result()
 
@@ -177,8 +249,12 @@ class PlainLoop:
             net.compile()
         decay = [p for p in net.parameters() if p.ndim >= 2]
         no_decay = [p for p in net.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-                                         lr=LR, momentum=MOMENTUM, nesterov=True)
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=LR,
+            momentum=MOMENTUM,
+            nesterov=True,
+        )
         if args.scheduler == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
         else:
@@ -201,7 +277,9 @@ class PlainLoop:
             loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
             if args.plain_metrics == "on":
                 hits = logits.detach().topk(5, dim=-1).indices == y[:, None]
-                batch = torch.stack([loss.detach().float() * len(y), hits[:, 0].sum().float(), hits.any(dim=-1).sum().float()])
+                batch = torch.stack(
+                    [loss.detach().float() * len(y), hits[:, 0].sum().float(), hits.any(dim=-1).sum().float()]
+                )
                 self.sums = batch if self.sums is None else self.sums.add_(batch)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -251,10 +329,14 @@ class PairedPlainSteps(L.Callback):
     def result(self) -> dict:
         lightning_wall, lightning_cpu = (sum(t) for t in zip(*self.lightning))
         plain_wall, plain_cpu = (sum(t) for t in zip(*self.plain_steps))
-        return {"steps": len(self.lightning), "lightning_seconds_per_step": lightning_wall / len(self.lightning),
-                "plain_seconds_per_step": plain_wall / len(self.plain_steps),
-                "time_ratio": lightning_wall / plain_wall, "process_cpu_time_ratio": lightning_cpu / plain_cpu,
-                "median_step_ratio": report.median([a[0] / b[0] for a, b in zip(self.lightning, self.plain_steps)])}
+        return {
+            "steps": len(self.lightning),
+            "lightning_seconds_per_step": lightning_wall / len(self.lightning),
+            "plain_seconds_per_step": plain_wall / len(self.plain_steps),
+            "time_ratio": lightning_wall / plain_wall,
+            "process_cpu_time_ratio": lightning_cpu / plain_cpu,
+            "median_step_ratio": report.median([a[0] / b[0] for a, b in zip(self.lightning, self.plain_steps)]),
+        }
 
 
 def train_flops_per_image(args, initial_state, device) -> int:
@@ -306,7 +388,11 @@ def main() -> None:
     if args.callbacks in ("on", "both"):
         variants["lightning_callbacks_on"] = True
     runs: dict[str, list[dict]] = {name: [] for name in variants}
-    paired = ["plain_control", *(name for name in variants if name != "plain")] if args.paired and device.type == "cpu" else []
+    paired = (
+        ["plain_control", *(name for name in variants if name != "plain")]
+        if args.paired and device.type == "cpu"
+        else []
+    )
     paired_runs: dict[str, list[dict]] = {name: [] for name in paired}
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats):
@@ -319,8 +405,11 @@ def main() -> None:
                 else:
                     run = run_lightning(args, initial_state, images, labels, device, variants[name], root)
                 runs[name].append(run)
-                print(f"repeat {repeat}: {name:<24} {args.steps * args.batch_size / run['wall']:10.0f} images/s  "
-                      f"(wall {run['wall']:.3f} s, process CPU {run['cpu']:.3f} s)", flush=True)
+                print(
+                    f"repeat {repeat}: {name:<24} {args.steps * args.batch_size / run['wall']:10.0f} images/s  "
+                    f"(wall {run['wall']:.3f} s, process CPU {run['cpu']:.3f} s)",
+                    flush=True,
+                )
             for name in paired if repeat % 2 == 0 else paired[::-1]:
                 gc.collect()
                 if name == "plain_control":
@@ -328,8 +417,11 @@ def main() -> None:
                 else:
                     run = run_lightning(args, initial_state, images, labels, device, variants[name], root, paired=True)
                 paired_runs[name].append(run)
-                print(f"repeat {repeat}: paired {name}: time ratio {run['time_ratio']:.4f}, "
-                      f"process CPU time ratio {run['process_cpu_time_ratio']:.4f}", flush=True)
+                print(
+                    f"repeat {repeat}: paired {name}: time ratio {run['time_ratio']:.4f}, "
+                    f"process CPU time ratio {run['process_cpu_time_ratio']:.4f}",
+                    flush=True,
+                )
 
     results: dict = {}
     for name in variants:
@@ -354,16 +446,22 @@ def main() -> None:
             "process_cpu_time_ratio_over_plain": [r["cpu"] / p["cpu"] for r, p in zip(runs[name], runs["plain"])],
         }
         if device.type == "cpu":
-            ratios["median_step_time_ratio_over_plain"] = [r["median_step"] / p["median_step"] for r, p in zip(runs[name], runs["plain"])]
-            ratios["fast_step_time_ratio_over_plain"] = [r["fast_step"] / p["fast_step"] for r, p in zip(runs[name], runs["plain"])]
+            ratios["median_step_time_ratio_over_plain"] = [
+                r["median_step"] / p["median_step"] for r, p in zip(runs[name], runs["plain"])
+            ]
+            ratios["fast_step_time_ratio_over_plain"] = [
+                r["fast_step"] / p["fast_step"] for r, p in zip(runs[name], runs["plain"])
+            ]
         for key, values in ratios.items():
             results[name][key] = round(report.median(values), 4)
             results[name][key + "_per_repeat"] = [round(v, 4) for v in values]
         results[name]["throughput_fraction_of_plain"] = round(results[name]["images_per_s_median"] / plain, 4)
 
     for name in paired:
-        result = {key: report.median([r[key] for r in paired_runs[name]])
-                  for key in ("lightning_seconds_per_step", "plain_seconds_per_step")}
+        result = {
+            key: report.median([r[key] for r in paired_runs[name]])
+            for key in ("lightning_seconds_per_step", "plain_seconds_per_step")
+        }
         for key in ("time_ratio", "process_cpu_time_ratio", "median_step_ratio"):
             values = [r[key] for r in paired_runs[name]]
             result[f"{key}_over_plain"] = round(report.median(values), 4)
@@ -382,59 +480,162 @@ def main() -> None:
         "matmul_ceiling_dtype": ceiling_dtype,
         "lightning_fraction_of_ceiling": round(flops * lightning["images_per_s_median"] / ceiling, 4),
     }
-    results["data_pipeline"] = {"images_per_s": round(data_rate, 1), "times_the_training_step_consumes": round(data_rate / plain, 2)}
+    results["data_pipeline"] = {
+        "images_per_s": round(data_rate, 1),
+        "times_the_training_step_consumes": round(data_rate / plain, 2),
+    }
 
     targets = []
-    for name, label in (("lightning_callbacks_off", "callbacks off"), ("lightning_callbacks_on", "default callbacks on (reported only)")):
+    for name, label in (
+        ("lightning_callbacks_off", "callbacks off"),
+        ("lightning_callbacks_on", "default callbacks on (reported only)"),
+    ):
         if name not in results:
             continue
         r = results[name]
         if name in paired and args.plain_metrics == "off":
-            what = "`python -m project fit`'s trainer" if name == "lightning_callbacks_on" else "Lightning, callbacks off,"
+            what = (
+                "`python -m project fit`'s trainer" if name == "lightning_callbacks_on" else "Lightning, callbacks off,"
+            )
             p = results[f"paired_{name}"]
-            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop, paired steps: time",
-                                         p["time_ratio_over_plain"], "<=", 1.02))
-            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop, paired steps: process CPU time",
-                                         p["process_cpu_time_ratio_over_plain"], "<=", 1.02))
+            targets.append(
+                report.target(
+                    f"CPU per-step period of {what} over a loss-only plain loop, paired steps: time",
+                    p["time_ratio_over_plain"],
+                    "<=",
+                    1.02,
+                )
+            )
+            targets.append(
+                report.target(
+                    f"CPU per-step period of {what} over a loss-only plain loop, paired steps: process CPU time",
+                    p["process_cpu_time_ratio_over_plain"],
+                    "<=",
+                    1.02,
+                )
+            )
         if device.type == "cpu" and args.plain_metrics == "off":
             # The plain loop computes only the loss: everything ImageClassifier and the trainer add
             # per step (metrics, logging, callbacks) counts as overhead here.
-            what = "`python -m project fit`'s trainer" if name == "lightning_callbacks_on" else "Lightning, callbacks off,"
-            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop: fastest tenth of the steps",
-                                         r["fast_step_time_ratio_over_plain"], "<=", 1.02))
-            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop: median step",
-                                         r["median_step_time_ratio_over_plain"], "<=", 1.02))
-            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop: process CPU time",
-                                         r["process_cpu_time_ratio_over_plain"], "<=", 1.02))
-            targets.append(report.target(f"CPU per-step period of {what} over a loss-only plain loop: window time",
-                                         r["time_ratio_over_plain"], "<=", 1.02))
+            what = (
+                "`python -m project fit`'s trainer" if name == "lightning_callbacks_on" else "Lightning, callbacks off,"
+            )
+            targets.append(
+                report.target(
+                    f"CPU per-step period of {what} over a loss-only plain loop: fastest tenth of the steps",
+                    r["fast_step_time_ratio_over_plain"],
+                    "<=",
+                    1.02,
+                )
+            )
+            targets.append(
+                report.target(
+                    f"CPU per-step period of {what} over a loss-only plain loop: median step",
+                    r["median_step_time_ratio_over_plain"],
+                    "<=",
+                    1.02,
+                )
+            )
+            targets.append(
+                report.target(
+                    f"CPU per-step period of {what} over a loss-only plain loop: process CPU time",
+                    r["process_cpu_time_ratio_over_plain"],
+                    "<=",
+                    1.02,
+                )
+            )
+            targets.append(
+                report.target(
+                    f"CPU per-step period of {what} over a loss-only plain loop: window time",
+                    r["time_ratio_over_plain"],
+                    "<=",
+                    1.02,
+                )
+            )
         elif device.type == "cpu":
-            targets.append(report.target(f"CPU Lightning/plain time ratio, {label}: window time", r["time_ratio_over_plain"], "<=", 1.05))
-            targets.append(report.target(f"CPU Lightning/plain time ratio, {label}: process CPU time", r["process_cpu_time_ratio_over_plain"], "<=", 1.05))
-            targets.append(report.target(f"CPU Lightning/plain time ratio, {label}: median step", r["median_step_time_ratio_over_plain"], "<=", 1.05))
+            targets.append(
+                report.target(
+                    f"CPU Lightning/plain time ratio, {label}: window time", r["time_ratio_over_plain"], "<=", 1.05
+                )
+            )
+            targets.append(
+                report.target(
+                    f"CPU Lightning/plain time ratio, {label}: process CPU time",
+                    r["process_cpu_time_ratio_over_plain"],
+                    "<=",
+                    1.05,
+                )
+            )
+            targets.append(
+                report.target(
+                    f"CPU Lightning/plain time ratio, {label}: median step",
+                    r["median_step_time_ratio_over_plain"],
+                    "<=",
+                    1.05,
+                )
+            )
         else:
-            targets.append(report.target(f"GPU Lightning throughput as a fraction of plain, {label}", 1 / r["time_ratio_over_plain"], ">=", 0.95))
+            targets.append(
+                report.target(
+                    f"GPU Lightning throughput as a fraction of plain, {label}",
+                    1 / r["time_ratio_over_plain"],
+                    ">=",
+                    0.95,
+                )
+            )
     if device.type == "cuda":
-        targets.append(report.target("model FLOP/s as a fraction of the bf16 matmul ceiling", results["model"]["lightning_fraction_of_ceiling"], ">=", 0.30))
-        targets.append(report.target("data pipeline images/s over training images/s", results["data_pipeline"]["times_the_training_step_consumes"], ">=", 10))
+        targets.append(
+            report.target(
+                "model FLOP/s as a fraction of the bf16 matmul ceiling",
+                results["model"]["lightning_fraction_of_ceiling"],
+                ">=",
+                0.30,
+            )
+        )
+        targets.append(
+            report.target(
+                "data pipeline images/s over training images/s",
+                results["data_pipeline"]["times_the_training_step_consumes"],
+                ">=",
+                10,
+            )
+        )
 
-    tag = f"{args.model}-{args.precision}" + ("-cl" if args.channels_last else "") + ("-compile" if args.compile else "") + f"-{args.data}"
+    tag = (
+        f"{args.model}-{args.precision}"
+        + ("-cl" if args.channels_last else "")
+        + ("-compile" if args.compile else "")
+        + f"-{args.data}"
+    )
     if args.plain_metrics == "off":
         tag += f"-loss-only-{args.scheduler}"
-    settings = {**vars(args), "images": len(images), "lr": LR, "momentum": MOMENTUM, "nesterov": True, "weight_decay": WEIGHT_DECAY,
-                "label_smoothing": LABEL_SMOOTHING, "optimizer": "sgd"}
-    notes = (f"{args.repeats} alternating repeats; each times iterations {args.warmup}..{args.warmup + args.steps - 1} of a fresh "
-             "run (warm-up excluded). A ratio is taken per repeat (variants run back to back), then the median over repeats. "
-             "window time: wall clock over the timed iterations; process CPU time: this process's CPU seconds over them; "
-             "median step: the median iteration time (CPU only), which ignores iterations another process interrupted "
-             "but also periodic work such as logging every n steps; fastest tenth: the median of the fastest 10% of a "
-             "repeat's iterations, the steadiest measure on a shared CPU (other processes only ever slow a step down), which like "
-             "the median step leaves out work done only every n steps."
-             + (" paired_*: Lightning runs with one plain-loop step executed (and timed) before each of its iterations, "
-                "so both loops share the machine's load step by step; time ratio = Lightning's summed iteration times over "
-                "the plain steps' summed times across the timed window (periodic work included), then the median over repeats. "
-                "paired_plain_control: the same pairing of two identical plain loops, which measures the pairing's own bias."
-                if paired else ""))
+    settings = {
+        **vars(args),
+        "images": len(images),
+        "lr": LR,
+        "momentum": MOMENTUM,
+        "nesterov": True,
+        "weight_decay": WEIGHT_DECAY,
+        "label_smoothing": LABEL_SMOOTHING,
+        "optimizer": "sgd",
+    }
+    notes = (
+        f"{args.repeats} alternating repeats; each times iterations {args.warmup}..{args.warmup + args.steps - 1} of a fresh "
+        "run (warm-up excluded). A ratio is taken per repeat (variants run back to back), then the median over repeats. "
+        "window time: wall clock over the timed iterations; process CPU time: this process's CPU seconds over them; "
+        "median step: the median iteration time (CPU only), which ignores iterations another process interrupted "
+        "but also periodic work such as logging every n steps; fastest tenth: the median of the fastest 10% of a "
+        "repeat's iterations, the steadiest measure on a shared CPU (other processes only ever slow a step down), which like "
+        "the median step leaves out work done only every n steps."
+        + (
+            " paired_*: Lightning runs with one plain-loop step executed (and timed) before each of its iterations, "
+            "so both loops share the machine's load step by step; time ratio = Lightning's summed iteration times over "
+            "the plain steps' summed times across the timed window (periodic work included), then the median over repeats. "
+            "paired_plain_control: the same pairing of two identical plain loops, which measures the pairing's own bias."
+            if paired
+            else ""
+        )
+    )
     report.write(args.name or f"throughput-{tag}", device, settings, results, targets, notes)
     for t in targets:
         print(f"{t['name']}: {t['measured']} (target {t['target']}: {'met' if t['met'] else 'NOT met'})")

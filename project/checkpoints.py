@@ -24,6 +24,7 @@ from torch import nn
 
 from project.state_dicts import WRAPPER_PREFIXES, clean_name, differences
 
+
 class CheckpointError(RuntimeError):
     """A file is not a usable checkpoint for the requested model; the message says why."""
 
@@ -102,7 +103,9 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREF
     out = {}
     for key, original in pairs:
         if key in out:
-            raise CheckpointError(f"Two entries of the checkpoint both become {key!r} once wrapper prefixes are removed.")
+            raise CheckpointError(
+                f"Two entries of the checkpoint both become {key!r} once wrapper prefixes are removed."
+            )
         out[key] = state_dict[original]
     return out
 
@@ -120,9 +123,13 @@ def _peel(key: str, prefixes: Sequence[str]) -> str:
 def plain_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     """The plain network's state_dict from a Lightning checkpoint (``state_dict``), a DeepSpeed
     (``module``) or torch.distributed.checkpoint/Fabric (``model``) one, or a plain state_dict."""
-    state = next((checkpoint[k] for k in ("state_dict", "module", "model") if isinstance(checkpoint.get(k), Mapping)), checkpoint)
+    state = next(
+        (checkpoint[k] for k in ("state_dict", "module", "model") if isinstance(checkpoint.get(k), Mapping)), checkpoint
+    )
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("The file has no state_dict of tensors (expected a Lightning checkpoint or a state_dict).")
+        raise CheckpointError(
+            "The file has no state_dict of tensors (expected a Lightning checkpoint or a state_dict)."
+        )
     return strip_prefixes(state)
 
 
@@ -241,8 +248,11 @@ def _read_distributed_checkpoint(path: Path, weights_only: bool) -> dict:
         # Only the model entries: the optimiser state of a large model can be twice its size.
         keys = {"model"} if "model" in top_level else None
         state: dict = {}
-        planner = _checked_planner(_EmptyStateDictLoadPlanner, path)(keys=keys) if weights_only else \
-            _EmptyStateDictLoadPlanner(keys=keys)
+        planner = (
+            _checked_planner(_EmptyStateDictLoadPlanner, path)(keys=keys)
+            if weights_only
+            else _EmptyStateDictLoadPlanner(keys=keys)
+        )
         _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     except CheckpointError:
         raise
@@ -255,7 +265,9 @@ def _read_distributed_checkpoint(path: Path, weights_only: bool) -> dict:
             f"{path} is not a readable torch.distributed.checkpoint directory ({type(first).__name__}: {first})."
         ) from first
     except Exception as err:
-        raise CheckpointError(f"{path} is not a readable torch.distributed.checkpoint directory ({type(err).__name__}: {err}).") from err
+        raise CheckpointError(
+            f"{path} is not a readable torch.distributed.checkpoint directory ({type(err).__name__}: {err})."
+        ) from err
     meta = path / "meta.pt"  # Lightning's FSDP strategy writes everything but the tensors here
     checkpoint = load_file(meta, weights_only=weights_only) if meta.is_file() else {}
     if "model" in state:
@@ -295,7 +307,9 @@ def check_distributed_checkpoint(path: str | Path) -> None:
     except CheckpointError:
         raise
     except Exception as err:
-        raise CheckpointError(f"{path} is not a readable torch.distributed.checkpoint directory ({type(err).__name__}: {err}).") from err
+        raise CheckpointError(
+            f"{path} is not a readable torch.distributed.checkpoint directory ({type(err).__name__}: {err})."
+        ) from err
 
 
 def _checked_planner(planner_class: type, path: Path) -> type:
@@ -326,8 +340,14 @@ def _checked_planner(planner_class: type, path: Path) -> type:
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles a torch.distributed.checkpoint ``.metadata`` file, refusing anything but its own classes."""
 
-    ALLOWED = {("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+    ALLOWED = {
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+    }
 
     def find_class(self, module: str, name: str):
         if "." not in name:
@@ -396,7 +416,9 @@ def check_output(source: str | Path, out: str | Path) -> None:
         what = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise CheckpointError(f"The output's directory {parent} {what}; create it first or give another output path.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"The output's directory {parent} is not writable; give an output path in a directory you can write.")
+        raise CheckpointError(
+            f"The output's directory {parent} is not writable; give an output path in a directory you can write."
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -405,10 +427,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         prog="python -m project.checkpoints",
         description="Convert a training checkpoint (file or sharded directory) into the plain network's state_dict.",
     )
-    parser.add_argument("source", help="a .ckpt/.pt file, an FSDP sharded checkpoint directory or a DeepSpeed directory")
+    parser.add_argument(
+        "source", help="a .ckpt/.pt file, an FSDP sharded checkpoint directory or a DeepSpeed directory"
+    )
     parser.add_argument("out", help="where to write the plain state_dict, e.g. net.pt")
-    parser.add_argument("--unsafe", action="store_true",
-                        help="allow arbitrary pickled objects (weights_only=False); only for files you trust")
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="allow arbitrary pickled objects (weights_only=False); only for files you trust",
+    )
     args = parser.parse_args(argv)
     try:
         state = convert(args.source, args.out, weights_only=not args.unsafe)
@@ -416,7 +443,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     values = sum(t.numel() for t in state.values())
-    print(f"Wrote {args.out}: {len(state)} tensors, {values:,} values; load it with torch.load(path, weights_only=True).")
+    print(
+        f"Wrote {args.out}: {len(state)} tensors, {values:,} values; load it with torch.load(path, weights_only=True)."
+    )
     return Path(args.out)
 
 

@@ -43,7 +43,9 @@ def _check_param_group_specs(specs: Sequence[Mapping[str, Any]]) -> list[dict[st
             raise UserError(f"{where} has the unknown key {unknown[0]!r}; the keys are {', '.join(PARAM_GROUP_KEYS)}.")
         match = spec.get("match")
         if not isinstance(match, str) or not match:
-            raise UserError(f"{where} needs match: a glob over parameter names such as 'fc*' or 'stages.0.*', got {match!r}.")
+            raise UserError(
+                f"{where} needs match: a glob over parameter names such as 'fc*' or 'stages.0.*', got {match!r}."
+            )
         lr_scale = spec.get("lr_scale", 1.0)
         if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
             raise UserError(
@@ -54,7 +56,9 @@ def _check_param_group_specs(specs: Sequence[Mapping[str, Any]]) -> list[dict[st
             raise UserError(f"{where} (match {match!r}) needs weight_decay >= 0, got {decay!r}.")
         name = str(spec.get("name", match))
         if name in names:
-            raise UserError(f"{where} is named {name!r} like another group ({BASE_GROUP!r} is taken too); set its name key to a unique one.")
+            raise UserError(
+                f"{where} is named {name!r} like another group ({BASE_GROUP!r} is taken too); set its name key to a unique one."
+            )
         names.add(name)
         checked.append({"match": match, "lr_scale": float(lr_scale), "weight_decay": decay, "name": name})
     return checked
@@ -245,7 +249,9 @@ class ImageClassifier(L.LightningModule):
             # are in the state_dict; a checkpoint stores no code).
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters()
-        self.remove_ignored_hparams([key for key in ("net", "optimizer", "scheduler") if callable(self.hparams.get(key))])
+        self.remove_ignored_hparams(
+            [key for key in ("net", "optimizer", "scheduler") if callable(self.hparams.get(key))]
+        )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         #: The scheduler's plan length (steps or epochs) that configure_optimizers filled in, if any.
@@ -260,7 +266,10 @@ class ImageClassifier(L.LightningModule):
         # keeps running sums on the device instead (see _accumulate_train): a torchmetrics update
         # and a self.log call every step cost more than a percent of a small net's step on CPU.
         self.metrics = nn.ModuleDict(
-            {f"{stage}_metrics": MetricCollection({k: m.clone() for k, m in topk.items()}, prefix=f"{stage}/") for stage in EVAL_STAGES}
+            {
+                f"{stage}_metrics": MetricCollection({k: m.clone() for k, m in topk.items()}, prefix=f"{stage}/")
+                for stage in EVAL_STAGES
+            }
         )
         self.train_topk = 5 if num_classes > 5 else 1
         # [sum of loss x batch size, top-1 hits, top-k hits] of this epoch, on the training device;
@@ -309,7 +318,15 @@ class ImageClassifier(L.LightningModule):
             self._accumulate_train(loss.detach(), logits.detach(), labels)
         else:
             self.metrics[f"{stage}_metrics"].update(logits.detach(), labels)
-            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
+            self.log(
+                f"{stage}/loss",
+                loss,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                sync_dist=True,
+                batch_size=len(labels),
+            )
         return logits.detach() if return_logits else loss
 
     def _accumulate_train(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -326,7 +343,15 @@ class ImageClassifier(L.LightningModule):
         every = self.trainer.log_every_n_steps
         # The index Lightning's loggers count in: optimiser steps, plus the batches skipped for a non-finite loss.
         if self.trainer.fast_dev_run or (every and (self.global_step + self.nonfinite_skips + 1) % every == 0):
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True, batch_size=batch_size)
+            self.log(
+                "train/loss_step",
+                loss,
+                on_step=True,
+                on_epoch=False,
+                prog_bar=True,
+                sync_dist=True,
+                batch_size=batch_size,
+            )
 
     def on_train_epoch_start(self) -> None:
         self._train_sums, self._train_count = None, 0
@@ -369,7 +394,9 @@ class ImageClassifier(L.LightningModule):
         if finite:
             return loss
         step = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-        if self.hparams.get("on_nonfinite_loss") == "skip" and self.nonfinite_skips < self.hparams.get("max_nonfinite_skips", 10):
+        if self.hparams.get("on_nonfinite_loss") == "skip" and self.nonfinite_skips < self.hparams.get(
+            "max_nonfinite_skips", 10
+        ):
             self.nonfinite_skips += 1
             self.print(f"Skipping batch with non-finite loss at {step} ({self.nonfinite_skips} skipped so far).")
             return None  # Lightning skips backward and the optimiser step
@@ -415,7 +442,9 @@ class ImageClassifier(L.LightningModule):
             return optimizer
         factory, options = self.scheduler_factory, {}
         planned = _unset_argument(factory, "total_steps")
-        interval = self.hparams.get("scheduler_interval") or ("step" if planned or _takes(factory, "total_steps") else "epoch")
+        interval = self.hparams.get("scheduler_interval") or (
+            "step" if planned or _takes(factory, "total_steps") else "epoch"
+        )
         if planned:
             options["total_steps"] = self.planned_schedule_length = self.schedule_length(interval)
         max_lr = getattr(factory, "keywords", {}).get("max_lr")

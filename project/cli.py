@@ -29,10 +29,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from project import checkpoints, option_checks, runs, tracking
-from project.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint
 from project.callbacks import (
-    ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState, SyncBuffers,
+    ExportNet,
+    LastCheckpoint,
+    PredictionPlots,
+    PredictionWriter,
+    ProgressBar,
+    RandomState,
+    SyncBuffers,
 )
+from project.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint
 from project.callbacks.learning_rates import LearningRates
 from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier
 from project.cluster import SLURMRequeue
@@ -41,8 +47,11 @@ from project.errors import UserError
 
 # Lightning 2.6's CombinedLoader (every fit, validate and test) builds torch's LeafSpec, which torch 2.10+
 # deprecates: a warning meant for Lightning's developers, printed twice on every run. Silenced there only.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                        module=r"lightning\.pytorch\.utilities\._pytree")
+warnings.filterwarnings(
+    "ignore",
+    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    module=r"lightning\.pytorch\.utilities\._pytree",
+)
 
 #: Model settings that may differ from the checkpoint when a fit resumes, and then take effect:
 #: they change how the model runs, not what it has learnt or how it is optimised. Every other
@@ -85,8 +94,10 @@ def check_net_arguments(config, model) -> None:
 
 
 def no_num_classes(class_path: str) -> str:
-    return (f"model.net {class_path} takes no num_classes argument, which the CLI fills in from the data module: "
-            "give the net's __init__ a num_classes argument (README: Add a model).")
+    return (
+        f"model.net {class_path} takes no num_classes argument, which the CLI fills in from the data module: "
+        "give the net's __init__ a num_classes argument (README: Add a model)."
+    )
 
 
 def _accepts(cls, name: str) -> bool:
@@ -125,8 +136,10 @@ def check_monitor(trainer, model) -> None:
         monitor = getattr(callback, "monitor", None)
         if monitor is None or monitor in valid or monitor in ("epoch", "step") or monitor.startswith("lr-"):
             continue
-        raise UserError(f"checkpoint.monitor {monitor!r} is not a metric this model logs; give one of "
-                        f"{', '.join(valid)} (or null to keep the newest checkpoint).")
+        raise UserError(
+            f"checkpoint.monitor {monitor!r} is not a metric this model logs; give one of "
+            f"{', '.join(valid)} (or null to keep the newest checkpoint)."
+        )
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -190,9 +203,12 @@ class ProjectParser(DataPluginParser):
             return text
         where = cfg.get("run_dir") or (
             f"a new directory {Path(trainer.get('default_root_dir') or 'runs') / experiment_name(cfg)}/<date>-<time>-<hex>/ "
-            "(with fit --ckpt_path last: the newest run there)")
-        return (f"# This run writes every file into {where};\n# it fills that directory into the loggers' save_dir and "
-                "the checkpoints' dirpath when it starts (README: Run directories).\n" + text)
+            "(with fit --ckpt_path last: the newest run there)"
+        )
+        return (
+            f"# This run writes every file into {where};\n# it fills that directory into the loggers' save_dir and "
+            "the checkpoints' dirpath when it starts (README: Run directories).\n" + text
+        )
 
 
 def experiment_name(config) -> str:
@@ -250,26 +266,40 @@ class ProjectCLI(LightningCLI):
             self.run.close(failed=False)  # forget it; the primary process owns the directory
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--name", type=str | None, default=None,
-                            help="Experiment name (one folder name): runs go to <trainer.default_root_dir>/<name>/. "
-                                 "Default: the stem of the last --config file.")
-        parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="Write into this directory instead of a new one (to resume a fit).")
+        parser.add_argument(
+            "--name",
+            type=str | None,
+            default=None,
+            help="Experiment name (one folder name): runs go to <trainer.default_root_dir>/<name>/. "
+            "Default: the stem of the last --config file.",
+        )
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="Write into this directory instead of a new one (to resume a fit).",
+        )
         parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc",
-            "checkpoint.mode": "max",
-            "checkpoint.filename": "best-epoch{epoch:03d}-step{step:06d}",
-            "checkpoint.auto_insert_metric_name": False,
-            # Our loggers write into the run directory (project.tracking).
-            "trainer.logger": {"class_path": "project.tracking.CSVLogger"},
-            "trainer.default_root_dir": "runs",
-            # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's
-            # own hyperparameter logging would log parts of it again under other names. `true` adds them.
-            "trainer.enable_autolog_hparams": False,
-        })
-        parser.add_argument("--test_after_fit", type=bool, default=False,
-                            help="After fit, run test on the best checkpoint (the final weights without validation).")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best-epoch{epoch:03d}-step{step:06d}",
+                "checkpoint.auto_insert_metric_name": False,
+                # Our loggers write into the run directory (project.tracking).
+                "trainer.logger": {"class_path": "project.tracking.CSVLogger"},
+                "trainer.default_root_dir": "runs",
+                # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's
+                # own hyperparameter logging would log parts of it again under other names. `true` adds them.
+                "trainer.enable_autolog_hparams": False,
+            }
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, run test on the best checkpoint (the final weights without validation).",
+        )
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(ExportNet, "export")
         parser.add_lightning_class_args(RandomState, "random_state")
@@ -285,7 +315,9 @@ class ProjectCLI(LightningCLI):
         parser.set_defaults({"model.optimizer": DEFAULT_OPTIMIZER})
         # The model is built from what the data module declares (project/data/plugins.py).
         parser.link_arguments("data", "model.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
-        parser.link_arguments("data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate"
+        )
         parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
@@ -311,8 +343,10 @@ class ProjectCLI(LightningCLI):
             if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):  # before the run directory exists
                 tracking.check_wandb_api_key(offline=bool((logger.get("init_args") or {}).get("offline")))
         self.run = runs.Run.open(
-            subcommand=self.subcommand or "", root=Path(config.trainer.default_root_dir or "runs"),
-            name=experiment_name(config), run_dir=config.get("run_dir"),
+            subcommand=self.subcommand or "",
+            root=Path(config.trainer.default_root_dir or "runs"),
+            name=experiment_name(config),
+            run_dir=config.get("run_dir"),
             ckpt_path=self.requested_checkpoint or config.get("ckpt_path"),
             scratch=bool(config.trainer.get("fast_dev_run")),
         )
@@ -343,7 +377,9 @@ class ProjectCLI(LightningCLI):
         plan, asked = self.run.resume, self.requested_checkpoint
         if plan is None:
             if asked:
-                rank_zero_info(f"--ckpt_path {asked}: no checkpoint to resume in {self.run.directory}; starting from scratch.")
+                rank_zero_info(
+                    f"--ckpt_path {asked}: no checkpoint to resume in {self.run.directory}; starting from scratch."
+                )
             return
         rank_zero_info(f"Resuming from {plan.checkpoint}")
         differences = model_differences(plan.hyper_parameters, config.model.as_dict())
@@ -401,8 +437,12 @@ class ProjectCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         requeue = config.get("requeue")
-        if (isinstance(requeue, SLURMRequeue) and requeue.enabled and SLURMEnvironment.detect()
-                and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins)):
+        if (
+            isinstance(requeue, SLURMRequeue)
+            and requeue.enabled
+            and SLURMEnvironment.detect()
+            and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins)
+        ):
             plugins.append(SLURMEnvironment(auto_requeue=False, requeue_signal=requeue.signum))
         return plugins
 
@@ -433,8 +473,11 @@ class ProjectCLI(LightningCLI):
         runs.stop_signals.save_on_sigint = False
         if not self.config.fit.get("test_after_fit"):
             return
-        best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
-                if isinstance(cb, BestCheckpoint) and cb.best_model_path]
+        best = [
+            cb.best_model_path
+            for cb in self.trainer.checkpoint_callbacks
+            if isinstance(cb, BestCheckpoint) and cb.best_model_path
+        ]
         self.trainer.ckpt_path = best[0] if best else None  # None: the final weights
         self.trainer.test(self.model, datamodule=self.datamodule)
 
@@ -448,16 +491,28 @@ USER_ERRORS = (UserError, checkpoints.CheckpointError, MisconfigurationException
 #: OSErrors about a named path or the disk: the user's to fix (a full disk, a read-only folder,
 #: a file where a folder should be), so one sentence too. Any other OSError keeps its traceback.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
-                  errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
+USER_OS_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+}
 
 
 def describe_os_error(err: OSError) -> str:
     if err.errno in DISK_FULL:
         # A failed write() names no file; only open() and the like do.
         writing = f"while writing {err.filename}" if err.filename else "while writing the run's files"
-        return (f"No space left on the device {writing}; free some space (or choose another "
-                "--trainer.default_root_dir) and run again: checkpoints written before are intact.")
+        return (
+            f"No space left on the device {writing}; free some space (or choose another "
+            "--trainer.default_root_dir) and run again: checkpoints written before are intact."
+        )
     if err.errno == errno.EEXIST:
         return f"{err.filename} exists but is not a directory; remove it or choose another path."
     if err.errno == errno.ENOTDIR:

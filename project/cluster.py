@@ -23,9 +23,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from project import runs
 from project.callbacks import LastCheckpoint
 from project.errors import UserError
-from project import runs
 from project.runs import slurm_job_id, stop_signals
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def requeue_job(job_id: str) -> str | None:
         return f"`scontrol requeue {job_id}` could not run ({type(err).__name__}: {err})"
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip()
-        return f"`scontrol requeue {job_id}` failed with exit code {result.returncode}" + (f": {detail}" if detail else "")
+        return f"`scontrol requeue {job_id}` failed with exit code {result.returncode}" + (
+            f": {detail}" if detail else ""
+        )
     return None
 
 
@@ -121,7 +123,11 @@ class SLURMRequeue(L.Callback):
 
     def _stop_decided(self, trainer: L.Trainer) -> bool:
         # Every rank must stop at the same step, also when the signal reached them at different times.
-        return trainer.strategy.reduce_boolean_decision(self.requested, all=False) if trainer.world_size > 1 else self.requested
+        return (
+            trainer.strategy.reduce_boolean_decision(self.requested, all=False)
+            if trainer.world_size > 1
+            else self.requested
+        )
 
     def _requeue_and_exit(self, trainer: L.Trainer, saved: Path | None) -> None:
         problem = None
@@ -132,12 +138,18 @@ class SLURMRequeue(L.Callback):
             job_id = slurm_job_id()
             problem = requeue_job(job_id) if job_id else "SLURM_JOB_ID is not set"
         problem = trainer.strategy.broadcast(problem)
-        done = f"Saved {saved} at step {trainer.global_step}" if saved else f"Training was complete (step {trainer.global_step})"
+        done = (
+            f"Saved {saved} at step {trainer.global_step}"
+            if saved
+            else f"Training was complete (step {trainer.global_step})"
+        )
         if problem is None:
             rank_zero_info(f"{done} and requeued SLURM job {slurm_job_id()}; exiting.")
             raise SystemExit(0)
         resume = f"--ckpt_path {saved}" if saved else "--ckpt_path last"
-        raise SystemExit(f"{done}, but the job was not requeued: {problem}. To resume, run the same command with {resume}.")
+        raise SystemExit(
+            f"{done}, but the job was not requeued: {problem}. To resume, run the same command with {resume}."
+        )
 
     def _save(self, trainer: L.Trainer) -> None:
         """Write the resume checkpoint through LastCheckpoint when the trainer has one (as the CLI's does)."""
@@ -148,7 +160,9 @@ class SLURMRequeue(L.Callback):
                 return
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         # The test after fit (--test_after_fit): training is over and its checkpoints are written;
         # requeue, and the requeued job resumes the finished fit and tests again.
         if self._active and self._stop_decided(trainer):

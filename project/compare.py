@@ -62,8 +62,9 @@ def flatten_config(config: Mapping, prefix: str = "") -> dict:
             if "class_path" in value:
                 flat[name] = value["class_path"]
                 flat.update(flatten_config(value.get("init_args") or {}, name + "."))
-                flat.update(flatten_config({k: v for k, v in value.items() if k not in ("class_path", "init_args")},
-                                           name + "."))
+                flat.update(
+                    flatten_config({k: v for k, v in value.items() if k not in ("class_path", "init_args")}, name + ".")
+                )
             else:
                 flat.update(flatten_config(value, name + "."))
         else:
@@ -86,8 +87,10 @@ def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
             if (run / "metrics.csv").is_file():
                 found[run.resolve()] = None
     if not found:
-        raise UserError(f"no runs (folders with config.yaml and metrics.csv) under {', '.join(map(str, paths))}; "
-                        "give a run directory, a sweep directory or a folder of runs.")
+        raise UserError(
+            f"no runs (folders with config.yaml and metrics.csv) under {', '.join(map(str, paths))}; "
+            "give a run directory, a sweep directory or a folder of runs."
+        )
     return [read_run(run) for run in found]
 
 
@@ -159,8 +162,13 @@ def curve_figure(groups: list[Group], keys: list[str], metric: str) -> Figure:
         keep = ~np.all(np.isnan(table), axis=0)
         steps, table = steps[keep], table[:, keep]
         mean = np.nanmean(table, axis=0)
-        (line,) = ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, markersize=3,
-                          label=f"{group.label(keys)} (n={len(series)})")
+        (line,) = ax.plot(
+            steps,
+            mean,
+            marker="o" if len(steps) < 30 else None,
+            markersize=3,
+            label=f"{group.label(keys)} (n={len(series)})",
+        )
         ax.fill_between(steps, np.nanmin(table, axis=0), np.nanmax(table, axis=0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
@@ -183,19 +191,27 @@ def compare(paths: Sequence[Path], metrics: Sequence[str] = (), by: Sequence[str
         metrics = ([sweep[0]] if sweep and sweep[0] in logged else []) + [m for m in DEFAULT_METRICS if m in logged]
         metrics = list(dict.fromkeys(metrics))
         if not metrics:
-            raise UserError(f"none of {', '.join(DEFAULT_METRICS)} was logged; name one with --metric "
-                            f"(the runs logged: {', '.join(sorted(logged)) or 'nothing'}).")
+            raise UserError(
+                f"none of {', '.join(DEFAULT_METRICS)} was logged; name one with --metric "
+                f"(the runs logged: {', '.join(sorted(logged)) or 'nothing'})."
+            )
     known = {k for run in runs for k in run.config}
     for key in by:
         if key not in known:
-            raise UserError(f"--by {key} is not a key of the runs' config.yaml files (for example: "
-                            f"{', '.join(sorted(grouping_keys(runs))[:5]) or 'data.batch_size'}).")
+            raise UserError(
+                f"--by {key} is not a key of the runs' config.yaml files (for example: "
+                f"{', '.join(sorted(grouping_keys(runs))[:5]) or 'data.batch_size'})."
+            )
     keys = list(by) or grouping_keys(runs)
     groups = group_runs(runs, keys)
     first = metrics[0]
     maximize = sweep[1] == "maximize" if sweep and sweep[0] == first else "loss" not in first
-    groups.sort(key=lambda g: (math.isnan(summarise(g, first)[0]), -summarise(g, first)[0] if maximize
-                               else summarise(g, first)[0]))
+    groups.sort(
+        key=lambda g: (
+            math.isnan(summarise(g, first)[0]),
+            -summarise(g, first)[0] if maximize else summarise(g, first)[0],
+        )
+    )
 
     header = [*keys, "n"]
     for metric in metrics:
@@ -219,10 +235,12 @@ def compare(paths: Sequence[Path], metrics: Sequence[str] = (), by: Sequence[str
         writer.writerows([["" if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows])
     plots.save(curve_figure(groups, keys, first), out / "compare.png")
 
-    cells = [header] + [[str(v) for v in row[:len(keys)]] + [_cell(v) for v in row[len(keys):]] for row in rows]
+    cells = [header] + [[str(v) for v in row[: len(keys)]] + [_cell(v) for v in row[len(keys) :]] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if j >= len(keys) else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(c.rjust(w) if j >= len(keys) else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
     return "\n".join([*lines, f"({len(runs)} runs; {out / 'compare.csv'}, {out / 'compare.png'})"])
 
 
@@ -240,12 +258,25 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _Parser(prog="python -m project.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="run directories, sweep directories or folders of runs")
-    parser.add_argument("--metric", action="append", default=[], help="a logged metric (repeatable; default: "
-                        f"the sweep metric, then {', '.join(DEFAULT_METRICS)} where logged)")
-    parser.add_argument("--by", action="append", default=[], help="group by this config key (repeatable; "
-                        "default: the keys on which the runs differ, seeds and paths pooled)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for compare.csv and compare.png (default: the first PATH)")
+    parser.add_argument(
+        "paths", type=Path, nargs="+", metavar="PATH", help="run directories, sweep directories or folders of runs"
+    )
+    parser.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        help=f"a logged metric (repeatable; default: the sweep metric, then {', '.join(DEFAULT_METRICS)} where logged)",
+    )
+    parser.add_argument(
+        "--by",
+        action="append",
+        default=[],
+        help="group by this config key (repeatable; "
+        "default: the keys on which the runs differ, seeds and paths pooled)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for compare.csv and compare.png (default: the first PATH)"
+    )
     args = parser.parse_args(argv)
     try:
         print(compare(args.paths, args.metric, args.by, args.out))

@@ -26,10 +26,14 @@ def check_trainer_numbers(trainer: Mapping) -> None:
     """Refuse the trainer values below, naming the option and what it accepts."""
     accumulate = trainer.get("accumulate_grad_batches")
     if _whole(accumulate) and accumulate < 1:
-        raise UserError(f"trainer.accumulate_grad_batches must be at least 1 (batches per optimiser step), got {accumulate}.")
+        raise UserError(
+            f"trainer.accumulate_grad_batches must be at least 1 (batches per optimiser step), got {accumulate}."
+        )
     every = trainer.get("check_val_every_n_epoch")
     if _whole(every) and every < 1:
-        raise UserError(f"trainer.check_val_every_n_epoch must be at least 1 (or null to validate by steps only), got {every}.")
+        raise UserError(
+            f"trainer.check_val_every_n_epoch must be at least 1 (or null to validate by steps only), got {every}."
+        )
     interval = trainer.get("val_check_interval")
     if interval is not None and not isinstance(interval, bool) and isinstance(interval, (int, float)):
         if (_whole(interval) and interval < 1) or (isinstance(interval, float) and not 0 < interval <= 1):
@@ -44,4 +48,6 @@ def check_trainer_numbers(trainer: Mapping) -> None:
     if isinstance(devices, str) and devices.lstrip("-").isdigit():
         devices = int(devices)
     if _whole(devices) and devices < 1 and devices != -1:
-        raise UserError(f"trainer.devices must be at least 1, -1 (all), auto or a list of device indices, got {devices}.")
+        raise UserError(
+            f"trainer.devices must be at least 1, -1 (all), auto or a list of device indices, got {devices}."
+        )

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-
 #: Up to this many classes each cell shows its count; beyond, only the shading (the .csv has the counts).
 ANNOTATED_CLASSES = 20
 
@@ -42,8 +41,15 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], titl
     ax.set_ylabel("true")
     for i in range(n if n <= ANNOTATED_CLASSES else 0):
         for j in range(n):
-            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
-                    color="white" if row_share[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(matrix[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if row_share[i, j] > 0.5 else "black",
+            )
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     ax.set_title(f"{title}  (accuracy {accuracy:.1%} of {int(matrix.sum())})".strip())
     fig.tight_layout()
@@ -83,9 +89,13 @@ def read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             rows = list(reader)
             header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"{path} is not a CSV text file ({err}); give a run directory written by the CSVLogger.") from None
+        raise ValueError(
+            f"{path} is not a CSV text file ({err}); give a run directory written by the CSVLogger."
+        ) from None
     if "step" not in header:
-        raise ValueError(f"{path} has no step column (its header is {header[:5]}); it was not written by the CSVLogger.")
+        raise ValueError(
+            f"{path} has no step column (its header is {header[:5]}); it was not written by the CSVLogger."
+        )
     series: dict[str, tuple[list[float], list[float]]] = {}
     for line, row in enumerate(rows, start=2):
         step = row.get("step")
@@ -121,8 +131,14 @@ def learning_curves_figure(metrics: dict[str, tuple[np.ndarray, np.ndarray]], ti
         ax = fig.add_subplot(1, len(panels), i + 1)
         for key in keys:
             steps, values = metrics[key]
-            ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, label=key,
-                    alpha=0.5 if key.endswith("_step") else 1.0)
+            ax.plot(
+                steps,
+                values,
+                marker="o" if len(values) < 30 else None,
+                markersize=3,
+                label=key,
+                alpha=0.5 if key.endswith("_step") else 1.0,
+            )
         if quantity == "lr" and all(min(metrics[key][1], default=0) > 0 for key in keys):
             ax.set_yscale("log")  # per-layer rates may differ by orders of magnitude
         ax.set_xlabel("step")
@@ -146,12 +162,16 @@ def plot_learning_curves(run_dir: Path, out: Path | None = None) -> Path:
     metrics_file = Path(run_dir) / "metrics.csv"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} does not exist; give a run directory written by the CSVLogger.")
-    return save(learning_curves_figure(read_metrics(metrics_file), title=Path(run_dir).name),
-                out or Path(run_dir) / "learning_curves.png")
+    return save(
+        learning_curves_figure(read_metrics(metrics_file), title=Path(run_dir).name),
+        out or Path(run_dir) / "learning_curves.png",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m project.plots", description="Plot learning curves from a run's metrics.csv.")
+    parser = argparse.ArgumentParser(
+        prog="python -m project.plots", description="Plot learning curves from a run's metrics.csv."
+    )
     parser.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/lenet/20250101-120000-abc123")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default: <run_dir>/learning_curves.png)")
     args = parser.parse_args(argv)
@@ -161,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)  # a user's mistake, like every command of the template
     except OSError as err:  # e.g. --out in a folder that does not exist or cannot be written
-        print(f"error: {err.strerror or err}: {err.filename}; check that path or choose another --out.", file=sys.stderr)
+        print(
+            f"error: {err.strerror or err}: {err.filename}; check that path or choose another --out.", file=sys.stderr
+        )
         sys.exit(2)
 
 

@@ -165,9 +165,13 @@ def check_checkpoint_path(ckpt_path: str) -> Path:
     """``ckpt_path`` as a path to read, or one sentence saying why it cannot be."""
     path = Path(ckpt_path)
     if not path.exists():
-        raise UserError(f"--ckpt_path {ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder, or `last`.")
+        raise UserError(
+            f"--ckpt_path {ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder, or `last`."
+        )
     if path.is_dir() and not (path / "meta.pt").is_file() and not (path / ".metadata").is_file():
-        raise UserError(f"--ckpt_path {ckpt_path} is a directory, not a checkpoint; give a .ckpt file from a run's checkpoints/ folder.")
+        raise UserError(
+            f"--ckpt_path {ckpt_path} is a directory, not a checkpoint; give a .ckpt file from a run's checkpoints/ folder."
+        )
     if not os.access(path, os.R_OK):
         raise UserError(f"--ckpt_path {ckpt_path} is not readable by this user; check its permissions.")
     if path.is_dir() and (path / ".metadata").is_file():
@@ -191,7 +195,9 @@ def check_writable_dir(path: Path, option: str) -> None:
     existing = path
     while not existing.exists():
         if existing.is_symlink():  # a dangling link: mkdir would fail on it
-            raise UserError(f"{option} {path}: {existing} is a broken symbolic link; remove it or choose another directory.")
+            raise UserError(
+                f"{option} {path}: {existing} is a broken symbolic link; remove it or choose another directory."
+            )
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{option} {path}: {existing} is a file, not a directory; choose another directory.")
@@ -296,8 +302,16 @@ class Run:
     scratch: bool = False
 
     @classmethod
-    def open(cls, *, subcommand: str, root: Path, name: str, run_dir: str | None, ckpt_path: str | None,
-             scratch: bool = False) -> "Run":
+    def open(
+        cls,
+        *,
+        subcommand: str,
+        root: Path,
+        name: str,
+        run_dir: str | None,
+        ckpt_path: str | None,
+        scratch: bool = False,
+    ) -> "Run":
         """Choose, check, create and lock the directory of this command; ``ckpt_path`` as given.
         ``scratch`` (``--trainer.fast_dev_run``): a temporary directory, removed when the command ends,
         so that a trial run leaves nothing under the runs folder."""
@@ -496,12 +510,19 @@ class StopSignals:
         first = signum not in self.received
         self.received.add(signum)
         if signum != signal.SIGINT:
-            print(f"Received {signal.Signals(signum).name}: stopping at the next batch boundary.", file=sys.stderr, flush=True)
+            print(
+                f"Received {signal.Signals(signum).name}: stopping at the next batch boundary.",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         if not first or not self.save_on_sigint:
             raise KeyboardInterrupt  # a second Ctrl-C, or no fit in progress to save
-        print("Received SIGINT: saving at the next batch boundary (Ctrl-C again to stop at once, without saving).",
-              file=sys.stderr, flush=True)
+        print(
+            "Received SIGINT: saving at the next batch boundary (Ctrl-C again to stop at once, without saving).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def pending(self, signum: int) -> bool:
         """Whether ``signum`` arrived since it was installed (still true after restore)."""

@@ -25,8 +25,11 @@ def differences(state: Mapping, expected: Mapping, strict: bool = True) -> list[
     unexpected keys (with ``strict``) and shape mismatches; empty when it fits."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     parts = []
     if strict and missing:
         parts.append(f"missing keys {_short(missing)}")

@@ -39,7 +39,9 @@ def build_model(class_path: str, init_args: dict | None = None) -> nn.Module:
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as err:
-        raise UserError(f"Cannot import the model class {class_path!r} ({err}); give a dotted path such as project.models.LeNet.") from err
+        raise UserError(
+            f"Cannot import the model class {class_path!r} ({err}); give a dotted path such as project.models.LeNet."
+        ) from err
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         kind = f"the class {cls.__name__}" if isinstance(cls, type) else f"a {type(cls).__name__}"
         raise UserError(
@@ -68,6 +70,7 @@ def layer_table(model: nn.Module, input_size: Sequence[int], batch_size: int = 2
     outputs: dict[str, list[str]] = {}
     handles = []
     for name, module in model.named_modules():
+
         def record(mod, inputs, output, name=name):
             outputs.setdefault(name, []).append(_shape(output))
 
@@ -90,20 +93,25 @@ def layer_table(model: nn.Module, input_size: Sequence[int], batch_size: int = 2
         model.train(was_training)
     rows = []
     for name, module in model.named_modules():
-        rows.append({
-            "name": name or type(model).__name__,
-            "depth": name.count(".") + 1 if name else 0,
-            "type": type(module).__name__,
-            "output": " ; ".join(outputs.get(name, ["-"])),
-            "params": sum(p.numel() for p in module.parameters()),
-            "buffers": sum(b.numel() for b in module.buffers()),
-        })
+        rows.append(
+            {
+                "name": name or type(model).__name__,
+                "depth": name.count(".") + 1 if name else 0,
+                "type": type(module).__name__,
+                "output": " ; ".join(outputs.get(name, ["-"])),
+                "params": sum(p.numel() for p in module.parameters()),
+                "buffers": sum(b.numel() for b in module.buffers()),
+            }
+        )
     return rows
 
 
 def format_table(model: nn.Module, rows: list[dict], max_depth: int | None = None) -> str:
     shown = [r for r in rows if max_depth is None or r["depth"] <= max_depth]
-    cells = [(("  " * r["depth"]) + r["name"], r["type"], r["output"], f"{r['params']:,}", f"{r['buffers']:,}") for r in shown]
+    cells = [
+        (("  " * r["depth"]) + r["name"], r["type"], r["output"], f"{r['params']:,}", f"{r['buffers']:,}")
+        for r in shown
+    ]
     header = ("Layer", "Type", "Output shape", "Params", "Buffers")
     widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -127,8 +135,14 @@ def format_table(model: nn.Module, rows: list[dict], max_depth: int | None = Non
 
 #: The dictionaries in which an nn.Module keeps its hooks (each maps a handle id to a function).
 HOOK_DICTS = (
-    "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-    "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
 )
 
 
@@ -165,10 +179,16 @@ def module_internals(module: nn.Module) -> dict[str, str]:
     if not_saved:
         rows["_buffers"] += f"  (non-persistent, not in state_dict: {', '.join(not_saved)})"
     hooks = {name: getattr(module, name) for name in HOOK_DICTS if getattr(module, name, None)}
-    rows["hooks"] = _entries(hooks, lambda d: _entries(d, _function_name)) if hooks else f"all {len(HOOK_DICTS)} hook dictionaries empty"
+    rows["hooks"] = (
+        _entries(hooks, lambda d: _entries(d, _function_name))
+        if hooks
+        else f"all {len(HOOK_DICTS)} hook dictionaries empty"
+    )
     plain = {name: value for name, value in vars(module).items() if isinstance(value, torch.Tensor)}
     if plain:
-        rows["plain tensors"] = _entries(plain, _tensor) + "  (not registered: not in parameters(), state_dict() or moved by .to())"
+        rows["plain tensors"] = (
+            _entries(plain, _tensor) + "  (not registered: not in parameters(), state_dict() or moved by .to())"
+        )
     return rows
 
 
@@ -183,13 +203,17 @@ def format_internals(model: nn.Module, max_depth: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def hook_demo(model: nn.Module, module_name: str, input_size: Sequence[int], batch_size: int = 2, device: str = "cpu") -> str:
+def hook_demo(
+    model: nn.Module, module_name: str, input_size: Sequence[int], batch_size: int = 2, device: str = "cpu"
+) -> str:
     """Register a forward hook on one module, run one batch, remove the hook: its ``_forward_hooks`` at each step."""
     try:
         module = model.get_submodule(module_name)
     except AttributeError as err:
         names = [n for n, _ in model.named_children()]
-        raise ValueError(f"--hook-on {module_name!r} is not a module of {type(model).__name__} ({err}); try one of {', '.join(names)}.") from err
+        raise ValueError(
+            f"--hook-on {module_name!r} is not a module of {type(model).__name__} ({err}); try one of {', '.join(names)}."
+        ) from err
     label = module_name or type(model).__name__
     seen = []
 
@@ -201,7 +225,9 @@ def hook_demo(model: nn.Module, module_name: str, input_size: Sequence[int], bat
         f"before register_forward_hook: {_entries(module._forward_hooks, _function_name)}",
     ]
     handle = module.register_forward_hook(record_output)
-    lines.append(f"after handle = {label}.register_forward_hook(record_output): {_entries(module._forward_hooks, _function_name)}")
+    lines.append(
+        f"after handle = {label}.register_forward_hook(record_output): {_entries(module._forward_hooks, _function_name)}"
+    )
     was_training = model.training
     try:
         model.to(device).eval()
@@ -234,7 +260,9 @@ def model_options(path: str | None) -> dict:
     if isinstance(optimizer, dict):
         init_args = optimizer.get("init_args") or {}
         if not isinstance(init_args, dict):
-            raise UserError(f"{path}: model.optimizer.init_args is a {type(init_args).__name__}, not a mapping of the optimizer's arguments.")
+            raise UserError(
+                f"{path}: model.optimizer.init_args is a {type(init_args).__name__}, not a mapping of the optimizer's arguments."
+            )
         options["optimizer_class"] = optimizer.get("class_path")
         options.update({key: init_args[key] for key in ("lr", "weight_decay") if init_args.get(key) is not None})
     return options
@@ -264,19 +292,24 @@ def _signature_defaults(class_path: str) -> dict:
         parameters = inspect.signature(factory).parameters.values()
     except (ImportError, AttributeError, ValueError, TypeError):
         return {}
-    return {p.name: p.default for p in parameters if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
+    return {
+        p.name: p.default for p in parameters if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
+    }
 
 
 def model_section(path: str) -> dict:
     """The ``model:`` mapping of an experiment YAML file (empty when it has none)."""
     model = read_config_file(path).get("model")
     if model is not None and not isinstance(model, dict):
-        raise UserError(f"{path}: model is a {type(model).__name__}, not a mapping of model options (e.g. `net:`, `optimizer:`).")
+        raise UserError(
+            f"{path}: model is a {type(model).__name__}, not a mapping of model options (e.g. `net:`, `optimizer:`)."
+        )
     return model or {}
 
 
-def format_param_groups(model: nn.Module, lr: float | None, weight_decay: float | None, param_groups,
-                        optimizer: str = "torch.optim.SGD") -> str:
+def format_param_groups(
+    model: nn.Module, lr: float | None, weight_decay: float | None, param_groups, optimizer: str = "torch.optim.SGD"
+) -> str:
     """The optimiser's parameter groups as ImageClassifier builds them (``project.classifier.group_parameters``):
     each group's lr is the optimiser's ``lr`` times its ``lr_scale``; its weight decay its own, else the optimiser's."""
     from project.classifier import group_parameters  # imports Lightning: only when asked for
@@ -289,11 +322,16 @@ def format_param_groups(model: nn.Module, lr: float | None, weight_decay: float 
         shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3 else "")
         group_lr = None if lr is None else lr * group.get("lr_scale", 1.0)
         decay = group.get("weight_decay", weight_decay)
-        cells.append((group["name"], _number(group_lr), _number(decay), f"{sum(p.numel() for p in group['params']):,}", shown))
+        cells.append(
+            (group["name"], _number(group_lr), _number(decay), f"{sum(p.numel() for p in group['params']):,}", shown)
+        )
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
     fmt = "  ".join(f"{{:>{w}}}" if i in (1, 2, 3) else f"{{:<{w}}}" for i, w in enumerate(widths))
-    lines = [f"Parameter groups ({optimizer}: model.optimizer.lr {_number(lr)}, model.optimizer.weight_decay "
-             f"{_number(weight_decay)}; log columns lr-<Optimizer>/<Group>):", ""]
+    lines = [
+        f"Parameter groups ({optimizer}: model.optimizer.lr {_number(lr)}, model.optimizer.weight_decay "
+        f"{_number(weight_decay)}; log columns lr-<Optimizer>/<Group>):",
+        "",
+    ]
     lines += [fmt.format(*header).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     lines += [fmt.format(*c).rstrip() for c in cells]
     return "\n".join(lines)
@@ -338,19 +376,39 @@ def inline_yaml(text: str, option: str):
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m project.summary", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", help="an experiment YAML; its model.net is summarised")
-    parser.add_argument("--model", help="dotted class path of the net, e.g. project.models.ResNet18 (overrides --config)")
-    parser.add_argument("--init", nargs="*", default=[], metavar="KEY=VALUE", help="constructor arguments, e.g. num_classes=100")
-    parser.add_argument("--input-size", nargs="+", type=int, default=[3, 32, 32], metavar="N",
-                        help="one input's shape without the batch dimension (default: 3 32 32)")
+    parser.add_argument(
+        "--model", help="dotted class path of the net, e.g. project.models.ResNet18 (overrides --config)"
+    )
+    parser.add_argument(
+        "--init", nargs="*", default=[], metavar="KEY=VALUE", help="constructor arguments, e.g. num_classes=100"
+    )
+    parser.add_argument(
+        "--input-size",
+        nargs="+",
+        type=int,
+        default=[3, 32, 32],
+        metavar="N",
+        help="one input's shape without the batch dimension (default: 3 32 32)",
+    )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--depth", type=int, default=None, help="show modules at most this deep (default: all)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--param-groups", metavar="YAML",
-                        help="model.param_groups to show (default: the config's), e.g. '[{match: \"fc*\", lr_scale: 10}]'")
-    parser.add_argument("--internals", action="store_true",
-                        help="print each module's _parameters, _buffers, _modules and hook dictionaries instead of the table")
-    parser.add_argument("--hook-on", default="", metavar="MODULE",
-                        help="with --internals: the module the hook demonstration registers on (default: the model)")
+    parser.add_argument(
+        "--param-groups",
+        metavar="YAML",
+        help="model.param_groups to show (default: the config's), e.g. '[{match: \"fc*\", lr_scale: 10}]'",
+    )
+    parser.add_argument(
+        "--internals",
+        action="store_true",
+        help="print each module's _parameters, _buffers, _modules and hook dictionaries instead of the table",
+    )
+    parser.add_argument(
+        "--hook-on",
+        default="",
+        metavar="MODULE",
+        help="with --internals: the module the hook demonstration registers on (default: the model)",
+    )
     args = parser.parse_args(argv)
     try:
         class_path, init_args = net_from_config(args.config) if args.config else (None, {})

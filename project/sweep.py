@@ -72,11 +72,19 @@ class Trial:
     history: list = field(default_factory=list)  # the sweep metric's logged values, oldest first
 
     def as_sweep_run(self, metric: str | None) -> "sweeps.SweepRun":
-        state = {"finished": sweeps.RunState.finished, "stopped": sweeps.RunState.finished,
-                 "failed": sweeps.RunState.failed}.get(self.state, sweeps.RunState.running)
+        state = {
+            "finished": sweeps.RunState.finished,
+            "stopped": sweeps.RunState.finished,
+            "failed": sweeps.RunState.failed,
+        }.get(self.state, sweeps.RunState.running)
         summary = {metric: self.history[-1]} if metric and self.history else {}
-        return sweeps.SweepRun(name=self.id, state=state, config={k: {"value": v} for k, v in self.config.items()},
-                               summary_metrics=summary, history=[{metric: v} for v in self.history] if metric else [])
+        return sweeps.SweepRun(
+            name=self.id,
+            state=state,
+            config={k: {"value": v} for k, v in self.config.items()},
+            summary_metrics=summary,
+            history=[{metric: v} for v in self.history] if metric else [],
+        )
 
 
 class SweepDir:
@@ -115,8 +123,9 @@ class SweepDir:
 
     def write(self, trials: list[Trial], config: dict) -> None:
         """Rewrite trials.json and sweep.csv; each is replaced whole, so a reader never sees half a file."""
-        checkpoints.write_atomically(json.dumps({"trials": [asdict(t) for t in trials]}, indent=1).encode(),
-                                     self.state_file)
+        checkpoints.write_atomically(
+            json.dumps({"trials": [asdict(t) for t in trials]}, indent=1).encode(), self.state_file
+        )
         metric = (config.get("metric") or {}).get("name")
         names = list(config["parameters"])
         buffer = io.StringIO()
@@ -229,15 +238,19 @@ class Worker:
         if visible is not None:
             return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
         try:
-            listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                                    capture_output=True, text=True, timeout=30)
+            listed = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            )
         except (OSError, subprocess.TimeoutExpired):
             return []
         return listed.stdout.split() if listed.returncode == 0 else []
 
     def trial_env(self, slot: int, trial: Trial) -> dict:
-        env = {**os.environ, runs.RUN_DIR_ENV: str(self.dir.run_dir(trial.id)),
-               "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", self.dir.path.name)}
+        env = {
+            **os.environ,
+            runs.RUN_DIR_ENV: str(self.dir.run_dir(trial.id)),
+            "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", self.dir.path.name),
+        }
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
         elif "OMP_NUM_THREADS" not in os.environ:
@@ -254,7 +267,9 @@ class Worker:
             trials = self.dir.read()
             for trial in trials:
                 abandoned = trial.state == "running" and not holds_lock(self.dir.trial_lock(trial.id))
-                if (trial.state == "interrupted" or abandoned) and not holds_lock(self.dir.run_dir(trial.id) / runs.LOCK_FILE):
+                if (trial.state == "interrupted" or abandoned) and not holds_lock(
+                    self.dir.run_dir(trial.id) / runs.LOCK_FILE
+                ):
                     break
             else:
                 trial = self._suggest(trials)
@@ -301,8 +316,11 @@ class Worker:
             self.dir.write(trials, self.config)
         os.close(running.lock_fd)
         running.log.close()
-        print(f"{trial.id} {state} (exit status {status})" + (f", {self.metric} = {history[-1]}" if history else ""),
-              file=sys.stderr, flush=True)
+        print(
+            f"{trial.id} {state} (exit status {status})" + (f", {self.metric} = {history[-1]}" if history else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         if state == "failed":
             self.failures_in_a_row += 1
             reason = _last_line(self.dir.log(trial.id))
@@ -320,16 +338,29 @@ class Worker:
             args_json.write_text(json.dumps(trial.config))
         command = trial_command(self.config, trial, args_json)
         print(f"{trial.id} start {trial.starts} on slot {slot}: {' '.join(command)}", file=log, flush=True)
-        print(f"{trial.id} {'resumed' if trial.starts > 1 else 'started'}: "
-              + " ".join(f"{k}={v}" for k, v in trial.config.items()), file=sys.stderr, flush=True)
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=self.trial_env(slot, trial), start_new_session=True,
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        print(
+            f"{trial.id} {'resumed' if trial.starts > 1 else 'started'}: "
+            + " ".join(f"{k}={v}" for k, v in trial.config.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.trial_env(slot, trial),
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         return Running(trial, process, lock_fd, log)
 
     def may_start(self) -> bool:
-        return (self.stopping is None and self.failures_in_a_row < MAX_FAILURES_IN_A_ROW
-                and (self.count is None or self.started < self.count))
+        return (
+            self.stopping is None
+            and self.failures_in_a_row < MAX_FAILURES_IN_A_ROW
+            and (self.count is None or self.started < self.count)
+        )
 
     def run(self) -> int:
         exhausted = False
@@ -353,8 +384,10 @@ class Worker:
                     self.slots[slot] = None
             self.terminate_early()
         if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            raise UserError(f"{MAX_FAILURES_IN_A_ROW} trials failed in a row, the last with: {self.last_failure} "
-                            f"(logs in {self.dir.path / 'logs'}); fix the sweep's command or parameters.")
+            raise UserError(
+                f"{MAX_FAILURES_IN_A_ROW} trials failed in a row, the last with: {self.last_failure} "
+                f"(logs in {self.dir.path / 'logs'}); fix the sweep's command or parameters."
+            )
         if self.stopping is not None:
             return 128 + self.stopping  # as a shell reports a process stopped by that signal
         return 0
@@ -365,8 +398,12 @@ class Worker:
         again = self.stopping is not None
         self.stopping = self.stopping or signum
         if announce:
-            print(f"Received {signal.Signals(signum).name}: stopping the running trials "
-                  f"({'at once' if again else 'they save last.ckpt first'}).", file=sys.stderr, flush=True)
+            print(
+                f"Received {signal.Signals(signum).name}: stopping the running trials "
+                f"({'at once' if again else 'they save last.ckpt first'}).",
+                file=sys.stderr,
+                flush=True,
+            )
         for running in self.slots:
             if running is not None and running.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -389,8 +426,11 @@ class Worker:
             for stop in sweeps.stop_runs(self.config, [t.as_sweep_run(self.metric) for t in trials]):
                 if stop.name in mine and mine[stop.name].process.poll() is None:
                     mine[stop.name].trial.state = "stopped"
-                    print(f"{stop.name}: stopped early by {self.config['early_terminate'].get('type')}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"{stop.name}: stopped early by {self.config['early_terminate'].get('type')}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(mine[stop.name].process.pid, signal.SIGTERM)
 
@@ -413,8 +453,10 @@ def open_sweep_dir(path: Path, config: dict, sweep_file: Path) -> SweepDir:
     with sweep_dir.locked():
         if saved.is_file():
             if yaml.safe_load(saved.read_text()) != config:
-                raise UserError(f"{path} holds another sweep ({saved} differs from {sweep_file}); "
-                                "give the same sweep file or a new --dir.")
+                raise UserError(
+                    f"{path} holds another sweep ({saved} differs from {sweep_file}); "
+                    "give the same sweep file or a new --dir."
+                )
         else:  # the first worker (the others wait for the lock, then join)
             checkpoints.write_atomically(yaml.safe_dump(config, sort_keys=False).encode(), saved)
             sweep_dir.write([], config)
@@ -436,9 +478,13 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="python -m project.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file", type=Path, help="a wandb sweep file, e.g. experiments/sweeps/lenet_seeds.yaml")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="the sweep directory (default: runs/sweeps/<sweep file stem>-<time>); "
-                             "give the same one to every worker of a sweep")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="the sweep directory (default: runs/sweeps/<sweep file stem>-<time>); "
+        "give the same one to every worker of a sweep",
+    )
     parser.add_argument("--workers", type=_positive, default=1, help="trials run at once by this process")
     parser.add_argument("--count", type=_positive, default=None, help="at most this many trials by this process")
     args = parser.parse_args(argv)
@@ -469,8 +515,11 @@ def requeue(job_id: str) -> int:
     if problem is None:
         print(f"Requeued SLURM job {job_id}; its trials resume when it starts again.", file=sys.stderr)
         return 0
-    print(f"error: SLURM job {job_id} was not requeued: {problem}; start another worker on this --dir to resume "
-          "its trials.", file=sys.stderr)
+    print(
+        f"error: SLURM job {job_id} was not requeued: {problem}; start another worker on this --dir to resume "
+        "its trials.",
+        file=sys.stderr,
+    )
     return 1
 
 

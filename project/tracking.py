@@ -66,7 +66,9 @@ class CSVLogger(lightning.pytorch.loggers.CSVLogger):
 
     def __init__(self, save_dir: str | None = None, name: str = "", version: int | str | None = "", **kwargs) -> None:
         run = runs.current()
-        super().__init__(runs.path_in_run(save_dir, "trainer.logger.save_dir") or ".", name=name, version=version, **kwargs)
+        super().__init__(
+            runs.path_in_run(save_dir, "trainer.logger.save_dir") or ".", name=name, version=version, **kwargs
+        )
         plan = run.resume if run is not None else None
         self.resume_step: int | None = plan.global_step if plan is not None else None
         self.writer: ContinuingExperimentWriter | None = None
@@ -95,8 +97,15 @@ class WandbLogger(lightning.pytorch.loggers.WandbLogger):
     it), is named ``<experiment>/<run dir name>``, continues the wandb run found in the run
     directory, joins a sweep's project; when wandb cannot start a run, one sentence saying what to do."""
 
-    def __init__(self, name: str | None = None, save_dir: str | None = None, version: str | None = None,
-                 id: str | None = None, project: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        name: str | None = None,
+        save_dir: str | None = None,
+        version: str | None = None,
+        id: str | None = None,
+        project: str | None = None,
+        **kwargs,
+    ) -> None:
         check_wandb_api_key(offline=bool(kwargs.get("offline")))
         run = runs.current()
         version = version or None  # "" when jsonargparse carries it over from a CSVLogger config: no id
@@ -141,8 +150,11 @@ def check_wandb_api_key(offline: bool = False) -> None:
     if offline or mode in ("offline", "dryrun", "disabled") or key is None:
         return
     if not _API_KEY.fullmatch(key):
-        problem = "surrounded by whitespace" if key != key.strip() else (
-            f"{len(key)} characters long" if len(key) < 40 else "not made of letters, digits and underscores")
+        problem = (
+            "surrounded by whitespace"
+            if key != key.strip()
+            else (f"{len(key)} characters long" if len(key) < 40 else "not made of letters, digits and underscores")
+        )
         raise WandbSetupError(
             f"WANDB_API_KEY is not a wandb API key ({problem}; a key has 40 or more letters, digits and underscores): "
             "copy it again from https://wandb.ai/authorize, or set WANDB_MODE=offline to log without an account."

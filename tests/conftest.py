@@ -38,6 +38,7 @@ def restore_environment():
     os.environ.clear()
     os.environ.update(saved)
 
+
 #: Arguments that make a CLI run quiet and small; tests add their own on top.
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0"]
 
@@ -50,7 +51,9 @@ def subset_npz() -> Path:
     return SUBSET
 
 
-def make_npz(path: Path, n_train: int = 64, n_test: int = 32, seed: int = 0, num_classes: int = 10, **overrides) -> Path:
+def make_npz(
+    path: Path, n_train: int = 64, n_test: int = 32, seed: int = 0, num_classes: int = 10, **overrides
+) -> Path:
     """A small random npz in the Keras layout with labels 0..num_classes-1; ``overrides`` replace or
     (with None) drop arrays."""
     rng = np.random.default_rng(seed)
@@ -74,7 +77,9 @@ def tiny_npz(tmp_path: Path) -> Path:
     return make_npz(tmp_path / "tiny.npz")
 
 
-def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python -m project <args>`` in a subprocess (for DDP and exit codes), bounded by ``timeout``.
 
     The child gets its own process group, and the whole group (DDP workers included) is killed
@@ -90,7 +95,9 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env:
 
 def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run`` that kills the child's whole process group on timeout or error."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as expired:
@@ -155,12 +162,15 @@ def _add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 #: ``pytest --store-durations``: a test that took SLOW_SECONDS or more is marked ``slow``, so
 #: ``pytest -m "not slow"`` (the daily loop) is chosen by measurement, not by guess.
 DURATIONS = Path(__file__).with_name("durations.json")
-SLOW_SECONDS = 1.5
+SLOW_SECONDS = 1.0
 
 
 def pytest_addoption(parser):
-    parser.addoption("--store-durations", action="store_true",
-                     help=f"record every test's duration into {DURATIONS.name} (run the full suite on the reference machine)")
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help=f"record every test's duration into {DURATIONS.name} (run the full suite on the reference machine)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

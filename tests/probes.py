@@ -31,16 +31,23 @@ class RankDump(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = Path(trainer.log_dir)  # a collective: every rank asks
-        found = {type(cb).__name__: dict(cb.last) for cb in trainer.callbacks if isinstance(cb, (ActivationStatistics, GradientStatistics))}
+        found = {
+            type(cb).__name__: dict(cb.last)
+            for cb in trainer.callbacks
+            if isinstance(cb, (ActivationStatistics, GradientStatistics))
+        }
         net = pl_module.net
-        torch.save({
-            "stats": found,
-            "buffers": {k: v.detach().cpu().clone() for k, v in net.named_buffers()},
-            "weights_sum": sum(float(p.detach().double().sum()) for p in net.parameters()),
-            "world_size": trainer.world_size,
-            "first_labels": self.first_labels,
-            "train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
-        }, log_dir / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "stats": found,
+                "buffers": {k: v.detach().cpu().clone() for k, v in net.named_buffers()},
+                "weights_sum": sum(float(p.detach().double().sum()) for p in net.parameters()),
+                "world_size": trainer.world_size,
+                "first_labels": self.first_labels,
+                "train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+            },
+            log_dir / f"rank{trainer.global_rank}.pt",
+        )
         trainer.strategy.barrier("RankDump")
 
 
@@ -113,14 +120,17 @@ class SendSignal(L.Callback):
         if self.when == "train" and trainer.global_step == self.step:
             self._send()
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self.when == "sanity" and trainer.sanity_checking:
             self._send()
 
-    def on_test_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self.when == "test":
             self._send()
-
 
 
 class SignalSweepWorker(L.Callback):

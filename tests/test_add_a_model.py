@@ -54,9 +54,22 @@ def models_package(tmp_path, monkeypatch):
 
 def fit(tmp_path, *extra):
     npz = make_npz(tmp_path / "d.npz", n_train=48, n_test=16)
-    return main(["fit", "-c", str(REPO / "experiments" / "lenet.yaml"), f"--data.npz={npz}", *QUIET,
-                 "--data.val_size=16", "--data.batch_size=8", "--trainer.max_epochs=1", "--test_after_fit=false",
-                 "--plots.enabled=false", f"--trainer.default_root_dir={tmp_path / 'runs'}", *extra])
+    return main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments" / "lenet.yaml"),
+            f"--data.npz={npz}",
+            *QUIET,
+            "--data.val_size=16",
+            "--data.batch_size=8",
+            "--trainer.max_epochs=1",
+            "--test_after_fit=false",
+            "--plots.enabled=false",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            *extra,
+        ]
+    )
 
 
 def test_a_users_net_by_class_path_trains_with_num_classes_linked(tmp_path, models_package):
@@ -69,17 +82,26 @@ def test_a_users_net_by_class_path_trains_with_num_classes_linked(tmp_path, mode
     assert set(weights) == set(net.state_dict())
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--model.net=mymodels.FixedClasses"],
-     "error: model.net mymodels.FixedClasses takes no num_classes argument, which the CLI fills in from the data "
-     "module: give the net's __init__ a num_classes argument (README: Add a model)."),
-    (["--model.net=mymodels.FixedClassesWide"],  # init_args of its own: jsonargparse drops the link silently
-     "error: model.net mymodels.FixedClassesWide takes no num_classes argument, which the CLI fills in from the data "
-     "module: give the net's __init__ a num_classes argument (README: Add a model)."),
-    (["--model.net=mymodels.MLP", "--model.net.init_args.in_channels=1"],
-     "error: model.net.init_args.in_channels is 1, but the data module's images have 3 channels (image_shape "
-     "(3, 32, 32)): give --model.net.init_args.in_channels 3 (README: Add a model)."),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--model.net=mymodels.FixedClasses"],
+            "error: model.net mymodels.FixedClasses takes no num_classes argument, which the CLI fills in from the data "
+            "module: give the net's __init__ a num_classes argument (README: Add a model).",
+        ),
+        (
+            ["--model.net=mymodels.FixedClassesWide"],  # init_args of its own: jsonargparse drops the link silently
+            "error: model.net mymodels.FixedClassesWide takes no num_classes argument, which the CLI fills in from the data "
+            "module: give the net's __init__ a num_classes argument (README: Add a model).",
+        ),
+        (
+            ["--model.net=mymodels.MLP", "--model.net.init_args.in_channels=1"],
+            "error: model.net.init_args.in_channels is 1, but the data module's images have 3 channels (image_shape "
+            "(3, 32, 32)): give --model.net.init_args.in_channels 3 (README: Add a model).",
+        ),
+    ],
+)
 def test_a_net_that_does_not_fit_the_data_is_one_sentence(tmp_path, models_package, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
         fit(tmp_path, *args)

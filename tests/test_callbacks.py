@@ -19,11 +19,22 @@ from project.data import CIFAR10DataModule
 from project.models import InputStatistics, LeNet, ResNet20
 
 
-def fit(tmp_path: Path, npz: Path, model: ImageClassifier, callbacks: list, steps: int = 4, **trainer_kwargs) -> L.Trainer:
+def fit(
+    tmp_path: Path, npz: Path, model: ImageClassifier, callbacks: list, steps: int = 4, **trainer_kwargs
+) -> L.Trainer:
     trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=steps, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu",
-        logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **trainer_kwargs,
+        max_epochs=1,
+        limit_train_batches=steps,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **trainer_kwargs,
     )
     trainer.fit(model, datamodule=CIFAR10DataModule(npz=npz, val_size=16, batch_size=8))
     return trainer
@@ -74,7 +85,11 @@ def test_activation_statistics_match_a_direct_forward(tmp_path, tiny_npz):
                     conv = pl_module.net.conv1(batch[0])
                 self.expected = activation_summary(conv).tolist()
 
-    model, probe, callback = ImageClassifier(LeNet()), Probe(), ActivationStatistics(every_n_steps=100, layers=["conv1"])
+    model, probe, callback = (
+        ImageClassifier(LeNet()),
+        Probe(),
+        ActivationStatistics(every_n_steps=100, layers=["conv1"]),
+    )
     fit(tmp_path, tiny_npz, model, [probe, callback], steps=1)
     got = [callback.last[f"act/conv1/{s}"] for s in ("mean", "std", "zeros", "dead")]
     assert got == pytest.approx(probe.expected, rel=1e-5)
@@ -157,7 +172,12 @@ def test_buffer_report_lists_saved_and_unsaved_buffers(tmp_path, tiny_npz):
     data = json.loads(report.path.read_text())
     rows = {r["name"]: r for r in data["buffers"]}
     assert data["synchronisation"].startswith("one process")
-    assert rows["net.input_stats.count"] == {**rows["net.input_stats.count"], "saved": True, "values": 16, "dtype": "int64"}
+    assert rows["net.input_stats.count"] == {
+        **rows["net.input_stats.count"],
+        "saved": True,
+        "values": 16,
+        "dtype": "int64",
+    }
     assert rows["net.input_stats.std"]["saved"] is False
     assert rows["net.stem.1.running_mean"]["saved"] and rows["net.stem.1.num_batches_tracked"]["values"] == 2
     assert {n for n, r in rows.items() if not r["saved"]} == {"net.input_stats.std"}
@@ -214,7 +234,9 @@ def test_buffers_follow_to_but_integers_keep_their_dtype():
     net = trained_resnet().to(torch.float64)
     buffers = dict(net.named_buffers())
     assert buffers["input_stats.std"].dtype == torch.float64 and buffers["stem.1.running_mean"].dtype == torch.float64
-    assert buffers["input_stats.count"].dtype == torch.int64 and buffers["stem.1.num_batches_tracked"].dtype == torch.int64
+    assert (
+        buffers["input_stats.count"].dtype == torch.int64 and buffers["stem.1.num_batches_tracked"].dtype == torch.int64
+    )
     on_meta = ResNet20().to("meta")
     assert {b.device.type for b in on_meta.buffers()} == {"meta"}, "non-persistent buffers move too"
 
@@ -232,8 +254,14 @@ def test_buffers_move_to_cuda_and_keep_learning_there():
 def _fit_with_bar(tmp_path, bar, batches: int = 8):
     x, y = torch.randn(batches * 4, 3, 32, 32), torch.randint(0, 10, (batches * 4,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[bar], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[bar],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(ImageClassifier(LeNet(), scheduler=None), train_dataloaders=loader)
     return trainer
 
@@ -247,8 +275,14 @@ def test_progress_bar_redraws_at_most_max_per_second_and_ends_at_the_full_count(
 
     drawn = []
     original = TQDMProgressBar.on_train_batch_end
-    monkeypatch.setattr(TQDMProgressBar, "on_train_batch_end",
-                        lambda self, trainer, module, outputs, batch, batch_idx: (drawn.append(batch_idx), original(self, trainer, module, outputs, batch, batch_idx)))
+    monkeypatch.setattr(
+        TQDMProgressBar,
+        "on_train_batch_end",
+        lambda self, trainer, module, outputs, batch, batch_idx: (
+            drawn.append(batch_idx),
+            original(self, trainer, module, outputs, batch, batch_idx),
+        ),
+    )
     trainer = _fit_with_bar(tmp_path, ProgressBar(max_per_second=1e-6))  # one redraw per 11 days at most
     assert drawn == [0, 7]
     assert trainer.progress_bar_callback.train_progress_bar.n == 8
@@ -261,10 +295,18 @@ def test_progress_bar_stopped_mid_epoch_shows_the_batches_done(tmp_path):
     from project.callbacks import ProgressBar
 
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[ProgressBar(max_per_second=1e-6)], default_root_dir=tmp_path)
-    trainer.fit(ImageClassifier(LeNet(), scheduler=None),
-                train_dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4))
+    trainer = L.Trainer(
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[ProgressBar(max_per_second=1e-6)],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(
+        ImageClassifier(LeNet(), scheduler=None),
+        train_dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
+    )
     assert trainer.progress_bar_callback.train_progress_bar.n == 5
 
 
@@ -274,7 +316,13 @@ def test_the_cli_installs_the_throttled_bar_but_keeps_a_configured_one(tmp_path,
     from project.callbacks import ProgressBar
     from project.cli import ProjectCLI
 
-    common = ["-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", f"--trainer.default_root_dir={tmp_path}", "--data.num_workers=0"]
+    common = [
+        "-c",
+        "experiments/lenet.yaml",
+        f"--data.npz={tiny_npz}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.num_workers=0",
+    ]
     trainer = ProjectCLI(args=common, run=False).trainer
     assert isinstance(trainer.progress_bar_callback, ProgressBar)
     assert sum(isinstance(cb, TQDMProgressBar) for cb in trainer.callbacks) == 1

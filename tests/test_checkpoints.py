@@ -10,8 +10,16 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from project.checkpoints import (CheckpointError, convert, load_file, load_into, main, plain_state_dict, read_checkpoint,
-                                 strip_prefixes)
+from project.checkpoints import (
+    CheckpointError,
+    convert,
+    load_file,
+    load_into,
+    main,
+    plain_state_dict,
+    read_checkpoint,
+    strip_prefixes,
+)
 from project.classifier import ImageClassifier
 from project.cli import main as cli_main
 from project.models import LeNet, ResNet20
@@ -28,8 +36,20 @@ def same(a: dict, b: dict) -> bool:
     return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("prefix", ["", "net.", "module.net.", "_forward_module.net.", "model.net.", "_orig_mod.", "net._orig_mod.",
-                                    "_orig_mod.net.", "module._orig_mod."])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "",
+        "net.",
+        "module.net.",
+        "_forward_module.net.",
+        "model.net.",
+        "_orig_mod.",
+        "net._orig_mod.",
+        "_orig_mod.net.",
+        "module._orig_mod.",
+    ],
+)
 def test_wrapper_prefixes_are_stripped(lenet_state, prefix):
     wrapped = {f"{prefix}{k}": v for k, v in lenet_state.items()}
     if "net." in prefix:  # the classifier's own entries beside the net's are dropped
@@ -39,9 +59,11 @@ def test_wrapper_prefixes_are_stripped(lenet_state, prefix):
 
 def test_wrapper_parts_inside_keys_are_removed():
     """FSDP units, activation checkpointing and compiled submodules insert parts mid-key."""
-    state = {"net.stages.0._fsdp_wrapped_module.0.conv1.weight": torch.ones(1),
-             "net.stages.0._fsdp_wrapped_module._checkpoint_wrapped_module.1.bn1.bias": torch.ones(1),
-             "net.fc._orig_mod.weight": torch.ones(1)}
+    state = {
+        "net.stages.0._fsdp_wrapped_module.0.conv1.weight": torch.ones(1),
+        "net.stages.0._fsdp_wrapped_module._checkpoint_wrapped_module.1.bn1.bias": torch.ones(1),
+        "net.fc._orig_mod.weight": torch.ones(1),
+    }
     assert list(strip_prefixes(state)) == ["stages.0.0.conv1.weight", "stages.0.1.bn1.bias", "fc.weight"]
 
 
@@ -91,7 +113,9 @@ def test_mismatch_is_one_error_listing_keys_and_shapes(lenet_state):
         load_into(LeNet(num_classes=100), {**lenet_state, "extra.weight": torch.zeros(1)})
     message = str(err.value)
     assert "unexpected keys [extra.weight] (1)" in message
-    assert "fc3.weight: file (10, 84) vs model (100, 84)" in message and "fc3.bias: file (10,) vs model (100,)" in message
+    assert (
+        "fc3.weight: file (10, 84) vs model (100, 84)" in message and "fc3.bias: file (10,) vs model (100,)" in message
+    )
     with pytest.raises(CheckpointError, match=r"missing keys \[conv1.bias"):
         load_into(LeNet(), {k: v for k, v in lenet_state.items() if k != "conv1.bias"})
 
@@ -107,8 +131,10 @@ def test_loading_is_weights_only_by_default(tmp_path, lenet_state):
 def write_sharded_checkpoint(path, lenet_state, meta: dict | None = None) -> None:
     """A torch.distributed.checkpoint directory in the layout of Lightning's FSDP sharded checkpoints
     ({"model": ..., "optimizer_0": ...} plus meta.pt), written by one process without a process group."""
-    state = {"model": {f"net.{k}": v.clone() for k, v in lenet_state.items()},
-             "optimizer_0": {"state": {"net.conv1.weight": {"momentum_buffer": torch.ones(6, 3, 5, 5)}}}}
+    state = {
+        "model": {f"net.{k}": v.clone() for k, v in lenet_state.items()},
+        "optimizer_0": {"state": {"net.conv1.weight": {"momentum_buffer": torch.ones(6, 3, 5, 5)}}},
+    }
     dcp.save(state, checkpoint_id=path, no_dist=True)
     torch.save(meta or {"epoch": 3, "global_step": 12}, path / "meta.pt")
 
@@ -118,7 +144,9 @@ def test_sharded_checkpoint_directory_is_read_in_one_process(tmp_path, lenet_sta
     path = tmp_path / "last.ckpt"
     write_sharded_checkpoint(path, lenet_state)
     checkpoint = read_checkpoint(path)
-    assert checkpoint["epoch"] == 3 and "optimizer_0" not in checkpoint, "metadata from meta.pt, optimiser state skipped"
+    assert checkpoint["epoch"] == 3 and "optimizer_0" not in checkpoint, (
+        "metadata from meta.pt, optimiser state skipped"
+    )
     assert same(plain_state_dict(checkpoint), lenet_state)
     assert same(load_into(LeNet(), path).state_dict(), lenet_state)
     convert(path, tmp_path / "net.pt")
@@ -162,12 +190,15 @@ def test_a_sharded_checkpoint_entry_cannot_run_code(tmp_path, lenet_state, capsy
     skip) by the check a fit makes before Lightning's FSDP loader reads the directory."""
     path = tmp_path / "evil.ckpt"
     marker = tmp_path / "pwned"
-    state = {"model": {f"net.{k}": v.clone() for k, v in lenet_state.items()},
-             "optimizer_0": {"state": {}, "param_groups": [{"lr": 0.1, "params": ["net.conv1.weight"]}]}}
+    state = {
+        "model": {f"net.{k}": v.clone() for k, v in lenet_state.items()},
+        "optimizer_0": {"state": {}, "param_groups": [{"lr": 0.1, "params": ["net.conv1.weight"]}]},
+    }
     state[where]["payload"] = _RunsCodeWhenLoaded(marker)
     dcp.save(state, checkpoint_id=path, no_dist=True)
     torch.save({"epoch": 0, "global_step": 1}, path / "meta.pt")
     from project.checkpoints import check_distributed_checkpoint
+
     with pytest.raises(CheckpointError, match="could run code"):
         check_distributed_checkpoint(path)
     if where == "model":
@@ -186,6 +217,7 @@ def test_a_sharded_checkpoint_entry_cannot_run_code(tmp_path, lenet_state, capsy
 @pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
 def test_a_plain_sharded_checkpoint_passes_the_check(tmp_path, lenet_state):
     from project.checkpoints import check_distributed_checkpoint
+
     path = tmp_path / "last.ckpt"
     write_sharded_checkpoint(path, lenet_state)
     check_distributed_checkpoint(path)
@@ -196,8 +228,10 @@ def test_deepspeed_directory(tmp_path, lenet_state):
     for its files): the full weights sit under "module", behind Lightning's _forward_module. prefix."""
     ckpt = tmp_path / "epoch=0.ckpt"
     (ckpt / "checkpoint").mkdir(parents=True)
-    torch.save({"module": {f"_forward_module.net.{k}": v for k, v in lenet_state.items()}, "global_step": 5},
-               ckpt / "checkpoint" / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": {f"_forward_module.net.{k}": v for k, v in lenet_state.items()}, "global_step": 5},
+        ckpt / "checkpoint" / "mp_rank_00_model_states.pt",
+    )
     assert same(plain_state_dict(read_checkpoint(ckpt)), lenet_state)
     torch.save({"module": {}}, ckpt / "checkpoint" / "mp_rank_00_model_states.pt")
     torch.save({}, ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
@@ -211,9 +245,21 @@ def test_unknown_directory_is_a_clear_error(tmp_path):
 
 
 def test_convert_command_on_a_real_lightning_checkpoint(tmp_path, tiny_npz, capsys):
-    cli = cli_main(["fit", "-c", str(REPO / "experiments/resnet20.yaml"), f"--data.npz={tiny_npz}", *QUIET,
-                    f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--data.val_size=16",
-                    "--data.batch_size=16", "--test_after_fit=false", "--plots.enabled=false"])
+    cli = cli_main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/resnet20.yaml"),
+            f"--data.npz={tiny_npz}",
+            *QUIET,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--data.val_size=16",
+            "--data.batch_size=16",
+            "--test_after_fit=false",
+            "--plots.enabled=false",
+        ]
+    )
     run = cli.run_dir
     out = main([str(run / "checkpoints/last.ckpt"), str(tmp_path / "converted.pt")])
     assert "Wrote" in capsys.readouterr().out
@@ -228,10 +274,17 @@ def test_convert_command_on_a_real_lightning_checkpoint(tmp_path, tiny_npz, caps
 def test_convert_runs_as_a_module_with_torch_alone(tmp_path, lenet_state):
     """The command imports no Lightning: a collaborator with only torch can run it."""
     torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}}, tmp_path / "x.ckpt")
-    code = ("import sys, runpy; sys.argv = ['x', sys.argv[1], sys.argv[2]]; runpy.run_module('project.checkpoints', run_name='__main__');"
-            "assert not any(m.startswith('lightning') for m in sys.modules), 'lightning was imported'")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.ckpt"), str(tmp_path / "net.pt")],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    code = (
+        "import sys, runpy; sys.argv = ['x', sys.argv[1], sys.argv[2]]; runpy.run_module('project.checkpoints', run_name='__main__');"
+        "assert not any(m.startswith('lightning') for m in sys.modules), 'lightning was imported'"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "x.ckpt"), str(tmp_path / "net.pt")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert same(torch.load(tmp_path / "net.pt", weights_only=True), lenet_state)
 
@@ -258,8 +311,13 @@ def test_converter_refuses_to_overwrite_its_input(tmp_path, monkeypatch, capsys,
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}, "epoch": 3}, ckpt)
     monkeypatch.chdir(tmp_path)
-    out = {"same": ckpt, "relative": "last.ckpt", "dotted": tmp_path / "sub" / ".." / "last.ckpt",
-           "symlink": tmp_path / "link.pt", "hardlink": tmp_path / "hard.pt"}[spelling]
+    out = {
+        "same": ckpt,
+        "relative": "last.ckpt",
+        "dotted": tmp_path / "sub" / ".." / "last.ckpt",
+        "symlink": tmp_path / "link.pt",
+        "hardlink": tmp_path / "hard.pt",
+    }[spelling]
     (tmp_path / "sub").mkdir()
     if spelling == "symlink":
         out.symlink_to(ckpt)
@@ -272,17 +330,20 @@ def test_converter_refuses_to_overwrite_its_input(tmp_path, monkeypatch, capsys,
     assert torch.load(ckpt, weights_only=True)["epoch"] == 3, "the checkpoint is intact"
 
 
-@pytest.mark.parametrize(("case", "message"), [
-    ("input missing", "does not exist; check the path"),
-    ("input is a plain directory", "is a directory but neither a torch.distributed.checkpoint"),
-    ("input is not a checkpoint", "is not a PyTorch checkpoint (not a torch.save archive)"),
-    ("input is empty", "is not a PyTorch checkpoint (not a torch.save archive)"),
-    ("output is a directory", "is a directory; give a file path"),
-    ("output directory missing", "does not exist; create it first"),
-    ("output directory is a file", "is not a directory; create it first"),
-    ("output inside a sharded checkpoint", "lies inside the checkpoint directory"),
-    ("output name too long", "Cannot write"),
-])
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("input missing", "does not exist; check the path"),
+        ("input is a plain directory", "is a directory but neither a torch.distributed.checkpoint"),
+        ("input is not a checkpoint", "is not a PyTorch checkpoint (not a torch.save archive)"),
+        ("input is empty", "is not a PyTorch checkpoint (not a torch.save archive)"),
+        ("output is a directory", "is a directory; give a file path"),
+        ("output directory missing", "does not exist; create it first"),
+        ("output directory is a file", "is not a directory; create it first"),
+        ("output inside a sharded checkpoint", "lies inside the checkpoint directory"),
+        ("output name too long", "Cannot write"),
+    ],
+)
 def test_converter_path_mistakes_are_one_sentence_and_write_nothing(tmp_path, capsys, lenet_state, case, message):
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}}, ckpt)
@@ -341,9 +402,16 @@ def test_legacy_format_files_are_read(tmp_path, capsys, lenet_state):
     assert same(read_checkpoint(net), lenet_state)
     assert same(load_file(net, mmap=True), lenet_state), "a legacy file cannot be mapped: it is read whole"
     ckpt = tmp_path / "old.ckpt"
-    torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}, "epoch": 2, "global_step": 8,
-                "hyper_parameters": {"lr": 0.1, "net": {"class_path": "project.models.LeNet"}}},
-               ckpt, _use_new_zipfile_serialization=False)
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in lenet_state.items()},
+            "epoch": 2,
+            "global_step": 8,
+            "hyper_parameters": {"lr": 0.1, "net": {"class_path": "project.models.LeNet"}},
+        },
+        ckpt,
+        _use_new_zipfile_serialization=False,
+    )
     assert same(convert(ckpt, tmp_path / "a.pt"), lenet_state)
     main([str(ckpt), str(tmp_path / "b.pt")])
     assert "Wrote" in capsys.readouterr().out
@@ -365,13 +433,34 @@ def test_legacy_format_is_still_weights_only_and_truncation_is_clear(tmp_path, l
 
 
 def test_cli_evaluates_a_legacy_format_checkpoint(tmp_path, tiny_npz):
-    cli = cli_main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={tiny_npz}", *QUIET,
-                    f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--data.val_size=16",
-                    "--plots.enabled=false"])
+    cli = cli_main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--data.npz={tiny_npz}",
+            *QUIET,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--data.val_size=16",
+            "--plots.enabled=false",
+        ]
+    )
     last = cli.run_dir / "checkpoints/last.ckpt"
     legacy = tmp_path / "legacy.ckpt"
     torch.save(torch.load(last, weights_only=True), legacy, _use_new_zipfile_serialization=False)
-    fresh = cli_main(["validate", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={tiny_npz}", *QUIET,
-                      f"--trainer.default_root_dir={tmp_path}", "--data.val_size=16", f"--ckpt_path={legacy}"])
-    assert same(fresh.model.net.state_dict(), plain_state_dict(torch.load(last, weights_only=True))), \
+    fresh = cli_main(
+        [
+            "validate",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--data.npz={tiny_npz}",
+            *QUIET,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.val_size=16",
+            f"--ckpt_path={legacy}",
+        ]
+    )
+    assert same(fresh.model.net.state_dict(), plain_state_dict(torch.load(last, weights_only=True))), (
         "the checkpoint's weights were validated"
+    )

@@ -43,10 +43,20 @@ ADAMW = functools.partial(torch.optim.AdamW, lr=0.01)
 #: (optimizer, scheduler, the optimizer's class, its lr, the scheduler's class); None: ImageClassifier's default.
 SCHEDULE_CASES = {
     "default-sgd-warmup-cosine": (None, None, torch.optim.SGD, 0.05, WarmupCosine),
-    "adamw-onecycle": (ADAMW, functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
-                       torch.optim.AdamW, 0.01, torch.optim.lr_scheduler.OneCycleLR),
-    "default-sgd-step": (None, functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
-                         torch.optim.SGD, 0.05, torch.optim.lr_scheduler.StepLR),
+    "adamw-onecycle": (
+        ADAMW,
+        functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
+        torch.optim.AdamW,
+        0.01,
+        torch.optim.lr_scheduler.OneCycleLR,
+    ),
+    "default-sgd-step": (
+        None,
+        functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        torch.optim.SGD,
+        0.05,
+        torch.optim.lr_scheduler.StepLR,
+    ),
     "adamw-constant": (ADAMW, "null", torch.optim.AdamW, 0.01, None),
 }
 
@@ -58,8 +68,14 @@ def test_optimisers_and_schedules_train(tmp_path, case):
     if scheduler is not None:
         kwargs["scheduler"] = None if scheduler == "null" else scheduler
     model = ImageClassifier(LeNet(), **kwargs)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=_Tiny())
     opt = trainer.optimizers[0]
     assert isinstance(opt, opt_cls)
@@ -93,9 +109,15 @@ def test_label_smoothing_only_in_training():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"optimizer": sgd(-0.1)}, "Invalid learning rate: -0.1"),  # torch checks the optimizer's arguments when it is built
-     ({"optimizer": sgd(0.05, weight_decay=-1)}, "Invalid weight_decay value: -1"),
-     ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"), ({"num_classes": 1}, "num_classes must be at least 2")],
+    [
+        (
+            {"optimizer": sgd(-0.1)},
+            "Invalid learning rate: -0.1",
+        ),  # torch checks the optimizer's arguments when it is built
+        ({"optimizer": sgd(0.05, weight_decay=-1)}, "Invalid weight_decay value: -1"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+        ({"num_classes": 1}, "num_classes must be at least 2"),
+    ],
 )
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -111,8 +133,14 @@ def test_python_built_model_checkpoint(tmp_path):
     """Built in Python, the net and optimizer objects are not pickled into the hyperparameters; pass the net back on load."""
     model = ImageClassifier(LeNet(), optimizer=sgd(0.02), label_smoothing=0.1)
     assert "net" not in model.hparams and "optimizer" not in model.hparams and model.hparams.label_smoothing == 0.1
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=_Tiny())
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     torch.load(tmp_path / "m.ckpt", weights_only=True)  # nothing but plain data inside
@@ -125,15 +153,26 @@ def test_images_of_another_size_are_refused_with_one_sentence():
     for net in (LeNet(), ResNet20()):
         model = ImageClassifier(net, image_shape=(3, 32, 32)).eval()  # the CLI links it from the data module
         assert model.predict_step(torch.rand(2, 3, 32, 32), 0)["preds"].shape == (2,)
-        with pytest.raises(ValueError, match=r"takes images of shape \(N, 3, 32, 32\), got \(2, 3, 28, 28\): resize or crop"):
+        with pytest.raises(
+            ValueError, match=r"takes images of shape \(N, 3, 32, 32\), got \(2, 3, 28, 28\): resize or crop"
+        ):
             model.predict_step(torch.rand(2, 3, 28, 28), 0)
 
 
 def test_param_groups_first_match_wins_and_keep_the_decay_split():
-    groups = [{"match": "fc*", "lr_scale": 10}, {"match": "fc1.*", "lr_scale": 99}, {"match": "conv1.*", "lr_scale": 0.5, "weight_decay": 0}]
-    with pytest.raises(UserError, match=r"'fc1\.\*' \(match 'fc1\.\*'\) matches no trainable parameter of LeNet that an earlier entry has not taken"):
+    groups = [
+        {"match": "fc*", "lr_scale": 10},
+        {"match": "fc1.*", "lr_scale": 99},
+        {"match": "conv1.*", "lr_scale": 0.5, "weight_decay": 0},
+    ]
+    with pytest.raises(
+        UserError,
+        match=r"'fc1\.\*' \(match 'fc1\.\*'\) matches no trainable parameter of LeNet that an earlier entry has not taken",
+    ):
         ImageClassifier(LeNet(), param_groups=groups)  # fc* took fc1.* already
-    model = ImageClassifier(LeNet(), optimizer=sgd(0.1, weight_decay=1e-3), param_groups=[groups[0], groups[2]], scheduler=None)
+    model = ImageClassifier(
+        LeNet(), optimizer=sgd(0.1, weight_decay=1e-3), param_groups=[groups[0], groups[2]], scheduler=None
+    )
     optimizer = model.configure_optimizers()
     by_name = {g["name"]: (g["param_names"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
     assert by_name == {
@@ -147,8 +186,15 @@ def test_param_groups_first_match_wins_and_keep_the_decay_split():
 
 
 def test_param_groups_in_the_optimiser():
-    model = ImageClassifier(ResNet20(), optimizer=sgd(0.1, weight_decay=1e-3), scheduler=None, param_groups=[
-        {"match": "fc.*", "lr_scale": 10}, {"match": "stages.0.*", "lr_scale": 0.1, "weight_decay": 0.0, "name": "early"}])
+    model = ImageClassifier(
+        ResNet20(),
+        optimizer=sgd(0.1, weight_decay=1e-3),
+        scheduler=None,
+        param_groups=[
+            {"match": "fc.*", "lr_scale": 10},
+            {"match": "stages.0.*", "lr_scale": 0.1, "weight_decay": 0.0, "name": "early"},
+        ],
+    )
     optimizer = model.configure_optimizers()
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert list(groups) == ["fc.*", "fc.*/no_decay", "early", "early/no_decay", "base", "base/no_decay"]
@@ -164,17 +210,26 @@ def test_param_groups_in_the_optimiser():
     assert sorted(names) == sorted(n for n, _ in model.net.named_parameters())
 
 
-@pytest.mark.parametrize(("param_groups", "message"), [
-    ([{"match": "fc*", "lr": 0.1}], r"model.param_groups\[0\] has the unknown key 'lr'; the keys are match, lr_scale, weight_decay, name"),
-    ([{"match": "fc*", "lr_scale": 0}], r"model.param_groups\[0\] \(match 'fc\*'\) needs lr_scale > 0"),
-    ([{"match": "fc*", "lr_scale": -2}], r"needs lr_scale > 0 .*got -2"),
-    ([{"match": "fc*", "weight_decay": -1}], r"needs weight_decay >= 0, got -1"),
-    ([{"lr_scale": 2}], r"model.param_groups\[0\] needs match: a glob over parameter names"),
-    ([{"match": "classifier.*", "lr_scale": 2}], r"'classifier\.\*' .*matches no trainable parameter of LeNet .*names look like conv1.weight, fc3.bias"),
-    ([{"match": "fc*", "name": "base"}], r"named 'base' like another group"),
-    ({"match": "fc*"}, r"model.param_groups must be a list"),
-    (["fc*"], r"model.param_groups\[0\] must be a mapping"),
-])
+@pytest.mark.parametrize(
+    ("param_groups", "message"),
+    [
+        (
+            [{"match": "fc*", "lr": 0.1}],
+            r"model.param_groups\[0\] has the unknown key 'lr'; the keys are match, lr_scale, weight_decay, name",
+        ),
+        ([{"match": "fc*", "lr_scale": 0}], r"model.param_groups\[0\] \(match 'fc\*'\) needs lr_scale > 0"),
+        ([{"match": "fc*", "lr_scale": -2}], r"needs lr_scale > 0 .*got -2"),
+        ([{"match": "fc*", "weight_decay": -1}], r"needs weight_decay >= 0, got -1"),
+        ([{"lr_scale": 2}], r"model.param_groups\[0\] needs match: a glob over parameter names"),
+        (
+            [{"match": "classifier.*", "lr_scale": 2}],
+            r"'classifier\.\*' .*matches no trainable parameter of LeNet .*names look like conv1.weight, fc3.bias",
+        ),
+        ([{"match": "fc*", "name": "base"}], r"named 'base' like another group"),
+        ({"match": "fc*"}, r"model.param_groups must be a list"),
+        (["fc*"], r"model.param_groups\[0\] must be a mapping"),
+    ],
+)
 def test_param_group_mistakes_are_one_sentence(param_groups, message):
     with pytest.raises(UserError, match=message) as info:
         ImageClassifier(LeNet(), param_groups=param_groups)
@@ -190,7 +245,9 @@ def test_model_summary_shows_shapes_and_flops():
     sizes = dict(zip(summary.layer_names, summary.out_sizes))
     assert sizes["net"] == [1, 10] and sizes["net.conv2"] == [1, 16, 10, 10]
     assert model.example_input_array.shape == (1, 3, 32, 32)
-    assert "example_input_array" not in dict(model.named_buffers()) and not any(k.startswith("example") for k in model.state_dict())
+    assert "example_input_array" not in dict(model.named_buffers()) and not any(
+        k.startswith("example") for k in model.state_dict()
+    )
     double = ImageClassifier(LeNet(), image_shape=(3, 32, 32)).double()  # e.g. trainer.precision=64-true
     assert double.example_input_array.dtype == torch.float64 and ModelSummary(double).total_flops > 0
     assert ImageClassifier(LeNet()).example_input_array is None  # no image_shape: nothing to run
@@ -219,17 +276,29 @@ def test_training_metrics_are_the_epoch_totals_and_the_step_loss_is_logged_every
     torch.manual_seed(0)
     probe = _LogitsProbe()
     model = ImageClassifier(LeNet(), optimizer=sgd(0.01, momentum=0.9), scheduler=None)
-    trainer = L.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe])
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        log_every_n_steps=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[probe],
+    )
     trainer.fit(model, datamodule=_Tiny())
     logits, labels = torch.cat(probe.logits), torch.cat(probe.labels)
     assert len(labels) == 64
     metrics = trainer.callback_metrics
     assert metrics["train/acc"].item() == pytest.approx(multiclass_accuracy(logits, labels, 10, average="micro").item())
-    assert metrics["train/acc_top5"].item() == pytest.approx(multiclass_accuracy(logits, labels, 10, top_k=5, average="micro").item())
+    assert metrics["train/acc_top5"].item() == pytest.approx(
+        multiclass_accuracy(logits, labels, 10, top_k=5, average="micro").item()
+    )
     losses = torch.stack([F.cross_entropy(x, y) for x, y in zip(probe.logits, probe.labels)])
     assert metrics["train/loss_epoch"].item() == pytest.approx(losses.mean().item(), rel=1e-5)
-    assert metrics["train/loss"].item() == metrics["train/loss_epoch"].item()  # as before, for callbacks that monitor it
+    assert (
+        metrics["train/loss"].item() == metrics["train/loss_epoch"].item()
+    )  # as before, for callbacks that monitor it
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}

@@ -15,7 +15,17 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 
 
 def fit(tmp_path: Path, npz: Path, *extra: str, name: str = "lenet") -> "object":
-    return main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", f"--trainer.default_root_dir={tmp_path}", *QUIET, *extra])
+    return main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--data.npz={npz}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+            *extra,
+        ]
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -26,7 +36,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_lenet_learns_on_real_subset_and_reloads_exactly(tmp_path, subset_npz):
     # test_after_fit off: it would load the best checkpoint into cli.model; here we compare the final weights.
-    cli = fit(tmp_path, subset_npz, "--trainer.max_epochs=8", "--data.batch_size=64", "--data.val_size=500", "--test_after_fit=false")
+    cli = fit(
+        tmp_path,
+        subset_npz,
+        "--trainer.max_epochs=8",
+        "--data.batch_size=64",
+        "--data.val_size=500",
+        "--test_after_fit=false",
+    )
     run = cli.run_dir
     assert run.parent == tmp_path / "lenet"
     for name in ("config.yaml", "metrics.csv", "net.pt", "checkpoints/last.ckpt", "hparams.yaml"):
@@ -49,7 +66,9 @@ def test_lenet_learns_on_real_subset_and_reloads_exactly(tmp_path, subset_npz):
     plain = LeNet()
     plain.load_state_dict(state)
     images = dm.test_split.images[:64].float() / 255
-    images = (images - torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)) / torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
+    images = (images - torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)) / torch.tensor(
+        [0.2470, 0.2435, 0.2616]
+    ).view(3, 1, 1)
     cli.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(images), cli.model(images), rtol=0, atol=0)
@@ -76,7 +95,9 @@ def test_runs_never_share_a_directory(tmp_path, tiny_npz):
 def test_cli_subprocess_fit_test_predict(tmp_path, tiny_npz):
     """The user-facing command in a real subprocess: exit codes, printed run directory, subcommands."""
     common = [f"--data.npz={tiny_npz}", f"--trainer.default_root_dir={tmp_path}", *QUIET]
-    out = run_cli(["fit", "-c", "experiments/lenet.yaml", *common, "--trainer.max_epochs=1", "--data.val_size=16"], timeout=300)
+    out = run_cli(
+        ["fit", "-c", "experiments/lenet.yaml", *common, "--trainer.max_epochs=1", "--data.val_size=16"], timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = run_dirs(tmp_path, "lenet")
     assert f"Run directory: {run}" in out.stderr + out.stdout
@@ -87,7 +108,9 @@ def test_cli_subprocess_fit_test_predict(tmp_path, tiny_npz):
         assert res.returncode == 0, res.stderr[-3000:]
     runs = run_dirs(tmp_path, "lenet")
     assert len(runs) == 4  # each command wrote its own directory; the fit's config.yaml is untouched
-    test_run = next(r for r in runs if r != run and any("test/acc" in row for row in read_metrics(r) if row.get("test/acc")))
+    test_run = next(
+        r for r in runs if r != run and any("test/acc" in row for row in read_metrics(r) if row.get("test/acc"))
+    )
     assert test_run.is_dir()
 
 
@@ -113,7 +136,17 @@ def test_predict_step_returns_indices_and_probabilities():
 
 
 def test_bad_config_value_fails_fast(tmp_path, tiny_npz):
-    out = run_cli(["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", "--model.optimizer=adam", f"--trainer.default_root_dir={tmp_path}"], timeout=120)
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            "experiments/lenet.yaml",
+            f"--data.npz={tiny_npz}",
+            "--model.optimizer=adam",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        timeout=120,
+    )
     assert out.returncode != 0 and "adam" in out.stderr
     assert not (tmp_path / "lenet").exists()
 
@@ -122,8 +155,16 @@ def test_the_cli_writes_checkpoints_atomically(tmp_path, tiny_npz):
     from project.callbacks.checkpointing import AtomicCheckpointIO
     from project.cli import ProjectCLI
 
-    cli = ProjectCLI(args=["-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={tiny_npz}",
-                           f"--trainer.default_root_dir={tmp_path}", *QUIET], run=False)
+    cli = ProjectCLI(
+        args=[
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--data.npz={tiny_npz}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ],
+        run=False,
+    )
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
 
 
@@ -131,8 +172,18 @@ def test_the_cli_writes_checkpoints_atomically(tmp_path, tiny_npz):
 
 
 def tiny_fit(root: Path, npz: Path, *extra: str) -> list[str]:
-    return ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={npz}", f"--trainer.default_root_dir={root}", *QUIET,
-            "--data.val_size=16", "--data.batch_size=16", "--trainer.max_epochs=1", *extra]
+    return [
+        "fit",
+        "-c",
+        "experiments/lenet.yaml",
+        f"--data.npz={npz}",
+        f"--trainer.default_root_dir={root}",
+        *QUIET,
+        "--data.val_size=16",
+        "--data.batch_size=16",
+        "--trainer.max_epochs=1",
+        *extra,
+    ]
 
 
 def test_enable_checkpointing_false_trains_and_writes_no_checkpoint(tmp_path, tiny_npz):
@@ -151,7 +202,9 @@ def test_fast_dev_run_writes_nothing_under_the_runs_folder(tmp_path, tiny_npz):
     """It once wrote net.pt and plots into a new run directory."""
     out = run_cli(tiny_fit(tmp_path / "runs", tiny_npz, "--trainer.fast_dev_run=true"), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*")), list((tmp_path / "runs").rglob("*"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*")), list(
+        (tmp_path / "runs").rglob("*")
+    )
     scratch = Path(out.stderr.split("fast_dev_run: writing into ", 1)[1].split(", removed", 1)[0])
     assert scratch.name.startswith("lenet-fast_dev_run-") and not scratch.exists()
 
@@ -159,8 +212,16 @@ def test_fast_dev_run_writes_nothing_under_the_runs_folder(tmp_path, tiny_npz):
 @pytest.mark.parametrize("autolog", [False, True])
 def test_enable_autolog_hparams_is_honoured(tmp_path, tiny_npz, autolog):
     """`true` was once silently ignored: Lightning then logs the model's hyperparameters too."""
-    cli = main(tiny_fit(tmp_path, tiny_npz, f"--trainer.enable_autolog_hparams={autolog}", "--test_after_fit=false",
-                        "--trainer.max_steps=1", "--plots.enabled=false"))
+    cli = main(
+        tiny_fit(
+            tmp_path,
+            tiny_npz,
+            f"--trainer.enable_autolog_hparams={autolog}",
+            "--test_after_fit=false",
+            "--trainer.max_steps=1",
+            "--plots.enabled=false",
+        )
+    )
     hparams = (cli.run_dir / "hparams.yaml").read_text()
     assert "model.optimizer.init_args.lr: 0.05" in hparams  # the resolved config, always
     assert ("\noptimizer:\n  class_path: torch.optim.SGD\n" in hparams) == autolog  # the model's own hparams
@@ -180,10 +241,20 @@ def test_an_unknown_checkpoint_monitor_fails_before_training(tmp_path, tiny_npz,
 def test_print_config_says_where_the_run_writes(tmp_path, capsys):
     """It once showed save_dir: runs and dirpath: null, which the run then rewrites."""
     with pytest.raises(SystemExit):
-        main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--trainer.default_root_dir={tmp_path}", "--print_config"])
+        main(
+            [
+                "fit",
+                "-c",
+                str(REPO / "experiments/lenet.yaml"),
+                f"--trainer.default_root_dir={tmp_path}",
+                "--print_config",
+            ]
+        )
     first = capsys.readouterr().out.splitlines()[0]
-    assert first == f"# This run writes every file into a new directory {tmp_path}/lenet/<date>-<time>-<hex>/ " \
-                    "(with fit --ckpt_path last: the newest run there);"
+    assert (
+        first == f"# This run writes every file into a new directory {tmp_path}/lenet/<date>-<time>-<hex>/ "
+        "(with fit --ckpt_path last: the newest run there);"
+    )
 
 
 def test_the_usage_line_names_the_command(tmp_path):
@@ -196,8 +267,19 @@ def test_the_usage_line_names_the_command(tmp_path):
 
 
 def preset_fit(root: Path, npz: Path, preset: str, *extra: str):
-    return main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), "-c", str(REPO / f"experiments/presets/{preset}.yaml"),
-                 f"--data.npz={npz}", f"--trainer.default_root_dir={root}", *QUIET, *extra])
+    return main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            "-c",
+            str(REPO / f"experiments/presets/{preset}.yaml"),
+            f"--data.npz={npz}",
+            f"--trainer.default_root_dir={root}",
+            *QUIET,
+            *extra,
+        ]
+    )
 
 
 def test_debug_preset_runs_a_few_batches_with_every_callback(tmp_path):
@@ -249,7 +331,6 @@ def test_the_console_command_runs_the_cli():
 
 def run_bounded_script(name: str) -> str:
     """``--help`` of a script named ``name`` that calls project.__main__.run, as pip's generated one does."""
-    import subprocess
     import sys
     import tempfile
 

@@ -41,8 +41,15 @@ def write_run(folder: Path, lr: float, seed: int, val_acc: list[float], batch_si
 def runs_folder(tmp_path: Path) -> Path:
     """Two learning rates, three seeds at 0.1 and two at 0.01; each run in its own folder with its own paths."""
     root = tmp_path / "runs"
-    for i, (lr, seed, accs) in enumerate([(0.1, 1, [0.2, 0.5]), (0.1, 2, [0.3, 0.6]), (0.1, 3, [0.1, 0.7]),
-                                         (0.01, 1, [0.2, 0.3]), (0.01, 2, [0.25, 0.35])]):
+    for i, (lr, seed, accs) in enumerate(
+        [
+            (0.1, 1, [0.2, 0.5]),
+            (0.1, 2, [0.3, 0.6]),
+            (0.1, 3, [0.1, 0.7]),
+            (0.01, 1, [0.2, 0.3]),
+            (0.01, 2, [0.25, 0.35]),
+        ]
+    ):
         write_run(root / "lenet" / f"run{i}", lr, seed, accs)
     return root
 
@@ -97,8 +104,12 @@ def test_user_mistakes_end_in_one_sentence(runs_folder, tmp_path):
         (str(broken),): "is not a metrics file written by the CSVLogger",
     }
     for args, expected in cases.items():
-        done = run_bounded([sys.executable, "-m", "project.compare", *args], timeout=120, cwd=REPO,
-                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        done = run_bounded(
+            [sys.executable, "-m", "project.compare", *args],
+            timeout=120,
+            cwd=REPO,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        )
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
     assert not (empty / "compare.csv").exists() and not (broken / "compare.csv").exists()

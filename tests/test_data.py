@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from project.data import (
-    CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_CLASSES, CIFAR10DataModule, CIFAR100DataModule, DatasetError,
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_CLASSES,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DatasetError,
 )
 from project.data import cifar_files as files
 from project.data.cifar10 import CIFAR10
@@ -166,7 +172,10 @@ def test_npz_split_is_seeded_and_disjoint(tmp_path):
     ("overrides", "message"),
     [
         ({"y_test": None}, "lacks the arrays y_test"),
-        ({"x_train": np.zeros((4, 3, 32, 32), np.uint8)}, r"x_train is uint8 \(4, 3, 32, 32\), expected uint8 \(N, 32, 32, 3\)"),
+        (
+            {"x_train": np.zeros((4, 3, 32, 32), np.uint8)},
+            r"x_train is uint8 \(4, 3, 32, 32\), expected uint8 \(N, 32, 32, 3\)",
+        ),
         ({"x_test": np.zeros((32, 32, 32, 3), np.float32)}, "x_test is float32"),
         ({"y_train": np.zeros(5, np.uint8)}, "y_train is uint8 with 5 entries, expected integer labels, one per image"),
         ({"y_train": np.full(64, 0.5)}, "y_train is float64"),
@@ -191,8 +200,12 @@ def test_npz_not_a_zip_and_missing(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"batch_size": 0}, "batch_size must be at least 1"), ({"val_size": -1}, "val_size must be >= 0"),
-     ({"eval_batch_size": 0}, "eval_batch_size must be at least 1"), ({"num_workers": -2}, "num_workers must be >= 0")],
+    [
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"val_size": -1}, "val_size must be >= 0"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be at least 1"),
+        ({"num_workers": -2}, "num_workers must be >= 0"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -211,7 +224,9 @@ def test_transforms_normalise_and_augment(tiny_npz):
     raw = dm.train_split.images.float() / 255
     mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
     # Without augmentation the batch is exactly the normalised images (in shuffled order).
-    order = [int(torch.nonzero((raw - mean).div(std).flatten(1).sub(img.flatten()).abs().sum(1) < 1e-3)[0]) for img in x]
+    order = [
+        int(torch.nonzero((raw - mean).div(std).flatten(1).sub(img.flatten()).abs().sum(1) < 1e-3)[0]) for img in x
+    ]
     assert sorted(order) == list(range(64))
     assert x.dtype == torch.float32 and y.dtype == torch.int64
 
@@ -233,12 +248,20 @@ def test_declared_attributes(tiny_npz):
     assert CIFAR10DataModule(normalize=False).mean is None and CIFAR10DataModule(normalize=False).std is None
     assert (dm.data_dir, dm.url, dm.md5) == (Path("data/cifar10"), CIFAR10.url, "c58f30108f718f92721af3b95e74349a")
     c100 = CIFAR100DataModule()
-    assert c100.num_classes == 100 and c100.classes == CIFAR100_CLASSES and len(set(c100.classes)) == 100 and c100.classes == tuple(sorted(c100.classes))
+    assert (
+        c100.num_classes == 100
+        and c100.classes == CIFAR100_CLASSES
+        and len(set(c100.classes)) == 100
+        and c100.classes == tuple(sorted(c100.classes))
+    )
     assert c100.classes[:3] == ("apple", "aquarium_fish", "baby") and c100.classes[-1] == "worm"
     assert c100.mean == (0.5071, 0.4865, 0.4409) and c100.std == (0.2673, 0.2564, 0.2762)
     # The official archive, as torchvision.datasets.CIFAR100 names it.
     assert c100.data_dir == Path("data/cifar100")
-    assert (c100.url, c100.md5) == ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85")
+    assert (c100.url, c100.md5) == (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+    )
 
 
 def test_cifar100_download_md5_fine_labels(tmp_path, served):
@@ -271,7 +294,9 @@ def test_cifar100_download_md5_fine_labels(tmp_path, served):
 def test_cifar100_archive_errors_name_cifar100(tmp_path):
     # The default md5 is the official archive's, so a generated one is refused untouched.
     archive, _ = official_archive(tmp_path / CIFAR100.archive_name, CIFAR100)
-    with pytest.raises(DatasetError, match="not the official CIFAR-100 archive .*expected eb9058c3a382ffc7106e4002c42a8d85"):
+    with pytest.raises(
+        DatasetError, match="not the official CIFAR-100 archive .*expected eb9058c3a382ffc7106e4002c42a8d85"
+    ):
         CIFAR100DataModule(data_dir=tmp_path).prepare_data()
     # A CIFAR-10 archive renamed to CIFAR-100's name is refused for its folder.
     other = tmp_path / "other"
@@ -325,8 +350,15 @@ def test_a_split_leaving_fewer_training_than_validation_images_warns(tiny_npz):
         data.setup("fit")
 
 
-@pytest.mark.parametrize("val_size, words", [(1.5, "fraction between 0 and 1"), (0.0, "fraction between 0 and 1"),
-                                             (0.001, "is no image"), (1.0, "fraction between 0 and 1")])
+@pytest.mark.parametrize(
+    "val_size, words",
+    [
+        (1.5, "fraction between 0 and 1"),
+        (0.0, "fraction between 0 and 1"),
+        (0.001, "is no image"),
+        (1.0, "fraction between 0 and 1"),
+    ],
+)
 def test_a_val_size_fraction_out_of_range_is_refused(tiny_npz, val_size, words):
     with pytest.raises(UserError, match=words):
         CIFAR10DataModule(npz=tiny_npz, val_size=val_size).setup("fit")

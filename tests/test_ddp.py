@@ -25,8 +25,20 @@ PER_RANK_IMAGES = 24  # 64 random images - 16 for validation = 48 training image
 
 
 def ddp_fit(root, npz, config: str, *extra: str, timeout: float = 300):
-    out = run_cli(["fit", "-c", config, *DDP_CPU, f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={root}",
-                   "--trainer.callbacks+=tests.probes.RankDump", *extra], timeout=timeout)
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            config,
+            *DDP_CPU,
+            f"--data.npz={npz}",
+            *SMALL,
+            f"--trainer.default_root_dir={root}",
+            "--trainer.callbacks+=tests.probes.RankDump",
+            *extra,
+        ],
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
@@ -55,7 +67,16 @@ def test_one_run_directory_and_one_logger_for_all_ranks(ddp_run):
     run = ddp_run["run"]
     assert run_dirs(ddp_run["root"], "resnet20_hooks") == [run]
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["buffers.json", "checkpoints", "config.yaml", "hparams.yaml", "metrics.csv", "net.pt", "rank0.pt", "rank1.pt"]
+    assert names == [
+        "buffers.json",
+        "checkpoints",
+        "config.yaml",
+        "hparams.yaml",
+        "metrics.csv",
+        "net.pt",
+        "rank0.pt",
+        "rank1.pt",
+    ]
     assert [r["world_size"] for r in ranks(run)] == [2, 2], "both ranks wrote into the same directory"
     steps = [r["step"] for r in metrics(run) if "grad/total_norm" in r]
     assert steps == [0], "rank 0's logger alone writes; a second logger would duplicate every row"
@@ -65,7 +86,9 @@ def test_gradient_statistics_use_the_synchronised_gradients(ddp_run):
     """Each rank trained on a different shard, yet both computed the same per-layer norms: they
     read the gradients after DDP's all-reduce. Local gradients would differ between the ranks."""
     rank0, rank1 = ranks(ddp_run["run"])
-    assert rank0["first_labels"] != rank1["first_labels"], "the ranks must see different data for this to prove anything"
+    assert rank0["first_labels"] != rank1["first_labels"], (
+        "the ranks must see different data for this to prove anything"
+    )
     grads0, grads1 = rank0["stats"]["GradientStatistics"], rank1["stats"]["GradientStatistics"]
     assert "grad/stages.0.0.conv1/norm" in grads0 and "grad/stages.2.2/output_norm" in grads0
     assert grads0 == grads1
@@ -82,7 +105,13 @@ def test_saved_buffers_are_rank0s_broadcast_values(ddp_run):
     rank0, rank1 = ranks(run)
     state = read_checkpoint(run / "checkpoints/last.ckpt")["state_dict"]
     assert state["net.input_stats.count"].item() == PER_RANK_IMAGES
-    for name in ("input_stats.count", "input_stats.mean", "input_stats.var", "stem.1.running_mean", "stages.2.2.bn2.running_var"):
+    for name in (
+        "input_stats.count",
+        "input_stats.mean",
+        "input_stats.var",
+        "stem.1.running_mean",
+        "stages.2.2.bn2.running_var",
+    ):
         assert torch.equal(state[f"net.{name}"], rank0["buffers"][name]), name
         assert torch.equal(rank1["buffers"][name], rank0["buffers"][name]), name
     assert "net.input_stats.std" not in state and "input_stats.std" in rank0["buffers"]
@@ -124,8 +153,19 @@ def test_ddp_metrics_equal_single_process_metrics_on_the_same_data(ddp_run, tmp_
     run = ddp_run["run"]
     (ddp,) = [r for r in metrics(run) if "test/acc" in r]
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
-    single = main(["test", "-c", str(REPO / "experiments/resnet20.yaml"), f"--data.npz={ddp_run['npz']}", *QUIET,
-                   "--data.val_size=16", f"--trainer.default_root_dir={tmp_path}", "--plots.enabled=false", f"--ckpt_path={best}"])
+    single = main(
+        [
+            "test",
+            "-c",
+            str(REPO / "experiments/resnet20.yaml"),
+            f"--data.npz={ddp_run['npz']}",
+            *QUIET,
+            "--data.val_size=16",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--plots.enabled=false",
+            f"--ckpt_path={best}",
+        ]
+    )
     assert single.trainer.world_size == 1
     (one,) = [r for r in metrics(single.run_dir) if "test/acc" in r]
     assert one["test/acc"] == ddp["test/acc"] and one["test/acc_top5"] == ddp["test/acc_top5"]
@@ -134,8 +174,14 @@ def test_ddp_metrics_equal_single_process_metrics_on_the_same_data(ddp_run, tmp_
 
 def test_single_process_checkpoint_resumes_under_ddp(tmp_path):
     npz = make_npz(tmp_path / "d.npz")
-    common = ["-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}",
-              "--test_after_fit=false"]
+    common = [
+        "-c",
+        str(REPO / "experiments/lenet.yaml"),
+        f"--data.npz={npz}",
+        *SMALL,
+        f"--trainer.default_root_dir={tmp_path}",
+        "--test_after_fit=false",
+    ]
     run = main(["fit", *common]).run_dir
     first = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert first["global_step"] == 6  # 48 images / batch 8 in one process
@@ -152,14 +198,29 @@ def test_ddp_spawn_fit(tmp_path):
     """With the test after fit, metrics.csv once kept only the test row (the test's fresh copy of the
     logger deleted the fit's rows) and the run got a second config-<time>.yaml beside config.yaml."""
     npz = make_npz(tmp_path / "d.npz")
-    out = run_cli(["fit", "-c", "experiments/lenet.yaml", "-c", "experiments/presets/ddp_spawn.yaml", "--trainer.accelerator=cpu",
-                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=true"], timeout=300)
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            "experiments/lenet.yaml",
+            "-c",
+            "experiments/presets/ddp_spawn.yaml",
+            "--trainer.accelerator=cpu",
+            f"--data.npz={npz}",
+            *SMALL,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--test_after_fit=true",
+        ],
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     (run,) = run_dirs(tmp_path, "lenet")
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3, "2 processes, 3 steps each"
     load_into(LeNet(), run / "net.pt")
     rows = metrics(run)
-    assert [r["step"] for r in rows if "train/loss_epoch" in r] == [2] and [r["step"] for r in rows if "val/acc" in r] == [2]
+    assert [r["step"] for r in rows if "train/loss_epoch" in r] == [2] and [
+        r["step"] for r in rows if "val/acc" in r
+    ] == [2]
     assert len([r for r in rows if "test/acc" in r]) == 1
     assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml"]
 
@@ -171,9 +232,15 @@ def test_fsdp_sharded_checkpoint_converts_to_the_plain_net(ddp_run, tmp_path):
     gives FSDP DDP's rank-0 rule), and the hook callbacks report the same layers as under DDP, with
     norms summed over the gradient shards."""
     npz = make_npz(tmp_path / "d.npz")
-    ddp_fit(tmp_path, npz, "experiments/resnet20_hooks.yaml", "--trainer.strategy=tests.probes.CPUFSDPStrategy",
-            "--trainer.strategy.state_dict_type=sharded", "--trainer.strategy.auto_wrap_policy=[project.models.ResidualBlock]",
-            "--test_after_fit=false")
+    ddp_fit(
+        tmp_path,
+        npz,
+        "experiments/resnet20_hooks.yaml",
+        "--trainer.strategy=tests.probes.CPUFSDPStrategy",
+        "--trainer.strategy.state_dict_type=sharded",
+        "--trainer.strategy.auto_wrap_policy=[project.models.ResidualBlock]",
+        "--test_after_fit=false",
+    )
     (run,) = run_dirs(tmp_path, "resnet20_hooks")
     last = run / "checkpoints/last.ckpt"
     assert last.is_dir() and (last / ".metadata").is_file() and (last / "__1_0.distcp").is_file()
@@ -187,8 +254,18 @@ def test_fsdp_sharded_checkpoint_converts_to_the_plain_net(ddp_run, tmp_path):
     assert "by SyncBuffers" in json.loads((run / "buffers.json").read_text())["synchronisation"]
     assert rank0["stats"]["GradientStatistics"] == rank1["stats"]["GradientStatistics"]
     with pytest.raises(SystemExit) as exit_info:  # the sharded directory's meta.pt is checked on resume too
-        main(["fit", "-c", str(REPO / "experiments/resnet20_hooks.yaml"), f"--data.npz={npz}", *SMALL,
-              f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={last}", "--model.optimizer.lr=0.5"])
+        main(
+            [
+                "fit",
+                "-c",
+                str(REPO / "experiments/resnet20_hooks.yaml"),
+                f"--data.npz={npz}",
+                *SMALL,
+                f"--trainer.default_root_dir={tmp_path}",
+                f"--ckpt_path={last}",
+                "--model.optimizer.lr=0.5",
+            ]
+        )
     assert exit_info.value.code == 2
     ddp_grads = ranks(ddp_run["run"])[0]["stats"]["GradientStatistics"]
     assert set(rank0["stats"]["GradientStatistics"]) == set(ddp_grads), "same layer names under FSDP and DDP"
@@ -214,8 +291,23 @@ def gpus() -> int:
 @pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
 def test_one_gpu_with_hooks_bf16_and_compile(tmp_path):
     npz = make_npz(tmp_path / "d.npz")
-    out = run_cli(["fit", "-c", "experiments/resnet20_hooks.yaml", "-c", "experiments/presets/gpu.yaml", "-c", "experiments/presets/bf16.yaml",
-                   "-c", "experiments/presets/compile.yaml", f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}"], timeout=600)
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            "experiments/resnet20_hooks.yaml",
+            "-c",
+            "experiments/presets/gpu.yaml",
+            "-c",
+            "experiments/presets/bf16.yaml",
+            "-c",
+            "experiments/presets/compile.yaml",
+            f"--data.npz={npz}",
+            *SMALL,
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     (run,) = run_dirs(tmp_path, "resnet20_hooks")
     grads = next(r for r in metrics(run) if "grad/total_norm" in r)
@@ -233,8 +325,21 @@ def test_one_gpu_strategies_round_trip_to_the_plain_net(tmp_path, preset):
     process group of one: the fit runs with the hook callbacks, and its last checkpoint (a file,
     or the sharded directory) converts to exactly the exported net.pt, which loads into a plain ResNet20."""
     npz = make_npz(tmp_path / "d.npz")
-    out = run_cli(["fit", "-c", "experiments/resnet20_hooks.yaml", "-c", f"experiments/presets/{preset}.yaml", "--trainer.devices=1",
-                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false"], timeout=300)
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            "experiments/resnet20_hooks.yaml",
+            "-c",
+            f"experiments/presets/{preset}.yaml",
+            "--trainer.devices=1",
+            f"--data.npz={npz}",
+            *SMALL,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--test_after_fit=false",
+        ],
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     (run,) = run_dirs(tmp_path, "resnet20_hooks")
     last = run / "checkpoints/last.ckpt"
@@ -253,9 +358,22 @@ def test_one_gpu_strategies_round_trip_to_the_plain_net(tmp_path, preset):
 @pytest.mark.parametrize("preset", ["ddp", "fsdp_sharded"])
 def test_multi_gpu_fit_converts_and_agrees_across_ranks(tmp_path, preset):
     npz = make_npz(tmp_path / "d.npz")
-    out = run_cli(["fit", "-c", "experiments/resnet20_hooks.yaml", "-c", f"experiments/presets/{preset}.yaml", "--trainer.devices=2",
-                   f"--data.npz={npz}", *SMALL, f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=tests.probes.RankDump",
-                   "--test_after_fit=false"], timeout=600)
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            "experiments/resnet20_hooks.yaml",
+            "-c",
+            f"experiments/presets/{preset}.yaml",
+            "--trainer.devices=2",
+            f"--data.npz={npz}",
+            *SMALL,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=tests.probes.RankDump",
+            "--test_after_fit=false",
+        ],
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     (run,) = run_dirs(tmp_path, "resnet20_hooks")
     rank0, rank1 = ranks(run)

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import QUIET, make_npz, run_cli, run_dirs
 from project.classifier import ImageClassifier
 from project.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
 from project.data.device_loader import DeviceLoader, EpochSampler
 from project.models import LeNet
+from tests.conftest import QUIET, make_npz, run_cli, run_dirs
 
 PIPELINES = ("dataloader", "device")
 
@@ -30,10 +30,12 @@ def all_crops_and_flips(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
     """Every augmentation of one uint8 image: shifts -4..4 (zero fill) x 2 flips, (9, 9, 2, C, H, W)."""
     padded = F.pad(image, (padding,) * 4)
     _, h, w = image.shape
-    crops = torch.stack([
-        torch.stack([padded[:, top : top + h, left : left + w] for left in range(2 * padding + 1)])
-        for top in range(2 * padding + 1)
-    ])
+    crops = torch.stack(
+        [
+            torch.stack([padded[:, top : top + h, left : left + w] for left in range(2 * padding + 1)])
+            for top in range(2 * padding + 1)
+        ]
+    )
     return torch.stack([crops, crops.flip(-1)], dim=2)
 
 
@@ -238,12 +240,21 @@ class _Probe(L.Callback):
 
 def test_lightning_trains_from_the_device_pipeline_and_sets_its_epoch(tiny_npz, tmp_path):
     dm = CIFAR10DataModule(npz=tiny_npz, val_size=16, batch_size=8, pipeline="device")
-    model = ImageClassifier(LeNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
-                            scheduler=functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01))
+    model = ImageClassifier(
+        LeNet(),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
+        scheduler=functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
+    )
     probe = _Probe()
     trainer = L.Trainer(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe],
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[probe],
     )
     trainer.fit(model, datamodule=dm)
     assert isinstance(trainer.train_dataloader, DeviceLoader)
@@ -251,7 +262,9 @@ def test_lightning_trains_from_the_device_pipeline_and_sets_its_epoch(tiny_npz, 
     assert probe.devices == {"cpu"} and probe.dtypes == {torch.float32}
     assert trainer.global_step == 3 * 6  # 48 training images in batches of 8
     assert trainer.estimated_stepping_batches == 18
-    assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 18, "OneCycleLR planned from the device loader's length"
+    assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 18, (
+        "OneCycleLR planned from the device loader's length"
+    )
     assert "val/acc" in trainer.callback_metrics
     predictions = trainer.predict(model, datamodule=dm)
     assert sum(len(p["preds"]) for p in predictions) == 32
@@ -260,9 +273,23 @@ def test_lightning_trains_from_the_device_pipeline_and_sets_its_epoch(tiny_npz, 
 def test_ddp_two_processes_train_on_disjoint_halves(tiny_npz, tmp_path):
     """Real 2-process DDP (gloo, CPU): each rank takes 24 of the 48 training images per epoch."""
     result = run_cli(
-        ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", "--data.val_size=16", "--data.batch_size=8",
-         "--data.pipeline=device", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-         "--trainer.max_epochs=2", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}", "--name=ddp", *QUIET],
+        [
+            "fit",
+            "-c",
+            "experiments/lenet.yaml",
+            f"--data.npz={tiny_npz}",
+            "--data.val_size=16",
+            "--data.batch_size=8",
+            "--data.pipeline=device",
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.max_epochs=2",
+            "--test_after_fit=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--name=ddp",
+            *QUIET,
+        ],
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -279,7 +306,9 @@ def test_ddp_two_processes_train_on_disjoint_halves(tiny_npz, tmp_path):
 def test_device_pipeline_on_cuda(tiny_npz):
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(64)
-    loader = DeviceLoader(images, labels, 16, shuffle=True, augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD, device="cuda")
+    loader = DeviceLoader(
+        images, labels, 16, shuffle=True, augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD, device="cuda"
+    )
     order = loader.sampler.indices()
     outputs = torch.cat([x for x, _ in loader])
     assert outputs.is_cuda and torch.cat([y for _, y in loader]).is_cuda

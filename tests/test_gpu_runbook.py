@@ -28,8 +28,20 @@ RUNBOOK = REPO / "benchmarks" / "run_gpu.sh"
 WHEELHOUSE = REPO / "benchmarks" / "wheelhouse"
 SCRIPTS = ["run_gpu.sh", "gpu_install.sh", "gpu_wheelhouse.sh", "gpu_stage.sh"]
 #: What the lent GPU machine has installed (its image's documentation), besides Python itself.
-GPU_MACHINE_HAS = ["torch", "torchvision", "lightning", "pytorch-lightning", "torchmetrics", "matplotlib", "numpy", "pyyaml",
-                   "rich", "typing-extensions", "packaging", "pip"]
+GPU_MACHINE_HAS = [
+    "torch",
+    "torchvision",
+    "lightning",
+    "pytorch-lightning",
+    "torchmetrics",
+    "matplotlib",
+    "numpy",
+    "pyyaml",
+    "rich",
+    "typing-extensions",
+    "packaging",
+    "pip",
+]
 
 
 def pinned_wheels() -> dict[str, str]:
@@ -62,12 +74,14 @@ def test_runbook_refuses_to_start_without_the_wheelhouse_or_the_subset(tmp_path)
     env = {"OUT": str(tmp_path / "out")}
     result = bash([str(tmp_path / "benchmarks" / "run_gpu.sh")], env)
     assert result.returncode == 2 and result.stderr == (
-        "error: benchmarks/wheelhouse/ holds no wheels: build it with bash benchmarks/gpu_stage.sh and carry benchmarks/wheelhouse.\n")
+        "error: benchmarks/wheelhouse/ holds no wheels: build it with bash benchmarks/gpu_stage.sh and carry benchmarks/wheelhouse.\n"
+    )
     (tmp_path / "benchmarks" / "wheelhouse").mkdir()
     (tmp_path / "benchmarks" / "wheelhouse" / "x-1.0-py3-none-any.whl").write_bytes(b"")
     result = bash([str(tmp_path / "benchmarks" / "run_gpu.sh")], env)
     assert result.returncode == 2 and result.stderr == (
-        "error: benchmarks/data/cifar10_subset.npz is missing: stage it with bash benchmarks/gpu_stage.sh and carry benchmarks/data.\n")
+        "error: benchmarks/data/cifar10_subset.npz is missing: stage it with bash benchmarks/gpu_stage.sh and carry benchmarks/data.\n"
+    )
     assert not (tmp_path / "out").exists(), "nothing written before the checks pass"
 
 
@@ -94,8 +108,15 @@ def fresh_environment(root: Path, exclude: set[str]) -> Path:
     """A new venv exposing only GPU_MACHINE_HAS and their requirements from this environment; returns its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
     python = root / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True, timeout=60).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+    )
     ours = Path(sysconfig.get_paths()["purelib"]).resolve()
     for dist in requirement_closure(GPU_MACHINE_HAS):
         assert canonicalize_name(dist.metadata["Name"]) not in exclude
@@ -111,7 +132,9 @@ def fresh_environment(root: Path, exclude: set[str]) -> Path:
 
 def test_wheelhouse_installs_offline_into_a_fresh_environment_and_the_cli_runs(tmp_path):
     if not any(WHEELHOUSE.glob("*.whl")):
-        pytest.skip("benchmarks/wheelhouse/ is absent: build it with `bash benchmarks/gpu_wheelhouse.sh` (.ci/setup does)")
+        pytest.skip(
+            "benchmarks/wheelhouse/ is absent: build it with `bash benchmarks/gpu_wheelhouse.sh` (.ci/setup does)"
+        )
     pins = pinned_wheels()
     wheels = {canonicalize_name(w.name.split("-")[0]): w.name.split("-")[1] for w in WHEELHOUSE.glob("*.whl")}
     assert wheels == pins, "the wheelhouse holds exactly the pinned wheels of benchmarks/gpu_wheels.txt"
@@ -123,7 +146,9 @@ def test_wheelhouse_installs_offline_into_a_fresh_environment_and_the_cli_runs(t
 
     assert probe("import torch, lightning, torchmetrics, torchvision, matplotlib, yaml").returncode == 0
     for missing in ("jsonargparse", "wandb", "docstring_parser", "typeshed_client"):
-        assert "ModuleNotFoundError" in probe(f"import {missing}").stderr, f"{missing} must not be in the fresh environment"
+        assert "ModuleNotFoundError" in probe(f"import {missing}").stderr, (
+            f"{missing} must not be in the fresh environment"
+        )
 
     # The runbook itself, with this interpreter: install (--no-index), import checks, one CPU step.
     out, site = tmp_path / "out", tmp_path / "site"
@@ -133,8 +158,12 @@ def test_wheelhouse_installs_offline_into_a_fresh_environment_and_the_cli_runs(t
         staged.parent.mkdir(parents=True, exist_ok=True)
         make_npz(staged)
     try:
-        result = run_bounded(["bash", str(RUNBOOK)], timeout=300, cwd=tmp_path,
-                             env={**env, "PYTHON": str(python), "OUT": str(out), "GPU_SITE": str(site), "GPU_RUNBOOK_DRY_RUN": "1"})
+        result = run_bounded(
+            ["bash", str(RUNBOOK)],
+            timeout=300,
+            cwd=tmp_path,
+            env={**env, "PYTHON": str(python), "OUT": str(out), "GPU_SITE": str(site), "GPU_RUNBOOK_DRY_RUN": "1"},
+        )
     finally:
         if made_subset:
             staged.unlink()
@@ -146,9 +175,26 @@ def test_wheelhouse_installs_offline_into_a_fresh_environment_and_the_cli_runs(t
 
     # And a real (one-batch) fit through the CLI in that environment.
     npz = make_npz(tmp_path / "tiny.npz")
-    fit = run_bounded([str(python), "-m", "project", "fit", "-c", str(REPO / "experiments/lenet.yaml"), *QUIET, f"--data.npz={npz}",
-                       "--data.val_size=16", "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--test_after_fit=false",
-                       "--plots.enabled=false", f"--trainer.default_root_dir={tmp_path / 'runs'}"],
-                      timeout=300, cwd=REPO, env={**env, "PYTHONPATH": f"{REPO}{os.pathsep}{site}", "WANDB_MODE": "disabled"})
+    fit = run_bounded(
+        [
+            str(python),
+            "-m",
+            "project",
+            "fit",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            *QUIET,
+            f"--data.npz={npz}",
+            "--data.val_size=16",
+            "--trainer.fast_dev_run=true",
+            "--trainer.accelerator=cpu",
+            "--test_after_fit=false",
+            "--plots.enabled=false",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        ],
+        timeout=300,
+        cwd=REPO,
+        env={**env, "PYTHONPATH": f"{REPO}{os.pathsep}{site}", "WANDB_MODE": "disabled"},
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "Running in `fast_dev_run` mode" in fit.stderr + fit.stdout

@@ -18,8 +18,11 @@ from tests.conftest import QUIET, REPO, make_npz
 
 GROUPS = [{"match": "fc*", "lr_scale": 10}, {"match": "conv1.*", "lr_scale": 0.1, "name": "slow_conv"}]
 #: LearningRateMonitor's columns: lr-<optimizer>/<group name>, weights and (no weight decay) biases apart.
-COLUMNS = {f"lr-SGD/{name}{suffix}": scale for name, scale in (("fc*", 10), ("slow_conv", 0.1), ("base", 1))
-           for suffix in ("", "/no_decay")}
+COLUMNS = {
+    f"lr-SGD/{name}{suffix}": scale
+    for name, scale in (("fc*", 10), ("slow_conv", 0.1), ("base", 1))
+    for suffix in ("", "/no_decay")
+}
 
 
 def lr_rows(path, optimizer: str = "SGD") -> list[dict[str, float]]:
@@ -38,9 +41,21 @@ def assert_ratios(rows: list[dict[str, float]], optimizer: str = "SGD") -> None:
 
 
 def fit_args(root, npz, *extra):
-    return ["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *QUIET, "--data.val_size=16",
-            "--data.batch_size=8", "--test_after_fit=false", "--plots.enabled=false", "--trainer.log_every_n_steps=1",
-            f"--trainer.default_root_dir={root}", f"--model.param_groups={json.dumps(GROUPS)}", *extra]
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments/lenet.yaml"),
+        f"--data.npz={npz}",
+        *QUIET,
+        "--data.val_size=16",
+        "--data.batch_size=8",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={root}",
+        f"--model.param_groups={json.dumps(GROUPS)}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +68,10 @@ def test_cli_fit_logs_every_groups_lr_per_step(tmp_path, npz):
     groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
     assert set(groups) == {name.removeprefix("lr-SGD/") for name in COLUMNS}
     assert groups["fc*"]["param_names"] == ["fc1.weight", "fc2.weight", "fc3.weight"]
-    assert groups["slow_conv/no_decay"]["param_names"] == ["conv1.bias"] and groups["slow_conv/no_decay"]["weight_decay"] == 0
+    assert (
+        groups["slow_conv/no_decay"]["param_names"] == ["conv1.bias"]
+        and groups["slow_conv/no_decay"]["weight_decay"] == 0
+    )
     assert groups["base"]["param_names"] == ["conv2.weight"] and groups["base"]["weight_decay"] == 5e-4
     rows = lr_rows(cli.run_dir / "metrics.csv")
     assert [row["step"] for row in rows] == list(range(12)), "one row per optimiser step (2 epochs x 6 batches)"
@@ -85,11 +103,22 @@ SCHEDULERS = {
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_scheduler_scales_each_group(tmp_path, optimizer, scheduler):
-    model = ImageClassifier(LeNet(), optimizer=functools.partial(optimizer, lr=0.02, weight_decay=1e-3),
-                            scheduler=SCHEDULERS[scheduler], param_groups=GROUPS)
-    trainer = L.Trainer(max_epochs=2, logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-                        callbacks=[LearningRates(logging_interval="step")], default_root_dir=tmp_path)
+    model = ImageClassifier(
+        LeNet(),
+        optimizer=functools.partial(optimizer, lr=0.02, weight_decay=1e-3),
+        scheduler=SCHEDULERS[scheduler],
+        param_groups=GROUPS,
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=CSVLogger(tmp_path, name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[LearningRates(logging_interval="step")],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=_Tiny())
     name = optimizer.__name__
     rows = lr_rows(tmp_path / "metrics.csv", name)
@@ -99,14 +128,18 @@ def test_every_scheduler_scales_each_group(tmp_path, optimizer, scheduler):
     assert groups["base"]["weight_decay"] == 1e-3 and groups["fc*/no_decay"]["weight_decay"] == 0.0
     base = [row[f"lr-{name}/base"] for row in rows]
     if scheduler == "onecycle":
-        assert [g["max_lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([0.2, 0.2, 0.002, 0.002, 0.02, 0.02])
+        assert [g["max_lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx(
+            [0.2, 0.2, 0.002, 0.002, 0.02, 0.02]
+        )
         assert max(base) > base[0] * 10 and base[-1] < base[0], "warms up, then anneals"
     elif scheduler == "step":
         assert base[:4] == pytest.approx([0.02] * 4) and base[4:] == pytest.approx([0.01] * 4), "per epoch"
     elif scheduler == "none":
         assert base == pytest.approx([0.02] * 8)
     else:
-        assert base == pytest.approx([0.02 * warmup_cosine(step, 8) for step in range(8)]), "per step over the 8-step plan"
+        assert base == pytest.approx([0.02 * warmup_cosine(step, 8) for step in range(8)]), (
+            "per step over the 8-step plan"
+        )
 
 
 def test_resumed_one_cycle_refuses_another_plan_length(tmp_path, npz, capsys):
@@ -122,6 +155,14 @@ def test_resumed_one_cycle_refuses_another_plan_length(tmp_path, npz, capsys):
     assert err.startswith("error: The resumed OneCycleLR schedule was planned for 6 steps, but this fit plans 12")
     # Other groups at resume time would not fit the checkpoint's optimiser state: refused.
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(tmp_path, npz, *one_cycle, "--trainer.max_epochs=1", "--ckpt_path=last",
-                      '--model.param_groups=[{"match": "fc*", "lr_scale": 3}]'))
+        main(
+            fit_args(
+                tmp_path,
+                npz,
+                *one_cycle,
+                "--trainer.max_epochs=1",
+                "--ckpt_path=last",
+                '--model.param_groups=[{"match": "fc*", "lr_scale": 3}]',
+            )
+        )
     assert exit_info.value.code == 2 and "model.param_groups (checkpoint" in capsys.readouterr().err

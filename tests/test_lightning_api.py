@@ -66,15 +66,22 @@ def private_lightning_uses() -> list[str]:
                     uses.append(f"{where(node)} from {node.module} import ...")
                 uses.extend(f"{where(node)} {alias.name}" for alias in node.names if _is_private(alias.name))
             elif isinstance(node, ast.Import):
-                uses.extend(f"{where(node)} import {alias.name}" for alias in node.names
-                            if alias.name.startswith("lightning") and any(map(_is_private, alias.name.split("."))))
+                uses.extend(
+                    f"{where(node)} import {alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("lightning") and any(map(_is_private, alias.name.split(".")))
+                )
             elif isinstance(node, ast.ClassDef):
                 cls = getattr(module_of[path], node.name, None)
                 bases = _lightning_bases(cls) if isinstance(cls, type) else []
                 members = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-                members |= {t.attr for n in ast.walk(node) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
-                            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-                            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+                members |= {
+                    t.attr
+                    for n in ast.walk(node)
+                    if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+                    for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+                }
                 for member in filter(_is_private, members):
                     if any(member in vars(base) for base in bases):
                         overrides.append((f"{where(node)} {node.name}.{member}", member))
@@ -89,7 +96,9 @@ def private_lightning_uses() -> list[str]:
             if isinstance(node, ast.Attribute):
                 names = [node.attr]
             elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr"):
-                names = [arg.value for arg in node.args[1:2] if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+                names = [
+                    arg.value for arg in node.args[1:2] if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+                ]
             for name in names:
                 if _is_private(name) and name not in own and name in lightning_private and name not in ALLOWED:
                     uses.append(f"{path.relative_to(PROJECT.parent)}:{node.lineno} .{name}")
@@ -108,10 +117,15 @@ def test_the_check_sees_a_private_use(tmp_path, monkeypatch):
     """The check itself works: a project file that reads Lightning's private attributes is reported, line by line."""
     package = tmp_path / "project"
     package.mkdir()
-    (package / "resume.py").write_text("def resumed_from(trainer):\n    return trainer._checkpoint_connector._ckpt_path\n")
+    (package / "resume.py").write_text(
+        "def resumed_from(trainer):\n    return trainer._checkpoint_connector._ckpt_path\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "PROJECT", package)
     monkeypatch.setattr(sys.modules[__name__], "_project_modules", lambda: {})
-    assert sorted(private_lightning_uses()) == ["project/resume.py:2 ._checkpoint_connector", "project/resume.py:2 ._ckpt_path"]
+    assert sorted(private_lightning_uses()) == [
+        "project/resume.py:2 ._checkpoint_connector",
+        "project/resume.py:2 ._ckpt_path",
+    ]
 
 
 def test_buffer_report_reads_broadcast_buffers_from_the_public_ddp_wrapper(tmp_path):

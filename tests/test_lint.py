@@ -24,4 +24,6 @@ def ruff() -> list[str]:
 @pytest.mark.parametrize("command", [["check", "--no-fix"], ["format", "--check"]], ids=["lint", "format"])
 def test_the_tree_is_ruff_clean(command):
     out = subprocess.run([*ruff(), *command, "."], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, f"ruff {' '.join(command)} (fix: ruff check --fix . && ruff format .):\n{out.stdout[-3000:]}"
+    assert out.returncode == 0, (
+        f"ruff {' '.join(command)} (fix: ruff check --fix . && ruff format .):\n{out.stdout[-3000:]}"
+    )

@@ -7,7 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from project.models import INIT_SCHEMES, LeNet, ResidualBlock, ResNet, ResNet18, ResNet20, ResNet32, ResNet34, ResNet56, initialize
+from project.models import (
+    INIT_SCHEMES,
+    LeNet,
+    ResidualBlock,
+    ResNet,
+    ResNet18,
+    ResNet20,
+    ResNet32,
+    ResNet34,
+    ResNet56,
+    initialize,
+)
 
 
 def n_params(model: nn.Module) -> int:
@@ -36,7 +47,9 @@ class TextbookLeNet(nn.Module):
 def test_lenet_matches_the_tutorial():
     net = LeNet()
     assert n_params(net) == 62_006
-    assert list(net.state_dict()) == [f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2", "fc3") for kind in ("weight", "bias")]
+    assert list(net.state_dict()) == [
+        f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2", "fc3") for kind in ("weight", "bias")
+    ]
     textbook = TextbookLeNet()
     net.load_state_dict(textbook.state_dict())  # strict: same names, same shapes
     x = torch.randn(4, 3, 32, 32)
@@ -168,13 +181,23 @@ def test_parameter_buffer_and_plain_tensor_attribute():
     net = ResNet(blocks_per_stage=(1,), widths=(8,), logit_scale=True)
     net.plain = torch.ones(3)  # a plain tensor attribute: nn.Module.__setattr__ files it nowhere
     params, buffers, state = dict(net.named_parameters()), dict(net.named_buffers()), net.state_dict()
-    assert {"fc.weight", "logit_scale.scale", "logit_scale.bias"} <= params.keys() and "stem.1.running_mean" not in params
+    assert {
+        "fc.weight",
+        "logit_scale.scale",
+        "logit_scale.bias",
+    } <= params.keys() and "stem.1.running_mean" not in params
     assert {"stem.1.running_mean", "input_stats.count", "input_stats.std"} <= buffers.keys()
     assert {"fc.weight", "logit_scale.scale", "stem.1.running_mean", "input_stats.count"} <= state.keys()
     assert "input_stats.std" not in state, "non-persistent buffer"
     assert not any("plain" in name for name in [*params, *buffers, *state])
     net.to(torch.float64)
-    assert net.fc.weight.dtype == net.logit_scale["scale"].dtype == net.stem[1].running_mean.dtype == net.input_stats.std.dtype == torch.float64
+    assert (
+        net.fc.weight.dtype
+        == net.logit_scale["scale"].dtype
+        == net.stem[1].running_mean.dtype
+        == net.input_stats.std.dtype
+        == torch.float64
+    )
     assert net.input_stats.count.dtype == torch.int64, "integer buffers keep their dtype"
     assert net.plain.dtype == torch.float32, ".to() does not touch a plain attribute"
     net.to("meta")  # a device move, without a GPU
@@ -212,7 +235,10 @@ def test_logit_scale_is_a_parameter_dict_of_per_class_scale_and_bias():
     net = ResNet20(num_classes=4, logit_scale=True)
     assert isinstance(net.logit_scale, nn.ParameterDict)
     assert net.logit_scale["scale"].shape == net.logit_scale["bias"].shape == (4,)
-    assert list(net.state_dict())[-2:] == ["logit_scale.bias", "logit_scale.scale"]  # a ParameterDict built from a dict sorts its keys
+    assert list(net.state_dict())[-2:] == [
+        "logit_scale.bias",
+        "logit_scale.scale",
+    ]  # a ParameterDict built from a dict sorts its keys
     x = torch.randn(2, 3, 32, 32)
     net.eval()
     plain_logits = net.fc(torch.flatten(net.pool["avg"](_features(net, x)), 1))

@@ -18,10 +18,22 @@ from tests.conftest import QUIET, REPO, kill_group, run_cli, run_dirs
 #: The same training on both sides: no augmentation (it is drawn per process), the device pipeline
 #: (its epoch order is one permutation seeded by (seed, epoch) that the ranks split as order[rank::2]),
 #: LeNet (no BatchNorm, whose statistics would be per process), 6 steps per epoch, 2 epochs.
-COMMON = ["fit", "-c", "experiments/lenet.yaml", "--data.pipeline=device", "--data.augment=false",
-          "--data.val_size=500", "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=2",
-          "--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.devices=1",
-          "--test_after_fit=false", "--plots.enabled=false", *QUIET]
+COMMON = [
+    "fit",
+    "-c",
+    "experiments/lenet.yaml",
+    "--data.pipeline=device",
+    "--data.augment=false",
+    "--data.val_size=500",
+    "--trainer.limit_train_batches=6",
+    "--trainer.limit_val_batches=2",
+    "--trainer.max_epochs=2",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--test_after_fit=false",
+    "--plots.enabled=false",
+    *QUIET,
+]
 
 
 def free_port() -> int:
@@ -42,11 +54,32 @@ def test_two_torchrun_nodes_match_one_process_with_the_same_global_batch(tmp_pat
     env.pop("PROJECT_RUN_DIR", None)
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
-             "--master-addr=127.0.0.1", f"--master-port={port}", "--rdzv-id=two-nodes",
-             "-m", "project", *COMMON, data, "--data.batch_size=16", "--trainer.num_nodes=2", "--trainer.strategy=ddp",
-             f"--trainer.default_root_dir={tmp_path / 'multi'}"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "--rdzv-id=two-nodes",
+                "-m",
+                "project",
+                *COMMON,
+                data,
+                "--data.batch_size=16",
+                "--trainer.num_nodes=2",
+                "--trainer.strategy=ddp",
+                f"--trainer.default_root_dir={tmp_path / 'multi'}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         for rank in (0, 1)
     ]
     try:

@@ -49,10 +49,23 @@ def npz(tmp_path_factory):
 
 
 def fit_args(root, npz, *extra, batches: int = 2, epochs: int = 1):
-    return ["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *QUIET, "--data.val_size=16",
-            "--data.batch_size=8", "--test_after_fit=false", "--plots.enabled=false", "--trainer.log_every_n_steps=1",
-            f"--trainer.max_epochs={epochs}", f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=1",
-            f"--trainer.default_root_dir={root}", *extra]
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments/lenet.yaml"),
+        f"--data.npz={npz}",
+        *QUIET,
+        "--data.val_size=16",
+        "--data.batch_size=8",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.max_epochs={epochs}",
+        f"--trainer.limit_train_batches={batches}",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={root}",
+        *extra,
+    ]
 
 
 def logged_lrs(cli, column: str) -> list[float]:
@@ -76,8 +89,17 @@ def test_the_cli_trains_with_another_torch_optimizer(tmp_path, npz):
 
 
 def test_a_users_own_optimizer_class_trains_through_the_cli(tmp_path, npz):
-    cli = main(fit_args(tmp_path, npz, "--model.optimizer", "tests.test_optimizers.MyOptimizer", "--model.optimizer.lr", "0.01",
-                        "--model.scheduler=null"))
+    cli = main(
+        fit_args(
+            tmp_path,
+            npz,
+            "--model.optimizer",
+            "tests.test_optimizers.MyOptimizer",
+            "--model.optimizer.lr",
+            "0.01",
+            "--model.scheduler=null",
+        )
+    )
     optimizer = cli.trainer.optimizers[0]
     # The CLI imports this file as tests.test_optimizers (pytest may hold it under another module name).
     assert isinstance(optimizer, importlib.import_module("tests.test_optimizers").MyOptimizer)
@@ -98,7 +120,9 @@ def test_warmup_cosine_follows_the_formula():
     assert warmup_cosine(warmup + 3, total, warmup) == pytest.approx(0.5), "half way down at the midpoint"
     assert warmup_cosine(warmup + 1, total, warmup) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))
     assert warmup_cosine(total, total, warmup) == pytest.approx(0.0, abs=1e-12)
-    assert [warmup_cosine(step, total, warmup) for step in (11, 50)] == pytest.approx([0.0, 0.0], abs=1e-12), "zero after the plan"
+    assert [warmup_cosine(step, total, warmup) for step in (11, 50)] == pytest.approx([0.0, 0.0], abs=1e-12), (
+        "zero after the plan"
+    )
     # Without warmup the curve starts at the peak.
     assert warmup_cosine(0, 8) == pytest.approx(1.0) and warmup_cosine(4, 8) == pytest.approx(0.5)
     rising = [warmup_cosine(step, total, warmup) for step in range(warmup + 1)]
@@ -118,13 +142,28 @@ def one_error_line(stderr: str) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize(("old", "new"), [
-    (["--model.optimizer", "sgd"], ("--model.optimizer torch.optim.SGD --model.optimizer.<argument> <value>",
-                                    "optimizer: {class_path: torch.optim.SGD")),
-    (["--model.lr", "0.1"], ("--model.optimizer.lr on the command line", "optimizer: {class_path: torch.optim.SGD")),
-    (["--model.scheduler=none"], ("--model.scheduler null on the command line", "scheduler: null")),
-    (["--model.step_size=2"], ("--model.scheduler.step_size on the command line", "class_path: torch.optim.lr_scheduler.StepLR")),
-], ids=["optimizer-sgd", "lr", "scheduler-none", "step_size"])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (
+            ["--model.optimizer", "sgd"],
+            (
+                "--model.optimizer torch.optim.SGD --model.optimizer.<argument> <value>",
+                "optimizer: {class_path: torch.optim.SGD",
+            ),
+        ),
+        (
+            ["--model.lr", "0.1"],
+            ("--model.optimizer.lr on the command line", "optimizer: {class_path: torch.optim.SGD"),
+        ),
+        (["--model.scheduler=none"], ("--model.scheduler null on the command line", "scheduler: null")),
+        (
+            ["--model.step_size=2"],
+            ("--model.scheduler.step_size on the command line", "class_path: torch.optim.lr_scheduler.StepLR"),
+        ),
+    ],
+    ids=["optimizer-sgd", "lr", "scheduler-none", "step_size"],
+)
 def test_the_old_forms_are_one_sentence_showing_the_new_one(tmp_path, npz, capsys, old, new):
     with pytest.raises(SystemExit) as exited:
         main(fit_args(tmp_path, npz, *old))
@@ -142,20 +181,31 @@ def test_the_old_form_in_an_experiment_file_is_one_sentence(tmp_path, npz, capsy
         main(fit_args(tmp_path, npz, "-c", str(config)))
     line = one_error_line(capsys.readouterr().err)
     assert exited.value.code == 2
-    assert line.startswith("error: model.optimizer adamw is the old form") and "class_path: torch.optim.AdamW" in line, line
+    assert (
+        line.startswith("error: model.optimizer adamw is the old form") and "class_path: torch.optim.AdamW" in line
+    ), line
 
 
 # --------------------------------------------------------------------------- scheduler_interval
 
 
-STEP_LR = ["--model.optimizer.lr=0.1", "--model.scheduler", "torch.optim.lr_scheduler.StepLR",
-           "--model.scheduler.step_size=2", "--model.scheduler.gamma=0.5"]
+STEP_LR = [
+    "--model.optimizer.lr=0.1",
+    "--model.scheduler",
+    "torch.optim.lr_scheduler.StepLR",
+    "--model.scheduler.step_size=2",
+    "--model.scheduler.gamma=0.5",
+]
 
 
-@pytest.mark.parametrize(("interval", "expected"), [
-    (["--model.scheduler_interval=step"], ("step", [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])),  # halves every 2 steps
-    ([], ("epoch", [0.1] * 6)),  # torch's convention for StepLR: 2 epochs, step_size 2 never reached
-], ids=["step", "default-epoch"])
+@pytest.mark.parametrize(
+    ("interval", "expected"),
+    [
+        (["--model.scheduler_interval=step"], ("step", [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])),  # halves every 2 steps
+        ([], ("epoch", [0.1] * 6)),  # torch's convention for StepLR: 2 epochs, step_size 2 never reached
+    ],
+    ids=["step", "default-epoch"],
+)
 def test_scheduler_interval_steps_the_schedule_per_optimizer_step(tmp_path, npz, interval, expected):
     cli = main(fit_args(tmp_path, npz, *STEP_LR, *interval, batches=3, epochs=2))
     config = cli.model.configure_optimizers()
@@ -169,8 +219,13 @@ def test_scheduler_interval_steps_the_schedule_per_optimizer_step(tmp_path, npz,
 
 
 def test_adamw_groups_decay_weights_only_with_each_groups_own_decay():
-    groups = [{"match": "fc.*", "lr_scale": 10}, {"match": "stages.0.*", "lr_scale": 0.5, "weight_decay": 0.2, "name": "early"}]
-    model = ImageClassifier(ResNet20(), optimizer=functools.partial(torch.optim.AdamW, lr=3e-4), scheduler=None, param_groups=groups)
+    groups = [
+        {"match": "fc.*", "lr_scale": 10},
+        {"match": "stages.0.*", "lr_scale": 0.5, "weight_decay": 0.2, "name": "early"},
+    ]
+    model = ImageClassifier(
+        ResNet20(), optimizer=functools.partial(torch.optim.AdamW, lr=3e-4), scheduler=None, param_groups=groups
+    )
     optimizer = model.configure_optimizers()
     assert type(optimizer) is torch.optim.AdamW
     by_name = {g["name"]: g for g in optimizer.param_groups}
@@ -180,13 +235,32 @@ def test_adamw_groups_decay_weights_only_with_each_groups_own_decay():
             assert group["weight_decay"] == 0.0 and all(net_params[n].ndim < 2 for n in group["param_names"]), name
         else:
             assert all(net_params[n].ndim >= 2 for n in group["param_names"]), name
-    assert "stem.1.weight" in by_name["base/no_decay"]["param_names"] and "fc.bias" in by_name["fc.*/no_decay"]["param_names"]
+    assert (
+        "stem.1.weight" in by_name["base/no_decay"]["param_names"]
+        and "fc.bias" in by_name["fc.*/no_decay"]["param_names"]
+    )
     assert by_name["early"]["weight_decay"] == 0.2, "the group's own weight_decay"
     assert by_name["fc.*"]["weight_decay"] == by_name["base"]["weight_decay"] == 0.01, "else AdamW's own default"
     lrs = {name: group["lr"] for name, group in by_name.items()}
-    assert lrs == pytest.approx({"fc.*": 3e-3, "fc.*/no_decay": 3e-3, "early": 1.5e-4, "early/no_decay": 1.5e-4,
-                                 "base": 3e-4, "base/no_decay": 3e-4}), "AdamW's lr times each group's lr_scale"
-    explicit = ImageClassifier(LeNet(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05),
-                               scheduler=None, param_groups=[{"match": "fc*", "weight_decay": 0.0}]).configure_optimizers()
+    assert lrs == pytest.approx(
+        {
+            "fc.*": 3e-3,
+            "fc.*/no_decay": 3e-3,
+            "early": 1.5e-4,
+            "early/no_decay": 1.5e-4,
+            "base": 3e-4,
+            "base/no_decay": 3e-4,
+        }
+    ), "AdamW's lr times each group's lr_scale"
+    explicit = ImageClassifier(
+        LeNet(),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05),
+        scheduler=None,
+        param_groups=[{"match": "fc*", "weight_decay": 0.0}],
+    ).configure_optimizers()
     assert {g["name"]: g["weight_decay"] for g in explicit.param_groups} == {
-        "fc*": 0.0, "fc*/no_decay": 0.0, "base": 0.05, "base/no_decay": 0.0}
+        "fc*": 0.0,
+        "fc*/no_decay": 0.0,
+        "base": 0.05,
+        "base/no_decay": 0.0,
+    }

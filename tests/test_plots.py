@@ -1,7 +1,7 @@
 """Confusion matrix, sample predictions and learning curves: the figures, the callback, the command."""
 
-import functools
 import csv
+import functools
 import subprocess
 import sys
 
@@ -59,7 +59,8 @@ def test_learning_curves_from_metrics_csv_by_command(tmp_path):
     run.mkdir()
     (run / "metrics.csv").write_text(
         "epoch,step,train/loss_step,train/loss_epoch,val/acc,val/loss\n"
-        "0,9,2.1,,,\n0,19,1.9,,,\n0,19,,2.0,0.31,1.8\n1,29,1.6,,,\n1,39,1.4,,,\n1,39,,1.5,0.42,1.5\n")
+        "0,9,2.1,,,\n0,19,1.9,,,\n0,19,,2.0,0.31,1.8\n1,29,1.6,,,\n1,39,1.4,,,\n1,39,,1.5,0.42,1.5\n"
+    )
     series = plots.read_metrics(run / "metrics.csv")
     assert series["train/loss_step"][0].tolist() == [9, 19, 29, 39]
     assert series["val/acc"][1].tolist() == [0.31, 0.42]
@@ -70,16 +71,24 @@ def test_learning_curves_from_metrics_csv_by_command(tmp_path):
     series["lr-SGD/fc*"] = (np.array([9.0, 19.0]), np.array([0.5, 0.1]))
     fig = plots.learning_curves_figure(series)
     assert [ax.get_title() for ax in fig.axes] == ["loss", "acc", "lr"], "every parameter group's lr in one panel"
-    assert sorted(line.get_label() for line in fig.axes[2].lines) == ["lr-SGD/base", "lr-SGD/fc*"] and fig.axes[2].get_yscale() == "log"
+    assert (
+        sorted(line.get_label() for line in fig.axes[2].lines) == ["lr-SGD/base", "lr-SGD/fc*"]
+        and fig.axes[2].get_yscale() == "log"
+    )
 
     done = subprocess.run([sys.executable, "-m", "project.plots", str(run)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(run / "learning_curves.png")
     assert imread(run / "learning_curves.png").shape[2] in (3, 4)
 
-    missing = subprocess.run([sys.executable, "-m", "project.plots", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "project.plots", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
     assert missing.returncode == 2
-    assert missing.stderr.strip() == f"error: {tmp_path / 'metrics.csv'} does not exist; give a run directory written by the CSVLogger."
+    assert (
+        missing.stderr.strip()
+        == f"error: {tmp_path / 'metrics.csv'} does not exist; give a run directory written by the CSVLogger."
+    )
 
 
 def test_callback_draws_every_n_epochs_last_epoch_and_test_with_synced_counts(tmp_path, tiny_npz):
@@ -89,13 +98,21 @@ def test_callback_draws_every_n_epochs_last_epoch_and_test_with_synced_counts(tm
     callback = PredictionPlots(every_n_epochs=2, num_samples=5)
     model = ImageClassifier(LeNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9))
     data = CIFAR10DataModule(npz=str(tiny_npz), val_size=16, batch_size=8, eval_batch_size=6)
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[callback])
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
     trainer.fit(model, datamodule=data)
     folder = tmp_path / "plots"
     assert sorted(p.name for p in folder.iterdir()) == [
-        f"val-epoch{e:03d}-{kind}" for e in (1, 2) for kind in ("confusion.csv", "confusion.png", "predictions.png")]
+        f"val-epoch{e:03d}-{kind}" for e in (1, 2) for kind in ("confusion.csv", "confusion.png", "predictions.png")
+    ]
 
     header, counts = read_counts(folder / "val-epoch002-confusion.csv")
     assert header == list(CIFAR10_CLASSES) and counts.sum() == 16  # the sanity check is not counted
@@ -117,13 +134,26 @@ def test_callback_draws_every_n_epochs_last_epoch_and_test_with_synced_counts(tm
 
 
 def test_cli_draws_the_final_plots_by_default_and_can_be_turned_off(tmp_path, tiny_npz):
-    base = ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", "--data.val_size=16",
-            "--data.batch_size=16", "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}", *QUIET]
+    base = [
+        "fit",
+        "-c",
+        "experiments/lenet.yaml",
+        f"--data.npz={tiny_npz}",
+        "--data.val_size=16",
+        "--data.batch_size=16",
+        "--trainer.max_epochs=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    ]
     done = run_cli([*base, "--test_after_fit=true"])
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = run_dirs(tmp_path, "lenet")
     assert sorted(p.name for p in (run / "plots").glob("*.png")) == [
-        "test-confusion.png", "test-predictions.png", "val-epoch001-confusion.png", "val-epoch001-predictions.png"]
+        "test-confusion.png",
+        "test-predictions.png",
+        "val-epoch001-confusion.png",
+        "val-epoch001-predictions.png",
+    ]
 
     off = run_cli([*base, "--test_after_fit=false", "--plots.enabled=false", "--name=off"])
     assert off.returncode == 0, off.stderr[-3000:]
@@ -131,13 +161,17 @@ def test_cli_draws_the_final_plots_by_default_and_can_be_turned_off(tmp_path, ti
     assert not (run / "plots").exists()
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"\xff\xfe\x00binary", "is not a CSV text file"),
-    (b"epoch,loss\n0,1.5\n", "has no step column"),
-    (b"step,train/loss\n0,1.5\n1,oops\n", "line 3: step '1' or train/loss 'oops' is not a number"),
-    (b"step,train/loss\n0,1.5,7\n", "line 2: more values than the header has columns"),
-    (b"step,epoch\n0,0\n", "no metric columns to plot"),
-], ids=["binary", "no-step", "not-a-number", "extra-cell", "no-metrics"])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"\xff\xfe\x00binary", "is not a CSV text file"),
+        (b"epoch,loss\n0,1.5\n", "has no step column"),
+        (b"step,train/loss\n0,1.5\n1,oops\n", "line 3: step '1' or train/loss 'oops' is not a number"),
+        (b"step,train/loss\n0,1.5,7\n", "line 2: more values than the header has columns"),
+        (b"step,epoch\n0,0\n", "no metric columns to plot"),
+    ],
+    ids=["binary", "no-step", "not-a-number", "extra-cell", "no-metrics"],
+)
 def test_a_malformed_metrics_csv_is_one_sentence_and_exit_2(tmp_path, capsys, content, words):
     """Each once ended in a traceback (or, with a message, exit status 1); nothing is written."""
     (tmp_path / "metrics.csv").write_bytes(content)

@@ -91,8 +91,11 @@ def test_the_add_a_dataset_recipe_trains_one_epoch(tmp_path):
     packages = write_package(tmp_path / "src", "mydata", TINY_DATA_MODULE)
     experiment = tmp_path / "tiny_shades.yaml"
     experiment.write_text(textwrap.dedent(TINY_EXPERIMENT.format(package="mydata")))
-    out = run_cli(["fit", "-c", str(experiment), f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET_TRAINER],
-                  env={"PYTHONPATH": f"{REPO}{os.pathsep}{packages}"}, timeout=300)
+    out = run_cli(
+        ["fit", "-c", str(experiment), f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET_TRAINER],
+        env={"PYTHONPATH": f"{REPO}{os.pathsep}{packages}"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "runs", "tiny_shades")
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -114,14 +117,27 @@ def test_cifar100_trains_through_the_cli(tmp_path):
     data_dir (its md5 given, since it is not the official file), with a tiny ResNet and one epoch."""
     data_dir = tmp_path / "data"
     archive, contents = official_archive(data_dir / CIFAR100.archive_name, CIFAR100, per_file=64)
-    cli = main([
-        "fit", "-c", str(REPO / "experiments/resnet18_cifar100.yaml"),
-        f"--data.data_dir={data_dir}", f"--data.md5={md5(archive)}", "--data.val_size=16", "--data.batch_size=16",
-        "--data.eval_batch_size=32", "--data.num_workers=0", "--data.pin_memory=false",
-        "--model.net=project.models.ResNet", "--model.net.init_args.blocks_per_stage=[1]", "--model.net.init_args.widths=[8]",
-        "--trainer.max_epochs=1", "--trainer.precision=32-true", f"--trainer.default_root_dir={tmp_path / 'runs'}",
-        *QUIET_TRAINER,
-    ])
+    cli = main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/resnet18_cifar100.yaml"),
+            f"--data.data_dir={data_dir}",
+            f"--data.md5={md5(archive)}",
+            "--data.val_size=16",
+            "--data.batch_size=16",
+            "--data.eval_batch_size=32",
+            "--data.num_workers=0",
+            "--data.pin_memory=false",
+            "--model.net=project.models.ResNet",
+            "--model.net.init_args.blocks_per_stage=[1]",
+            "--model.net.init_args.widths=[8]",
+            "--trainer.max_epochs=1",
+            "--trainer.precision=32-true",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            *QUIET_TRAINER,
+        ]
+    )
     assert type(cli.datamodule).__name__ == "CIFAR100DataModule"
     assert cli.model.num_classes == 100 and cli.model.net.fc.out_features == 100
     assert cli.datamodule.test_split.labels.tolist() == contents["test"]["fine_labels"]
@@ -142,17 +158,33 @@ def test_cifar100_trains_through_the_cli(tmp_path):
     [
         ("os.system", "data.class_path os.system is not a LightningDataModule subclass, so it was not called; "),
         ("project.models.LeNet", "data.class_path project.models.LeNet is not a LightningDataModule subclass, "),
-        ("nosuchpackage.Data", "data.class_path nosuchpackage.Data cannot be imported (No module named 'nosuchpackage'); "),
-        ("project.data.CIFAR1000DataModule",
-         "data.class_path project.data.CIFAR1000DataModule cannot be imported (module 'project.data' has no attribute "),
+        (
+            "nosuchpackage.Data",
+            "data.class_path nosuchpackage.Data cannot be imported (No module named 'nosuchpackage'); ",
+        ),
+        (
+            "project.data.CIFAR1000DataModule",
+            "data.class_path project.data.CIFAR1000DataModule cannot be imported (module 'project.data' has no attribute ",
+        ),
     ],
 )
 def test_a_class_path_that_is_no_data_module_is_refused(tmp_path, capsys, class_path, message):
     marker = tmp_path / "ran"
     experiment = tmp_path / "bad.yaml"
-    experiment.write_text(yaml.safe_dump({"data": {"class_path": class_path, "init_args": {"command": f"touch {marker}"}}}))
+    experiment.write_text(
+        yaml.safe_dump({"data": {"class_path": class_path, "init_args": {"command": f"touch {marker}"}}})
+    )
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), "-c", str(experiment), f"--trainer.default_root_dir={tmp_path}"])
+        main(
+            [
+                "fit",
+                "-c",
+                str(REPO / "experiments/lenet.yaml"),
+                "-c",
+                str(experiment),
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     # One sentence, no usage screen (the LightningCLI warning about args= may precede it in tests).
@@ -171,8 +203,15 @@ def test_a_wrong_data_argument_keeps_the_parsers_message(tmp_path, capsys):
 def test_a_value_the_data_module_refuses_keeps_its_own_sentence(tmp_path, capsys):
     """In subclass mode jsonargparse wraps what the data module's __init__ raises; the CLI shows the original."""
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "-c", str(REPO / "experiments/resnet18_cifar100.yaml"), "--data.batch_size=0",
-              f"--trainer.default_root_dir={tmp_path}"])
+        main(
+            [
+                "fit",
+                "-c",
+                str(REPO / "experiments/resnet18_cifar100.yaml"),
+                "--data.batch_size=0",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: data.batch_size must be at least 1, got 0."
     assert run_dirs(tmp_path, "resnet18_cifar100") == []
@@ -189,7 +228,7 @@ def test_a_data_module_without_num_classes_gets_one_sentence(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
         "error: The data module no_classes_data.TinyShades has no num_classes; give it the attributes num_classes "
-        "and image_shape (the model is built from them), see the README's \"Add your own dataset\"."
+        'and image_shape (the model is built from them), see the README\'s "Add your own dataset".'
     )
     assert run_dirs(tmp_path / "runs", "no_classes") == []  # nothing written
 
@@ -198,8 +237,16 @@ def test_existing_configs_without_class_path_still_mean_cifar10(tmp_path):
     """``data: {batch_size: ...}`` (no class_path) and --data.* overrides keep configuring CIFAR10DataModule."""
     from project.cli import ProjectCLI
 
-    cli = ProjectCLI(args=["-c", str(REPO / "experiments/lenet.yaml"), "--data.batch_size=7", "--data.npz=x.npz",
-                           f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = ProjectCLI(
+        args=[
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            "--data.batch_size=7",
+            "--data.npz=x.npz",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
     assert type(cli.datamodule).__name__ == "CIFAR10DataModule"
     assert (cli.datamodule.batch_size, cli.datamodule.num_workers, str(cli.datamodule.npz)) == (7, 2, "x.npz")
     assert cli.model.num_classes == 10 and cli.model.net.fc3.out_features == 10

@@ -26,7 +26,9 @@ class _DtypeProbe(L.Callback):
         self.logits, self.params = set(), set()
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        pl_module.net.register_forward_hook(lambda module, args, out: self.logits.add(out.dtype) if module.training else None)
+        pl_module.net.register_forward_hook(
+            lambda module, args, out: self.logits.add(out.dtype) if module.training else None
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.params |= {p.dtype for p in pl_module.parameters()}
@@ -35,10 +37,19 @@ class _DtypeProbe(L.Callback):
 def fit_tiny(tiny_npz: Path, tmp_path: Path, precision: str, **model_kwargs) -> tuple[L.Trainer, _DtypeProbe]:
     probe = _DtypeProbe()
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe],
+        max_epochs=1,
+        accelerator="cpu",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[probe],
     )
-    model = ImageClassifier(LeNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9), **model_kwargs)
+    model = ImageClassifier(
+        LeNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9), **model_kwargs
+    )
     trainer.fit(model, datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=16, batch_size=16))
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     return trainer, probe
@@ -64,9 +75,21 @@ def test_fp16_mixed_on_cpu_runs_as_bf16(tiny_npz, tmp_path):
 @pytest.mark.parametrize("precision,logits", [("16-mixed", torch.float16), ("bf16-mixed", torch.bfloat16)])
 def test_mixed_precision_on_cuda(tiny_npz, tmp_path, precision, logits):
     probe = _DtypeProbe()
-    trainer = L.Trainer(max_epochs=1, accelerator="cuda", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[probe])
-    trainer.fit(ImageClassifier(LeNet(), channels_last=True), datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=16, batch_size=16))
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cuda",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[probe],
+    )
+    trainer.fit(
+        ImageClassifier(LeNet(), channels_last=True),
+        datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=16, batch_size=16),
+    )
     assert probe.logits == {logits} and probe.params == {torch.float32}
     assert (trainer.precision_plugin.scaler is not None) == (precision == "16-mixed")
 
@@ -92,13 +115,26 @@ def test_channels_last_weights_and_inputs_same_logits(tmp_path, tiny_npz):
     assert seen == [True] and not _is_channels_last(images)
 
     # Training keeps the layout; the checkpoint and net.pt are ordinary state_dicts.
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     trainer.fit(model.train(), datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=16, batch_size=16))
     assert all(_is_channels_last(p) for p in model.net.parameters() if p.ndim == 4)
     trainer.save_checkpoint(tmp_path / "cl.ckpt")
     plain = ResNet20()
-    plain.load_state_dict({k[len("net."):]: v for k, v in torch.load(tmp_path / "cl.ckpt", weights_only=False)["state_dict"].items() if k.startswith("net.")})
+    plain.load_state_dict(
+        {
+            k[len("net.") :]: v
+            for k, v in torch.load(tmp_path / "cl.ckpt", weights_only=False)["state_dict"].items()
+            if k.startswith("net.")
+        }
+    )
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(images), model.eval()(images), atol=1e-5, rtol=1e-5)
 
@@ -115,7 +151,13 @@ def test_tta_flip_averages_logits_of_image_and_mirror_at_evaluation_only(tiny_np
         torch.testing.assert_close(model(images), model.net(images))  # forward (and so training) is unchanged
 
     dm = CIFAR10DataModule(npz=tiny_npz, val_size=16, augment=False)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
     x, y = dm.test_split.images, dm.test_split.labels
     batch = next(iter(dm.test_dataloader()))[0]
@@ -142,10 +184,24 @@ def test_speed_presets_combine_with_a_base_config(name, capsys):
 
 def test_gpu_speed_preset_runs_on_cpu(tiny_npz, tmp_path):
     """bf16 autocast + channels_last + the device pipeline together, end to end through the CLI."""
-    cli = main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), "-c", str(REPO / "experiments/presets/gpu_speed.yaml"),
-                f"--data.npz={tiny_npz}", "--data.val_size=16", "--data.batch_size=16", "--trainer.max_epochs=1",
-                "--trainer.accelerator=cpu", "--trainer.benchmark=false", "--test_after_fit=false",
-                f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    cli = main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            "-c",
+            str(REPO / "experiments/presets/gpu_speed.yaml"),
+            f"--data.npz={tiny_npz}",
+            "--data.val_size=16",
+            "--data.batch_size=16",
+            "--trainer.max_epochs=1",
+            "--trainer.accelerator=cpu",
+            "--trainer.benchmark=false",
+            "--test_after_fit=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
     assert cli.trainer.precision == "bf16-mixed"
     assert cli.model.hparams.channels_last and cli.datamodule.resolved_pipeline() == "device"
     assert cli.trainer.global_step == 3

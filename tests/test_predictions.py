@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from project.cli import main
-from project.data import CIFAR10_CLASSES as CLASSES, CIFAR10DataModule
+from project.data import CIFAR10_CLASSES as CLASSES
+from project.data import CIFAR10DataModule
 from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
 
 N_PREDICT = 37  # not a multiple of the batch size nor of 2 processes: uneven last batch and shares
@@ -18,8 +19,18 @@ def trained(tmp_path_factory):
     """One LeNet epoch on random images; the predict split is the npz's 37 test images."""
     tmp = tmp_path_factory.mktemp("predict")
     npz = make_npz(tmp / "d.npz", n_test=N_PREDICT)
-    cli = main(["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", f"--trainer.default_root_dir={tmp / 'runs'}",
-                *COMMON, "--trainer.max_epochs=1", "--test_after_fit=false"])
+    cli = main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--data.npz={npz}",
+            f"--trainer.default_root_dir={tmp / 'runs'}",
+            *COMMON,
+            "--trainer.max_epochs=1",
+            "--test_after_fit=false",
+        ]
+    )
     return {"npz": npz, "root": tmp / "runs", "ckpt": cli.run_dir / "checkpoints" / "last.ckpt"}
 
 
@@ -53,21 +64,49 @@ def check_csv(path, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("pipeline", ["dataloader", "device"])
 def test_predict_writes_one_row_per_image_in_dataset_order(trained, pipeline):
-    cli = main(["predict", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={trained['npz']}",
-                f"--trainer.default_root_dir={trained['root']}", *COMMON, f"--data.pipeline={pipeline}",
-                f"--ckpt_path={trained['ckpt']}"])
+    cli = main(
+        [
+            "predict",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--data.npz={trained['npz']}",
+            f"--trainer.default_root_dir={trained['root']}",
+            *COMMON,
+            f"--data.pipeline={pipeline}",
+            f"--ckpt_path={trained['ckpt']}",
+        ]
+    )
     check_csv(cli.run_dir / "predictions.csv", expected_probs(trained))
     assert not list(cli.run_dir.glob(".*.tmp")), "no temporary file is left behind"
 
 
 def test_predictions_can_be_switched_off_or_sent_elsewhere_in_the_run(trained, tmp_path):
-    cli = main(["predict", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={trained['npz']}",
-                f"--trainer.default_root_dir={trained['root']}", *COMMON, f"--ckpt_path={trained['ckpt']}",
-                "--predictions.output_dir=out", "--predictions.filename=test-preds.csv"])
+    cli = main(
+        [
+            "predict",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--data.npz={trained['npz']}",
+            f"--trainer.default_root_dir={trained['root']}",
+            *COMMON,
+            f"--ckpt_path={trained['ckpt']}",
+            "--predictions.output_dir=out",
+            "--predictions.filename=test-preds.csv",
+        ]
+    )
     assert (cli.run_dir / "out" / "test-preds.csv").is_file() and not (cli.run_dir / "predictions.csv").exists()
-    cli = main(["predict", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={trained['npz']}",
-                f"--trainer.default_root_dir={trained['root']}", *COMMON, f"--ckpt_path={trained['ckpt']}",
-                "--predictions.enabled=false"])
+    cli = main(
+        [
+            "predict",
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--data.npz={trained['npz']}",
+            f"--trainer.default_root_dir={trained['root']}",
+            *COMMON,
+            f"--ckpt_path={trained['ckpt']}",
+            "--predictions.enabled=false",
+        ]
+    )
     assert not (cli.run_dir / "predictions.csv").exists()
 
 
@@ -76,9 +115,21 @@ def test_ddp_predict_gathers_both_processes_shares_in_dataset_order(trained, pip
     """2 CPU processes (gloo): Lightning's predict sampler gives them 19 and 18 images, the device
     pipeline pads both shares to 19 (one image twice); the file has each image once, in order."""
     before = set(run_dirs(trained["root"], "lenet"))
-    out = run_cli(["predict", "-c", "experiments/lenet.yaml", "-c", "experiments/presets/ddp_cpu.yaml",
-                   f"--data.npz={trained['npz']}", f"--trainer.default_root_dir={trained['root']}", *COMMON,
-                   f"--data.pipeline={pipeline}", f"--ckpt_path={trained['ckpt']}"], timeout=300)
+    out = run_cli(
+        [
+            "predict",
+            "-c",
+            "experiments/lenet.yaml",
+            "-c",
+            "experiments/presets/ddp_cpu.yaml",
+            f"--data.npz={trained['npz']}",
+            f"--trainer.default_root_dir={trained['root']}",
+            *COMMON,
+            f"--data.pipeline={pipeline}",
+            f"--ckpt_path={trained['ckpt']}",
+        ],
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     (run,) = set(run_dirs(trained["root"], "lenet")) - before
     check_csv(run / "predictions.csv", expected_probs(trained))

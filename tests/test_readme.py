@@ -17,9 +17,17 @@ from tests.conftest import REPO, SUBSET, run_dirs
 
 README = (REPO / "README.md").read_text()
 #: What keeps a README command tiny and offline; it is added after the command's own arguments.
-TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=1", "--data.num_workers=0",
-        "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.limit_predict_batches=1",
+    "--data.num_workers=0",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -42,7 +50,7 @@ def commands(block: str) -> list[list[str]]:
 def section(title: str) -> str:
     start = README.index(f"\n{title}\n")
     end = README.find("\n## ", start + len(title) + 2)
-    return README[start:end if end > 0 else None]
+    return README[start : end if end > 0 else None]
 
 
 @pytest.fixture
@@ -67,14 +75,28 @@ def test_the_offline_command_writes_every_file_the_run_directory_table_lists(off
     assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]+", run.name)
     table = section("### Run directories").split("| file | what it is |", 1)[1].split("\n\n", 1)[0]
     promised = re.findall(r"^\| `([^`]+)` \|", table, re.M)
-    assert promised == ["config.yaml", "metrics.csv", "hparams.yaml", "checkpoints/best-epochE-stepS.ckpt",
-                        "checkpoints/last.ckpt", "net.pt"]
+    assert promised == [
+        "config.yaml",
+        "metrics.csv",
+        "hparams.yaml",
+        "checkpoints/best-epochE-stepS.ckpt",
+        "checkpoints/last.ckpt",
+        "net.pt",
+    ]
     for name in promised:
         pattern = name.replace("best-epochE-stepS", "best-epoch[0-9]*-step[0-9]*")
         assert list(run.glob(pattern)), f"the README promises {name} in the run directory"
     header = next(csv.reader((run / "metrics.csv").open()))
-    for column in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_top5", "test/acc", "lr-SGD/base",
-                   "lr-SGD/base/no_decay"):
+    for column in (
+        "train/loss_epoch",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_top5",
+        "test/acc",
+        "lr-SGD/base",
+        "lr-SGD/base/no_decay",
+    ):
         assert column in header
     hparams = (run / "hparams.yaml").read_text()
     for key in re.findall(r"flattened to dotted names \(([^)]*)\)", table)[0].replace("`", "").split(", "):
@@ -161,4 +183,3 @@ def test_experiments_comment_gives_the_offline_command_of_the_readme():
     comment = (REPO / "experiments" / "lenet.yaml").read_text().splitlines()[2]
     assert comment.startswith("# Offline: python -m project ")
     assert shlex.split(comment.split("python -m project ", 1)[1]) == offline
-

@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -53,8 +52,14 @@ KILL_MID_WRITE = textwrap.dedent(
 def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path):
     """The writer is SIGKILLed with half of the new checkpoint on disk: last.ckpt stays the old, whole file."""
     path = tmp_path / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_WRITE, str(path)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_MID_WRITE, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "HALF-WRITTEN"  # blocks until the writer is mid-file
         os.kill(proc.pid, signal.SIGKILL)
@@ -76,8 +81,18 @@ def test_pickle_payload_is_refused_without_running(tmp_path, tiny_npz):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, evil)
-    out = run_cli(["test", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", f"--ckpt_path={evil}",
-                   f"--trainer.default_root_dir={tmp_path}", *QUIET], timeout=120)
+    out = run_cli(
+        [
+            "test",
+            "-c",
+            "experiments/lenet.yaml",
+            f"--data.npz={tiny_npz}",
+            f"--ckpt_path={evil}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ],
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "could run code" in out.stderr.splitlines()[-1]
     assert not marker.exists()
@@ -88,13 +103,30 @@ def test_pickle_payload_is_refused_without_running(tmp_path, tiny_npz):
 
 def test_sigterm_saves_and_stops_then_resumes(tmp_path, tiny_npz):
     """SIGTERM (what clusters send) mid-run: a checkpoint at that step, exit status 143, then resume."""
-    args = ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", f"--trainer.default_root_dir={tmp_path}",
-            *QUIET, "--data.val_size=0", "--data.batch_size=8", "--trainer.max_epochs=500",
-            "--last_checkpoint.every_n_train_steps=5", "--test_after_fit=false"]
+    args = [
+        "fit",
+        "-c",
+        "experiments/lenet.yaml",
+        f"--data.npz={tiny_npz}",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+        "--data.val_size=0",
+        "--data.batch_size=8",
+        "--trainer.max_epochs=500",
+        "--last_checkpoint.every_n_train_steps=5",
+        "--test_after_fit=false",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PROJECT_RUN_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "project", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "project", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("lenet/*/checkpoints/last.ckpt")):  # training is under way
@@ -138,8 +170,14 @@ class _NaNData(L.LightningDataModule):
 
 
 def _trainer(tmp_path):
-    return L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path)
+    return L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
 
 
 def test_nonfinite_loss_stops_with_the_step(tmp_path):
@@ -161,9 +199,23 @@ def test_nonfinite_loss_skip_up_to_a_limit(tmp_path):
 
 
 def test_diverging_run_keeps_last_good_checkpoint(tmp_path, tiny_npz):
-    out = run_cli(["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", f"--trainer.default_root_dir={tmp_path}",
-                   *QUIET, "--data.val_size=0", "--data.batch_size=8", "--model.optimizer.lr=1e8", "--model.scheduler=null",
-                   "--trainer.max_epochs=50", "--last_checkpoint.every_n_train_steps=1"], timeout=300)
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            "experiments/lenet.yaml",
+            f"--data.npz={tiny_npz}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+            "--data.val_size=0",
+            "--data.batch_size=8",
+            "--model.optimizer.lr=1e8",
+            "--model.scheduler=null",
+            "--trainer.max_epochs=50",
+            "--last_checkpoint.every_n_train_steps=1",
+        ],
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     last_line = out.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: The training loss became")
@@ -182,14 +234,29 @@ def existing_run(tmp_path_factory):
     """A finished run whose files every failing command below must leave untouched."""
     root = tmp_path_factory.mktemp("runs")
     npz = make_npz(root / "ok.npz")
-    out = run_cli(["fit", "-c", "experiments/lenet.yaml", f"--data.npz={npz}", f"--trainer.default_root_dir={root}",
-                   *QUIET, "--data.val_size=16", "--trainer.max_epochs=1"], timeout=300)
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            "experiments/lenet.yaml",
+            f"--data.npz={npz}",
+            f"--trainer.default_root_dir={root}",
+            *QUIET,
+            "--data.val_size=16",
+            "--trainer.max_epochs=1",
+        ],
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return root, npz
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _bad_files(root: Path) -> dict[str, Path]:
@@ -209,8 +276,10 @@ def _bad_files(root: Path) -> dict[str, Path]:
     files["npz_labels"] = make_npz(root / "labels.npz", y_train=np.full(64, 12, np.uint8))
     files["npz_dtype"] = make_npz(root / "dtype.npz", x_train=np.zeros((64, 32, 32, 3), np.float32))
     files["classes100"] = root / "classes100.ckpt"
-    torch.save({"state_dict": {f"net.{k}": v for k, v in LeNet(num_classes=100).state_dict().items()}, "hyper_parameters": {}},
-               files["classes100"])
+    torch.save(
+        {"state_dict": {f"net.{k}": v for k, v in LeNet(num_classes=100).state_dict().items()}, "hyper_parameters": {}},
+        files["classes100"],
+    )
     return files
 
 
@@ -219,25 +288,56 @@ BAD_INPUT = [
     ("unknown key", ["--model.learning_rate=0.1"], "learning_rate"),
     ("wrong type", ["--data.batch_size=many"], "batch_size"),
     # torch checks the optimizer's arguments as it builds it; lr 0 and momentum >= 1 are the template's checks.
-    ("lr negative", ["--model.optimizer.lr=-1"], "error: model.optimizer refused its arguments: Invalid learning rate: -1.0"),
+    (
+        "lr negative",
+        ["--model.optimizer.lr=-1"],
+        "error: model.optimizer refused its arguments: Invalid learning rate: -1.0",
+    ),
     ("lr zero", ["--model.optimizer.lr=0"], "error: model.optimizer.lr must be > 0, got 0.0."),
-    ("momentum at 1 or more", ["--model.optimizer.momentum=1.5"], "error: model.optimizer.momentum must be in [0, 1), got 1.5."),
-    ("weight decay negative", ["--model.optimizer.weight_decay=-0.5"], "error: model.optimizer refused its arguments: Invalid weight_decay value: -0.5"),
+    (
+        "momentum at 1 or more",
+        ["--model.optimizer.momentum=1.5"],
+        "error: model.optimizer.momentum must be in [0, 1), got 1.5.",
+    ),
+    (
+        "weight decay negative",
+        ["--model.optimizer.weight_decay=-0.5"],
+        "error: model.optimizer refused its arguments: Invalid weight_decay value: -0.5",
+    ),
     ("batch size zero", ["--data.batch_size=0"], "error: data.batch_size must be at least 1, got 0."),
     ("val split too large", ["--data.val_size=64"], "error: data.val_size=64 leaves no training images"),
     ("unknown model", ["--model.net=project.models.VGG16"], "VGG16"),
     ("unknown strategy", ["--trainer.strategy=warp_drive"], "warp_drive"),
-    ("unknown optimizer", ["--model.optimizer=adam"], "error: model.optimizer adam is not a class that can be imported: "
-     "give its full class_path, e.g. torch.optim.AdamW (any torch.optim class, or your own by its import path)."),
+    (
+        "unknown optimizer",
+        ["--model.optimizer=adam"],
+        "error: model.optimizer adam is not a class that can be imported: "
+        "give its full class_path, e.g. torch.optim.AdamW (any torch.optim class, or your own by its import path).",
+    ),
     ("gpu not available", ["--trainer.accelerator=gpu"], "error: No supported gpu backend found!"),
-    ("more CPU processes than CPUs", ["--trainer.accelerator=cpu", f"--trainer.devices={(os.cpu_count() or 1) + 1}"],
-     f"error: trainer.devices={(os.cpu_count() or 1) + 1} asks for {(os.cpu_count() or 1) + 1} CPU processes, but this machine has"),
+    (
+        "more CPU processes than CPUs",
+        ["--trainer.accelerator=cpu", f"--trainer.devices={(os.cpu_count() or 1) + 1}"],
+        f"error: trainer.devices={(os.cpu_count() or 1) + 1} asks for {(os.cpu_count() or 1) + 1} CPU processes, but this machine has",
+    ),
     ("truncated checkpoint", ["--ckpt_path={truncated}"], "is not a PyTorch checkpoint (not a torch.save archive)"),
     ("not a checkpoint", ["--ckpt_path={text}"], "is not a PyTorch checkpoint"),
-    ("other architecture", ["--ckpt_path={resnet}"], "resnet.ckpt does not fit LeNet (missing keys [conv1.bias, conv1.weight"),
-    ("other number of classes", ["--ckpt_path={classes100}"], "does not fit LeNet (shape mismatches [fc3.weight: file (100, 84) vs model (10, 84), fc3.bias: file (100,) vs model (10,)]"),
+    (
+        "other architecture",
+        ["--ckpt_path={resnet}"],
+        "resnet.ckpt does not fit LeNet (missing keys [conv1.bias, conv1.weight",
+    ),
+    (
+        "other number of classes",
+        ["--ckpt_path={classes100}"],
+        "does not fit LeNet (shape mismatches [fc3.weight: file (100, 84) vs model (10, 84), fc3.bias: file (100,) vs model (10,)]",
+    ),
     ("npz wrong keys", ["--data.npz={npz_keys}"], "lacks the arrays y_test"),
-    ("npz wrong image size", ["--data.npz={npz_size}"], "x_test is uint8 (32, 28, 28, 3), expected uint8 (N, 32, 32, 3)"),
+    (
+        "npz wrong image size",
+        ["--data.npz={npz_size}"],
+        "x_test is uint8 (32, 28, 28, 3), expected uint8 (N, 32, 32, 3)",
+    ),
     ("npz labels out of range", ["--data.npz={npz_labels}"], "labels in [12, 12], outside 0..9"),
     ("npz wrong dtype", ["--data.npz={npz_dtype}"], "x_train is float32 (64, 32, 32, 3), expected uint8"),
 ]
@@ -248,17 +348,38 @@ def test_bad_input_fails_clearly_and_touches_nothing(existing_run, capsys, case,
     """In-process, as `python -m project` runs it (project.cli.main): a user error is SystemExit(2)
     with one `error:` line; anything else would propagate out of main() and fail the test."""
     root, npz = existing_run
-    files = _bad_files(root) if not (root / "truncated.ckpt").exists() else {
-        "truncated": root / "truncated.ckpt", "text": root / "notes.ckpt", "resnet": root / "resnet.ckpt",
-        "npz_keys": root / "keys.npz", "npz_size": root / "size.npz", "npz_labels": root / "labels.npz",
-        "npz_dtype": root / "dtype.npz", "classes100": root / "classes100.ckpt"}
+    files = (
+        _bad_files(root)
+        if not (root / "truncated.ckpt").exists()
+        else {
+            "truncated": root / "truncated.ckpt",
+            "text": root / "notes.ckpt",
+            "resnet": root / "resnet.ckpt",
+            "npz_keys": root / "keys.npz",
+            "npz_size": root / "size.npz",
+            "npz_labels": root / "labels.npz",
+            "npz_dtype": root / "dtype.npz",
+            "classes100": root / "classes100.ckpt",
+        }
+    )
     before = _snapshot(root)
     runs_before = run_dirs(root, "lenet")
     args = [a.format(**files) for a in extra]
     sub = "test" if any(a.startswith("--ckpt_path") for a in args) else "fit"
     with pytest.raises(SystemExit) as exited:
-        cli_main([sub, "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", f"--trainer.default_root_dir={root}",
-                  *QUIET, "--data.val_size=16", "--trainer.max_epochs=1", *args])
+        cli_main(
+            [
+                sub,
+                "-c",
+                str(REPO / "experiments/lenet.yaml"),
+                f"--data.npz={npz}",
+                f"--trainer.default_root_dir={root}",
+                *QUIET,
+                "--data.val_size=16",
+                "--trainer.max_epochs=1",
+                *args,
+            ]
+        )
     err = capsys.readouterr().err
     assert exited.value.code == 2, err[-2000:]
     assert message in err, err[-2000:]
@@ -298,7 +419,11 @@ def test_memory_stays_flat_with_hook_callbacks(tmp_path, subset_npz):
     rss = _RSS()
     activations = ActivationStatistics(every_n_steps=1)
     trainer = L.Trainer(
-        max_epochs=9, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=9,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=[activations, GradientStatistics(every_n_steps=1, update_ratio=True, output_grads=True), rss],
     )
@@ -312,10 +437,25 @@ def test_memory_stays_flat_with_hook_callbacks(tmp_path, subset_npz):
 
 def test_secrets_never_reach_the_run_directory(tmp_path, tiny_npz):
     """WANDB_API_KEY and other credentials in the environment of a run with the wandb logger (offline, no server)."""
-    secrets = {name: f"{name.lower()}-secret-" + "x7" * 20 for name in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY")}
-    out = run_cli(["fit", "-c", "experiments/lenet.yaml", "-c", "experiments/loggers/wandb.yaml", f"--data.npz={tiny_npz}",
-                   f"--trainer.default_root_dir={tmp_path}", *QUIET, "--data.val_size=16", "--trainer.max_epochs=1"],
-                  env={**secrets, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}, timeout=300)
+    secrets = {
+        name: f"{name.lower()}-secret-" + "x7" * 20 for name in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY")
+    }
+    out = run_cli(
+        [
+            "fit",
+            "-c",
+            "experiments/lenet.yaml",
+            "-c",
+            "experiments/loggers/wandb.yaml",
+            f"--data.npz={tiny_npz}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+            "--data.val_size=16",
+            "--trainer.max_epochs=1",
+        ],
+        env={**secrets, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any("wandb" in str(p) for p in files), "the wandb logger wrote nothing; the test would prove nothing"
@@ -327,16 +467,31 @@ def test_secrets_never_reach_the_run_directory(tmp_path, tiny_npz):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     """SIGKILL at an arbitrary moment of training, resume from the newest checkpoint: same final weights."""
     npz = make_npz(tmp_path / "d.npz", n_train=384)
-    common = ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={npz}", *QUIET, "--data.val_size=64",
-              "--data.batch_size=16", "--trainer.max_epochs=6", "--test_after_fit=false"]
+    common = [
+        "fit",
+        "-c",
+        "experiments/lenet.yaml",
+        f"--data.npz={npz}",
+        *QUIET,
+        "--data.val_size=64",
+        "--data.batch_size=16",
+        "--trainer.max_epochs=6",
+        "--test_after_fit=false",
+    ]
     reference = run_cli([*common, f"--trainer.default_root_dir={tmp_path / 'ref'}"], timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     root = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PROJECT_RUN_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "project", *common, f"--trainer.default_root_dir={root}"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "project", *common, f"--trainer.default_root_dir={root}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(root.glob("lenet/*/checkpoints/last.ckpt")):

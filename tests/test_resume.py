@@ -20,9 +20,20 @@ ONE_CYCLE = ["--model.scheduler", "torch.optim.lr_scheduler.OneCycleLR", "--mode
 
 
 def fit_args(root, npz, *extra):
-    return ["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *QUIET, "--data.val_size=16",
-            "--data.batch_size=8", "--trainer.max_epochs=2", "--test_after_fit=false", "--plots.enabled=false",
-            f"--trainer.default_root_dir={root}", *extra]
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments/lenet.yaml"),
+        f"--data.npz={npz}",
+        *QUIET,
+        "--data.val_size=16",
+        "--data.batch_size=8",
+        "--trainer.max_epochs=2",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        f"--trainer.default_root_dir={root}",
+        *extra,
+    ]
 
 
 def weights(run) -> dict[str, torch.Tensor]:
@@ -59,7 +70,10 @@ def test_resume_last_ends_with_the_uninterrupted_weights(runs):
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     # metrics.csv is continued, not restarted: every series is the uninterrupted run's, step for step.
-    reference_metrics, resumed_metrics = read_metrics(runs["reference"] / "metrics.csv"), read_metrics(run / "metrics.csv")
+    reference_metrics, resumed_metrics = (
+        read_metrics(runs["reference"] / "metrics.csv"),
+        read_metrics(run / "metrics.csv"),
+    )
     assert resumed_metrics.keys() == reference_metrics.keys()
     for column, (steps, values) in reference_metrics.items():
         assert resumed_metrics[column][0].tolist() == steps.tolist(), column
@@ -117,10 +131,21 @@ def test_changed_model_settings_are_refused(runs, capsys, checkpoint):
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     ckpt = "last" if checkpoint == "last" else str(run / "checkpoints/last.ckpt")
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(root, runs["npz"], f"--ckpt_path={ckpt}", "--model.optimizer.lr=0.1", "--model.net.init_args.init=xavier_uniform"))
+        main(
+            fit_args(
+                root,
+                runs["npz"],
+                f"--ckpt_path={ckpt}",
+                "--model.optimizer.lr=0.1",
+                "--model.net.init_args.init=xavier_uniform",
+            )
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert "model.optimizer.init_args.lr (checkpoint 0.05, now 0.1)" in err and "model.net.init_args.init (checkpoint 'default', now 'xavier_uniform')" in err
+    assert (
+        "model.optimizer.init_args.lr (checkpoint 0.05, now 0.1)" in err
+        and "model.net.init_args.init (checkpoint 'default', now 'xavier_uniform')" in err
+    )
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "nothing written"
     assert "PROJECT_RUN_DIR" not in os.environ, "a refused run must not hand its directory to the next one"
 
@@ -159,9 +184,20 @@ def test_an_interrupted_one_cycle_schedule_resumes_on_its_plan(runs):
 def test_evaluation_takes_the_model_from_the_checkpoint_but_keeps_run_settings(runs, tmp_path):
     """validate/test/predict: Lightning builds the checkpoint's architecture (here LeNet, although
     the config says ResNet-20); settings about how to run it (tta_flip) come from the command line."""
-    cli = main(["test", "-c", str(REPO / "experiments/resnet20.yaml"), f"--data.npz={runs['npz']}", *QUIET,
-                "--data.val_size=16", f"--trainer.default_root_dir={tmp_path}", "--plots.enabled=false",
-                f"--ckpt_path={runs['interrupted'] / 'checkpoints/last.ckpt'}", "--model.tta_flip=true"])
+    cli = main(
+        [
+            "test",
+            "-c",
+            str(REPO / "experiments/resnet20.yaml"),
+            f"--data.npz={runs['npz']}",
+            *QUIET,
+            "--data.val_size=16",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--plots.enabled=false",
+            f"--ckpt_path={runs['interrupted'] / 'checkpoints/last.ckpt'}",
+            "--model.tta_flip=true",
+        ]
+    )
     assert isinstance(cli.model.net, LeNet) and cli.model.hparams.tta_flip is True
 
 
@@ -174,7 +210,9 @@ def test_a_resumed_fit_keeps_the_test_rows_it_does_not_log_again(runs):
     columns = [*header.split(","), "test/acc"]
     tested = dict.fromkeys(columns, "")
     tested.update({"step": "6", "test/acc": "0.25"})  # at the checkpoint's step: the resumed fit starts there
-    metrics.write_text("\n".join([",".join(columns), *(row + "," for row in rows), ",".join(tested[c] for c in columns)]) + "\n")
+    metrics.write_text(
+        "\n".join([",".join(columns), *(row + "," for row in rows), ",".join(tested[c] for c in columns)]) + "\n"
+    )
     main(fit_args(root, runs["npz"], "--ckpt_path=last"))
     steps, values = read_metrics(metrics)["test/acc"]
     assert steps.tolist() == [6] and values.tolist() == [0.25]

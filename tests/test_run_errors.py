@@ -14,8 +14,19 @@ def test_ckpt_path_last_without_any_run_is_refused(tmp_path, subcommand):
     evaluated randomly initialised weights and exited 0."""
     npz = make_npz(tmp_path / "d.npz")
     root = tmp_path / "runs"
-    out = run_cli([subcommand, "-c", "experiments/lenet.yaml", f"--data.npz={npz}", f"--trainer.default_root_dir={root}",
-                   *QUIET, "--data.val_size=16", "--ckpt_path=last"], timeout=180)
+    out = run_cli(
+        [
+            subcommand,
+            "-c",
+            "experiments/lenet.yaml",
+            f"--data.npz={npz}",
+            f"--trainer.default_root_dir={root}",
+            *QUIET,
+            "--data.val_size=16",
+            "--ckpt_path=last",
+        ],
+        timeout=180,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "last" in errors[0], out.stderr[-3000:]
@@ -57,7 +68,7 @@ CONFIG_FILES = {
     "list.yaml": b"- model\n- trainer\n",
     "python-object.yaml": b"seed_everything: !!python/object/apply:os.getpid []\n",
     "no-layer.yaml": b"trainer:\n  callbacks:\n    - class_path: project.callbacks.ActivationStatistics\n"
-                     b"      init_args: {layers: ['nomatch*']}\n",
+    b"      init_args: {layers: ['nomatch*']}\n",
 }
 
 
@@ -66,9 +77,20 @@ def with_config(name):
 
 
 def fit_args(home, *extra, root=None, npz=True):
-    return ["fit", "-c", str(REPO / "experiments/lenet.yaml"), *([f"--data.npz={home / 'd.npz'}"] if npz else []), *QUIET,
-            "--data.val_size=16", "--data.batch_size=8", "--trainer.max_epochs=1", "--test_after_fit=false",
-            "--plots.enabled=false", f"--trainer.default_root_dir={root or home / 'runs'}", *extra]
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments/lenet.yaml"),
+        *([f"--data.npz={home / 'd.npz'}"] if npz else []),
+        *QUIET,
+        "--data.val_size=16",
+        "--data.batch_size=8",
+        "--trainer.max_epochs=1",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        f"--trainer.default_root_dir={root or home / 'runs'}",
+        *extra,
+    ]
 
 
 #: (id, arguments given the workspace, words the sentence must contain)
@@ -83,20 +105,46 @@ MISTAKES = [
     ("npz-is-a-folder", lambda h: fit_args(h, f"--data.npz={h / 'a-folder'}"), "a-folder"),
     ("data-dir-is-a-file", lambda h: fit_args(h, f"--data.data_dir={h / 'a-file'}", npz=False), "is not a directory"),
     # Arguments of model.optimizer's and model.scheduler's classes: torch checks some, the model the rest.
-    ("learning-rate", lambda h: fit_args(h, "--model.optimizer.lr=-0.1"),
-     "error: model.optimizer refused its arguments: Invalid learning rate: -0.1"),
-    ("momentum", lambda h: fit_args(h, "--model.optimizer.momentum=1.5"), "error: model.optimizer.momentum must be in [0, 1), got 1.5."),
-    ("betas", lambda h: fit_args(h, "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.betas=[2,0.9]"),
-     "error: model.optimizer refused its arguments: Invalid beta parameter at index 0: 2.0"),
-    ("step-size", lambda h: fit_args(h, "--model.scheduler", "torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size", "0"),
-     "error: model.scheduler.step_size must be at least 1, got 0."),
+    (
+        "learning-rate",
+        lambda h: fit_args(h, "--model.optimizer.lr=-0.1"),
+        "error: model.optimizer refused its arguments: Invalid learning rate: -0.1",
+    ),
+    (
+        "momentum",
+        lambda h: fit_args(h, "--model.optimizer.momentum=1.5"),
+        "error: model.optimizer.momentum must be in [0, 1), got 1.5.",
+    ),
+    (
+        "betas",
+        lambda h: fit_args(h, "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.betas=[2,0.9]"),
+        "error: model.optimizer refused its arguments: Invalid beta parameter at index 0: 2.0",
+    ),
+    (
+        "step-size",
+        lambda h: fit_args(
+            h, "--model.scheduler", "torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size", "0"
+        ),
+        "error: model.scheduler.step_size must be at least 1, got 0.",
+    ),
     ("max-epochs", lambda h: fit_args(h, "--trainer.max_epochs=-5"), "max_epochs"),
-    ("last-checkpoint-every-n", lambda h: fit_args(h, "--last_checkpoint.every_n_train_steps=-1"), "every_n_train_steps"),
+    (
+        "last-checkpoint-every-n",
+        lambda h: fit_args(h, "--last_checkpoint.every_n_train_steps=-1"),
+        "every_n_train_steps",
+    ),
     ("num-workers", lambda h: fit_args(h, "--data.num_workers=-1"), "data.num_workers"),
     ("batch-size", lambda h: fit_args(h, "--data.batch_size=0"), "data.batch_size"),
-    ("net-rejects-its-arguments", lambda h: fit_args(h, "--model.net.init_args.init=normal",
-                                                     "--model.net.init_args.init_scale=-1"), "Init scale"),
-    ("too-many-cpu-processes", lambda h: fit_args(h, "--trainer.accelerator=cpu", "--trainer.devices=4096"), "trainer.devices"),
+    (
+        "net-rejects-its-arguments",
+        lambda h: fit_args(h, "--model.net.init_args.init=normal", "--model.net.init_args.init_scale=-1"),
+        "Init scale",
+    ),
+    (
+        "too-many-cpu-processes",
+        lambda h: fit_args(h, "--trainer.accelerator=cpu", "--trainer.devices=4096"),
+        "trainer.devices",
+    ),
     # -c files: named, with the line where there is one.
     ("config-empty", with_config("empty.yaml"), "empty.yaml is empty"),
     ("config-only-comments", with_config("comments.yaml"), "comments.yaml is empty"),
@@ -107,20 +155,53 @@ MISTAKES = [
     ("config-python-object", with_config("python-object.yaml"), "a Python object is never built"),
     # Values Lightning or numpy refused late (a ZeroDivisionError mid-fit, a traceback after the run
     # directory existed) or not at all.
-    ("accumulate-zero", lambda h: fit_args(h, "--trainer.accumulate_grad_batches=0"), "accumulate_grad_batches must be at least 1"),
-    ("seed-negative", lambda h: fit_args(h, "--seed_everything=-1"), "seed_everything must be true, false or a whole number"),
+    (
+        "accumulate-zero",
+        lambda h: fit_args(h, "--trainer.accumulate_grad_batches=0"),
+        "accumulate_grad_batches must be at least 1",
+    ),
+    (
+        "seed-negative",
+        lambda h: fit_args(h, "--seed_everything=-1"),
+        "seed_everything must be true, false or a whole number",
+    ),
     ("seed-too-large", lambda h: fit_args(h, "--seed_everything=4294967296"), "from 0 to 4294967295"),
-    ("seed-not-a-number", lambda h: fit_args(h, "--seed_everything=abc"),
-     "seed_everything does not accept 'abc'; give true or false or a whole number."),
-    ("precision-unknown", lambda h: fit_args(h, "--trainer.precision=15"),
-     "trainer.precision does not accept '15'; give one of 64, 32, 16"),
-    ("batch-size-not-a-number", lambda h: fit_args(h, "--data.batch_size=abc"), "data.batch_size must be a whole number, got 'abc'"),
-    ("clip-negative", lambda h: fit_args(h, "--trainer.gradient_clip_val=-1"), "gradient_clip_val must be a finite number >= 0"),
-    ("clip-not-a-number", lambda h: fit_args(h, "--trainer.gradient_clip_val=abc"),
-     "trainer.gradient_clip_val does not accept 'abc'; give a number or null."),
-    ("check-val-every-zero", lambda h: fit_args(h, "--trainer.check_val_every_n_epoch=0"), "check_val_every_n_epoch must be at least 1"),
+    (
+        "seed-not-a-number",
+        lambda h: fit_args(h, "--seed_everything=abc"),
+        "seed_everything does not accept 'abc'; give true or false or a whole number.",
+    ),
+    (
+        "precision-unknown",
+        lambda h: fit_args(h, "--trainer.precision=15"),
+        "trainer.precision does not accept '15'; give one of 64, 32, 16",
+    ),
+    (
+        "batch-size-not-a-number",
+        lambda h: fit_args(h, "--data.batch_size=abc"),
+        "data.batch_size must be a whole number, got 'abc'",
+    ),
+    (
+        "clip-negative",
+        lambda h: fit_args(h, "--trainer.gradient_clip_val=-1"),
+        "gradient_clip_val must be a finite number >= 0",
+    ),
+    (
+        "clip-not-a-number",
+        lambda h: fit_args(h, "--trainer.gradient_clip_val=abc"),
+        "trainer.gradient_clip_val does not accept 'abc'; give a number or null.",
+    ),
+    (
+        "check-val-every-zero",
+        lambda h: fit_args(h, "--trainer.check_val_every_n_epoch=0"),
+        "check_val_every_n_epoch must be at least 1",
+    ),
     ("val-check-interval-zero", lambda h: fit_args(h, "--trainer.val_check_interval=0"), "val_check_interval must be"),
-    ("val-check-interval-fraction", lambda h: fit_args(h, "--trainer.val_check_interval=1.5"), "fraction of the epoch in (0, 1]"),
+    (
+        "val-check-interval-fraction",
+        lambda h: fit_args(h, "--trainer.val_check_interval=1.5"),
+        "fraction of the epoch in (0, 1]",
+    ),
     ("devices-negative", lambda h: fit_args(h, "--trainer.devices=-2"), "trainer.devices must be at least 1"),
     ("limit-train-batches", lambda h: fit_args(h, "--trainer.limit_train_batches=-1"), "limit_train_batches"),
     ("limit-val-batches", lambda h: fit_args(h, "--trainer.limit_val_batches=1.5"), "limit_val_batches"),
@@ -128,9 +209,21 @@ MISTAKES = [
     ("num-nodes", lambda h: fit_args(h, "--trainer.num_nodes=0"), "num_nodes"),
     ("eval-batch-size", lambda h: fit_args(h, "--data.eval_batch_size=0"), "data.eval_batch_size"),
     ("val-size-negative", lambda h: fit_args(h, "--data.val_size=-3"), "data.val_size"),
-    ("val-size-not-a-number", lambda h: fit_args(h, "--data.val_size=x"), "data.val_size does not accept 'x'; give a number."),
-    ("val-size-fraction-above-one", lambda h: fit_args(h, "--data.val_size=1.5"), "or a fraction between 0 and 1, got 1.5"),
-    ("data-url-not-http", lambda h: fit_args(h, "--data.url=file:///etc/passwd", npz=False), "data.url must be an http"),
+    (
+        "val-size-not-a-number",
+        lambda h: fit_args(h, "--data.val_size=x"),
+        "data.val_size does not accept 'x'; give a number.",
+    ),
+    (
+        "val-size-fraction-above-one",
+        lambda h: fit_args(h, "--data.val_size=1.5"),
+        "or a fraction between 0 and 1, got 1.5",
+    ),
+    (
+        "data-url-not-http",
+        lambda h: fit_args(h, "--data.url=file:///etc/passwd", npz=False),
+        "data.url must be an http",
+    ),
     ("layer-pattern-matches-nothing", with_config("no-layer.yaml"), "ActivationStatistics matched no layer of LeNet"),
 ]
 
@@ -197,7 +290,9 @@ def test_a_full_disk_is_one_sentence(workspace, capsys, monkeypatch, where):
     with pytest.raises(SystemExit) as exited:
         main(fit_args(workspace))
     assert exited.value.code == 2
-    assert one_sentence(capsys).startswith("error: No space left on the device while writing the run's files; free some space")
+    assert one_sentence(capsys).startswith(
+        "error: No space left on the device while writing the run's files; free some space"
+    )
     assert snapshot(workspace / "runs" / "lenet" / "20250101-000000-abcdef") == earlier
 
 

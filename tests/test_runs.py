@@ -25,9 +25,20 @@ from tests.test_slurm import fake_scontrol, job_step_env
 
 
 def fit_args(root: Path, npz: Path, *extra: str) -> list[str]:
-    return ["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *QUIET, "--data.val_size=16",
-            "--data.batch_size=8", "--trainer.max_epochs=1", "--test_after_fit=false", "--plots.enabled=false",
-            f"--trainer.default_root_dir={root}", *extra]
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments/lenet.yaml"),
+        f"--data.npz={npz}",
+        *QUIET,
+        "--data.val_size=16",
+        "--data.batch_size=8",
+        "--trainer.max_epochs=1",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        f"--trainer.default_root_dir={root}",
+        *extra,
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -103,8 +114,14 @@ def test_an_evaluation_run_records_the_checkpoint_it_evaluated(tmp_path, npz, fi
     and re-running it tested randomly initialised weights."""
     root = tmp_path / "runs"
     run = copy_run(finished, root)
-    args = ["-c", str(REPO / "experiments/lenet.yaml"), f"--data.npz={npz}", *QUIET, "--data.val_size=16",
-            f"--trainer.default_root_dir={root}"]
+    args = [
+        "-c",
+        str(REPO / "experiments/lenet.yaml"),
+        f"--data.npz={npz}",
+        *QUIET,
+        "--data.val_size=16",
+        f"--trainer.default_root_dir={root}",
+    ]
     tested = main(["test", *args, "--ckpt_path=last"])
     saved = yaml.safe_load((tested.run_dir / "config.yaml").read_text())
     assert saved["ckpt_path"] == str(run / "checkpoints" / "last.ckpt")
@@ -129,7 +146,11 @@ def test_without_a_logger_every_output_lands_in_the_run_directory(tmp_path, npz)
 #: Options that name a file or folder, given a value that leads out of the run directory (``{other}``: another
 #: run of the same experiment), and the option the one-sentence refusal names.
 ESCAPES = [
-    ("best checkpoint over another run's last.ckpt", "--checkpoint.filename=../../{other}/checkpoints/last", "checkpoint.filename"),
+    (
+        "best checkpoint over another run's last.ckpt",
+        "--checkpoint.filename=../../{other}/checkpoints/last",
+        "checkpoint.filename",
+    ),
     ("best checkpoint above the experiment", "--checkpoint.filename=../../../x", "checkpoint.filename"),
     ("best checkpoint named last", "--checkpoint.filename=last", "checkpoint.filename=last"),
     ("best checkpoint folder elsewhere", "--checkpoint.dirpath={tmp}/elsewhere", "checkpoint.dirpath"),
@@ -143,7 +164,9 @@ ESCAPES = [
 
 
 @pytest.mark.parametrize(("case", "option", "named"), ESCAPES, ids=[e[0] for e in ESCAPES])
-def test_a_path_leading_out_of_the_run_is_refused_and_nothing_is_written(tmp_path, npz, finished, capsys, case, option, named):
+def test_a_path_leading_out_of_the_run_is_refused_and_nothing_is_written(
+    tmp_path, npz, finished, capsys, case, option, named
+):
     """`--checkpoint.filename ../../<other run>/checkpoints/last` once overwrote another run's last.ckpt
     (exit 0), `--name ../../x` put the run outside the root; now each is one sentence, exit status 2,
     and every byte under tmp_path (the other run, the root, the folder above it) is as it was."""
@@ -160,8 +183,16 @@ def test_a_path_leading_out_of_the_run_is_refused_and_nothing_is_written(tmp_pat
 
 def test_paths_inside_the_run_are_kept_there(tmp_path, npz):
     """The same options, given paths inside the run, write where they say, relative to the run directory."""
-    run = main(fit_args(tmp_path / "runs", npz, "--checkpoint.dirpath=best", "--checkpoint.filename=top/{epoch}",
-                        "--export.filename=weights/plain.pt", "--trainer.logger.save_dir=logs")).run_dir
+    run = main(
+        fit_args(
+            tmp_path / "runs",
+            npz,
+            "--checkpoint.dirpath=best",
+            "--checkpoint.filename=top/{epoch}",
+            "--export.filename=weights/plain.pt",
+            "--trainer.logger.save_dir=logs",
+        )
+    ).run_dir
     assert len(list((run / "best" / "top").glob("*.ckpt"))) == 1
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "weights" / "plain.pt").is_file()
     assert (run / "logs" / "metrics.csv").is_file()
@@ -218,8 +249,14 @@ def test_run_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
     assert f"process {os.getpid()} on " in other.stdout
     lock.release()
 
-    holder = subprocess.Popen([sys.executable, "-c", TRY_LOCK, str(tmp_path)], env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", TRY_LOCK, str(tmp_path)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(runs.RunLocked, match=f"process {holder.pid} on "):
@@ -261,8 +298,9 @@ def test_a_resume_whose_plan_ends_before_the_steps_done_is_refused(tmp_path, npz
         main(fit_args(root, npz, "--ckpt_path=last", "--trainer.max_epochs=4", "--trainer.limit_train_batches=2"))
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: The schedule now plans 8 optimiser steps, but the checkpoint has done 12 already; ") and (
-        "give a longer plan" in last), last
+    assert last.startswith(
+        "error: The schedule now plans 8 optimiser steps, but the checkpoint has done 12 already; "
+    ) and ("give a longer plan" in last), last
     assert snapshot(run) == before  # no config-<time>.yaml, no metrics row lost, no checkpoint touched
 
 
@@ -272,7 +310,9 @@ def test_a_resume_whose_plan_ends_before_the_steps_done_is_refused(tmp_path, npz
 def test_ctrl_c_saves_the_step_reached_and_the_run_resumes(tmp_path, npz):
     """SIGINT (Ctrl-C) once ended the fit with a KeyboardInterrupt traceback and saved nothing."""
     root = tmp_path / "runs"
-    out = run_cli(fit_args(root, npz, "--trainer.max_epochs=2", probe(signal="SIGINT", when="train", step=3)), timeout=240)
+    out = run_cli(
+        fit_args(root, npz, "--trainer.max_epochs=2", probe(signal="SIGINT", when="train", step=3)), timeout=240
+    )
     assert out.returncode == 130, out.stderr[-3000:]
     assert "resume with --ckpt_path last" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
     (run,) = run_dirs(root, "lenet")
@@ -302,8 +342,15 @@ def ctrl_c_from_a_terminal(args: list[str], timeout: float = 240) -> subprocess.
     terminal does on Ctrl-C (DataLoader workers and DDP ranks included)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PROJECT_RUN_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "project", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "project", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             err = pool.submit(proc.stderr.read)  # drained meanwhile: a full pipe would stall the run
@@ -320,8 +367,9 @@ def ctrl_c_from_a_terminal(args: list[str], timeout: float = 240) -> subprocess.
             os.killpg(proc.pid, signal.SIGINT)
             rest = pool.submit(proc.stdout.read)
             proc.wait(timeout=timeout)
-            return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + rest.result(timeout=60),
-                                               err.result(timeout=60))
+            return subprocess.CompletedProcess(
+                proc.args, proc.returncode, "".join(seen) + rest.result(timeout=60), err.result(timeout=60)
+            )
     finally:
         kill_group(proc)
 
@@ -332,10 +380,11 @@ def test_ctrl_c_from_a_terminal_saves_and_resumes(tmp_path, preset):
     first (`DataLoader worker ... killed by signal`, exit 1, nothing saved); under DDP both ranks
     deadlocked in a broadcast inside Lightning's SIGTERM handler, and a second Ctrl-C did nothing."""
     root, npz = tmp_path / "runs", make_npz(tmp_path / "d.npz", n_train=512)
-    extra = (["--data.num_workers=2"] if preset == "workers"
-             else ["-c", str(REPO / "experiments/presets/ddp_cpu.yaml")])
-    args = [*fit_args(root, npz, "--trainer.max_epochs=50", *extra),
-            '--trainer.callbacks+={"class_path": "tests.probes.Announce", "init_args": {"step": 3}}']
+    extra = ["--data.num_workers=2"] if preset == "workers" else ["-c", str(REPO / "experiments/presets/ddp_cpu.yaml")]
+    args = [
+        *fit_args(root, npz, "--trainer.max_epochs=50", *extra),
+        '--trainer.callbacks+={"class_path": "tests.probes.Announce", "init_args": {"step": 3}}',
+    ]
     out = ctrl_c_from_a_terminal(args)
     assert out.returncode == 130, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "killed by signal" not in out.stderr, out.stderr[-3000:]
@@ -371,8 +420,17 @@ def test_the_requeue_signal_outside_training_requeues_instead_of_killing_the_job
     root = tmp_path / "runs"
     scontrol_log = fake_scontrol(tmp_path / "bin")
     env = {**job_step_env(job_id="4242"), "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-    out = run_cli(fit_args(root, npz, "--trainer.accelerator=cpu", f"--test_after_fit={when == 'test'}",
-                           probe(signal="SIGUSR1", when=when)), env=env, timeout=240)
+    out = run_cli(
+        fit_args(
+            root,
+            npz,
+            "--trainer.accelerator=cpu",
+            f"--test_after_fit={when == 'test'}",
+            probe(signal="SIGUSR1", when=when),
+        ),
+        env=env,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert scontrol_log.read_text() == "requeue 4242\n"
     run = root / "lenet" / "slurm-4242"

@@ -34,10 +34,15 @@ SLURM_SCRIPTS = sorted((REPO / "experiments" / "slurm").glob("*.sbatch"))
 def job_step_env(job_id="4242", nodes=1, tasks_per_node=1, proc_id=0, name="train") -> dict[str, str]:
     """The variables ``srun`` sets in each task of a job step (those Lightning and this template read)."""
     return {
-        "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": name, "SLURM_NNODES": str(nodes),
-        "SLURM_NTASKS": str(nodes * tasks_per_node), "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
-        "SLURM_PROCID": str(proc_id), "SLURM_LOCALID": str(proc_id % tasks_per_node),
-        "SLURM_NODEID": str(proc_id // tasks_per_node), "SLURM_NODELIST": "node[001-002]" if nodes > 1 else "node001",
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_NAME": name,
+        "SLURM_NNODES": str(nodes),
+        "SLURM_NTASKS": str(nodes * tasks_per_node),
+        "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+        "SLURM_PROCID": str(proc_id),
+        "SLURM_LOCALID": str(proc_id % tasks_per_node),
+        "SLURM_NODEID": str(proc_id // tasks_per_node),
+        "SLURM_NODELIST": "node[001-002]" if nodes > 1 else "node001",
     }
 
 
@@ -45,24 +50,45 @@ def fake_scontrol(folder: Path, exit_code: int = 0) -> Path:
     """An ``scontrol`` that appends its arguments to ``folder/scontrol.log`` and exits with ``exit_code``."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/scontrol.log"\n'
-                      + (f'echo "scontrol: error: Invalid job id specified" >&2\nexit {exit_code}\n' if exit_code else ""))
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> "{folder}/scontrol.log"\n'
+        + (f'echo "scontrol: error: Invalid job id specified" >&2\nexit {exit_code}\n' if exit_code else "")
+    )
     script.chmod(0o755)
     return folder / "scontrol.log"
 
 
 def test_job_step_environment_gives_world_size_and_ranks(tmp_path, monkeypatch):
     """Task 5 of a 2-node x 4-task job step: rank 5 of 8, local rank 1 on node 1, run dir slurm-<job id>."""
-    for key in ("PROJECT_RUN_DIR", "MASTER_ADDR", "MASTER_PORT", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
-                "WANDB_SWEEP_ID", "WANDB_RUN_ID"):
-        monkeypatch.delenv(key, raising=False)  # what Lightning adds (MASTER_ADDR=node001) conftest removes after the test
+    for key in (
+        "PROJECT_RUN_DIR",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_ARRAY_JOB_ID",
+        "SLURM_ARRAY_TASK_ID",
+        "WANDB_SWEEP_ID",
+        "WANDB_RUN_ID",
+    ):
+        monkeypatch.delenv(
+            key, raising=False
+        )  # what Lightning adds (MASTER_ADDR=node001) conftest removes after the test
     for key, value in job_step_env(job_id="777", nodes=2, tasks_per_node=4, proc_id=5).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # the Trainer sets it to 5; restored after
     monkeypatch.setattr(sys, "argv", ["project"])  # LightningCLI warns when pytest's own arguments are there
-    cli = ProjectCLI(args=["-c", str(REPO / "experiments/lenet.yaml"), f"--trainer.default_root_dir={tmp_path}",
-                           "--trainer.accelerator=cpu", "--trainer.devices=4", "--trainer.num_nodes=2",
-                           "--trainer.strategy=ddp", *QUIET], run=False)
+    cli = ProjectCLI(
+        args=[
+            "-c",
+            str(REPO / "experiments/lenet.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=4",
+            "--trainer.num_nodes=2",
+            "--trainer.strategy=ddp",
+            *QUIET,
+        ],
+        run=False,
+    )
     trainer = cli.trainer
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (8, 5, 1, 1)
@@ -86,7 +112,10 @@ def test_requeue_job_runs_scontrol_and_explains_every_failure(tmp_path, monkeypa
 
     fake_scontrol(tmp_path / "failing", exit_code=1)
     monkeypatch.setenv("PATH", str(tmp_path / "failing"))
-    assert requeue_job("4242") == "`scontrol requeue 4242` failed with exit code 1: scontrol: error: Invalid job id specified"
+    assert (
+        requeue_job("4242")
+        == "`scontrol requeue 4242` failed with exit code 1: scontrol: error: Invalid job id specified"
+    )
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert "`scontrol` is not on PATH" in requeue_job("4242")
@@ -117,9 +146,16 @@ def _fit(root: Path, npz: Path, *callbacks, ckpt_path=None) -> ImageClassifier:
     # The device pipeline orders and augments each epoch from (seed, epoch) alone, and resumes mid-epoch.
     data = CIFAR10DataModule(npz=str(npz), pipeline="device", val_size=16, batch_size=4)
     # From Python, Lightning's own auto-requeue is switched off as SLURMRequeue's docstring says.
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, plugins=[SLURMEnvironment(auto_requeue=False)],
-                        callbacks=[LastCheckpoint(dirpath=str(root / "checkpoints")), *callbacks])
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        plugins=[SLURMEnvironment(auto_requeue=False)],
+        callbacks=[LastCheckpoint(dirpath=str(root / "checkpoints")), *callbacks],
+    )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model
 
@@ -137,8 +173,10 @@ def test_requeue_signal_mid_epoch_saves_explains_and_resumes_exactly(tmp_path, t
         _fit(tmp_path / "job", tiny_npz, SignalAtStep(17), SLURMRequeue())  # signal first: handled at the same step
     message = str(stopped.value.code)
     ckpt = tmp_path / "job" / "checkpoints" / "last.ckpt"
-    assert message == (f"Saved {ckpt} at step 17, but the job was not requeued: `scontrol` is not on PATH on this node "
-                       f"(is this really a SLURM compute node?). To resume, run the same command with --ckpt_path {ckpt}.")
+    assert message == (
+        f"Saved {ckpt} at step 17, but the job was not requeued: `scontrol` is not on PATH on this node "
+        f"(is this really a SLURM compute node?). To resume, run the same command with --ckpt_path {ckpt}."
+    )
     assert torch.load(ckpt, weights_only=True)["global_step"] == 17
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler does not outlive the fit
 
@@ -152,8 +190,15 @@ def test_signal_is_ignored_outside_slurm(tmp_path, tiny_npz, monkeypatch):
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
     callback = SLURMRequeue()
     L.seed_everything(0)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     trainer.fit(ImageClassifier(LeNet()), datamodule=CIFAR10DataModule(npz=tiny_npz, val_size=0, batch_size=8))
     assert not callback._active and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
@@ -163,20 +208,37 @@ def test_requeued_job_resumes_in_its_own_run_directory_with_identical_weights(tm
     saves, calls ``scontrol requeue <job id>`` and exits 0; the requeued job (same job id, same command)
     finds its run directory ``slurm-<job id>``, resumes from the newest checkpoint there without being
     told, and its net.pt equals that of a fit that was never interrupted."""
-    args = ["fit", "-c", "experiments/lenet.yaml", f"--data.npz={tiny_npz}", "--data.pipeline=device",
-            "--data.val_size=16", "--data.batch_size=4", "--trainer.max_epochs=5", "--trainer.accelerator=cpu",
-            "--test_after_fit=false", "--plots.enabled=false", "--last_checkpoint.every_n_train_steps=1", *QUIET]
+    args = [
+        "fit",
+        "-c",
+        "experiments/lenet.yaml",
+        f"--data.npz={tiny_npz}",
+        "--data.pipeline=device",
+        "--data.val_size=16",
+        "--data.batch_size=4",
+        "--trainer.max_epochs=5",
+        "--trainer.accelerator=cpu",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        "--last_checkpoint.every_n_train_steps=1",
+        *QUIET,
+    ]
     uninterrupted = run_cli([*args, f"--trainer.default_root_dir={tmp_path / 'uninterrupted'}"])
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
     scontrol_log = fake_scontrol(tmp_path / "bin")
-    env = {**os.environ, "PYTHONPATH": str(REPO), **job_step_env(job_id="4242"),
-           "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        **job_step_env(job_id="4242"),
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("PROJECT_RUN_DIR", None)
     job = [sys.executable, "-m", "project", *args, f"--trainer.default_root_dir={tmp_path / 'job'}"]
     run_dir = tmp_path / "job" / "lenet" / "slurm-4242"
-    proc = subprocess.Popen(job, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        job, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training is under way
@@ -224,7 +286,9 @@ def test_sbatch_scripts_parse_and_carry_the_required_directives(script):
         # One task per device, and the trainer told the same numbers SLURM gave the job.
         assert "ntasks-per-node" in directives and "gpus-per-node" in directives
         assert directives["ntasks-per-node"] == directives["gpus-per-node"]
-        assert '--trainer.devices "${SLURM_NTASKS_PER_NODE}"' in text and '--trainer.num_nodes "${SLURM_NNODES}"' in text
+        assert (
+            '--trainer.devices "${SLURM_NTASKS_PER_NODE}"' in text and '--trainer.num_nodes "${SLURM_NNODES}"' in text
+        )
 
 
 def unquoted_expansions(line: str) -> list[str]:

@@ -27,10 +27,25 @@ def sweep_file(tmp_path: Path, npz: Path, parameters: dict, *extra: str, epochs:
         "metric": {"name": "val/acc", "goal": "maximize"},
         "parameters": parameters,
         "program": "project",
-        "command": ["${env}", "${interpreter}", "-m", "${program}", "fit", "--config", "experiments/lenet.yaml",
-                    f"--data.npz={npz}", "--data.val_size=16", f"--trainer.max_epochs={epochs}",
-                    "--trainer.limit_train_batches=2", "--trainer.accelerator=cpu", "--plots.enabled=false",
-                    "--test_after_fit=false", *QUIET, *extra, "${args}"],
+        "command": [
+            "${env}",
+            "${interpreter}",
+            "-m",
+            "${program}",
+            "fit",
+            "--config",
+            "experiments/lenet.yaml",
+            f"--data.npz={npz}",
+            "--data.val_size=16",
+            f"--trainer.max_epochs={epochs}",
+            "--trainer.limit_train_batches=2",
+            "--trainer.accelerator=cpu",
+            "--plots.enabled=false",
+            "--test_after_fit=false",
+            *QUIET,
+            *extra,
+            "${args}",
+        ],
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -63,12 +78,22 @@ def test_two_workers_started_together_run_every_trial_once_and_compare_recompute
     runs exactly once, in its own run directory under the sweep directory, with its parameters in its
     config.yaml; sweep.csv holds each trial's final val/acc from its metrics.csv, and compare's means and
     sample standard deviations over the pooled seeds are those of the metrics.csv files."""
-    sweep = sweep_file(tmp_path, tiny_npz, {"seed_everything": {"values": [1, 2]},
-                                            "model.label_smoothing": {"values": [0.0, 0.2]}})
+    sweep = sweep_file(
+        tmp_path, tiny_npz, {"seed_everything": {"values": [1, 2]}, "model.label_smoothing": {"values": [0.0, 0.2]}}
+    )
     directory = tmp_path / "sweep"
-    workers = [subprocess.Popen(worker_command(sweep, directory, *args), cwd=REPO, env=env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-               for args in (["--workers", "2"], ["--workers", "1"])]
+    workers = [
+        subprocess.Popen(
+            worker_command(sweep, directory, *args),
+            cwd=REPO,
+            env=env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for args in (["--workers", "2"], ["--workers", "1"])
+    ]
     try:
         outputs = [w.communicate(timeout=TIMEOUT) for w in workers]
     finally:
@@ -79,7 +104,11 @@ def test_two_workers_started_together_run_every_trial_once_and_compare_recompute
 
     rows = trials(directory)
     assert sorted((r["config"]["seed_everything"], r["config"]["model.label_smoothing"]) for r in rows) == [
-        (1, 0.0), (1, 0.2), (2, 0.0), (2, 0.2)]
+        (1, 0.0),
+        (1, 0.2),
+        (2, 0.0),
+        (2, 0.2),
+    ]
     assert {r["state"] for r in rows} == {"finished"} and all(r["starts"] == 1 for r in rows)
     assert len({r["worker"] for r in rows}) == 2, "both workers took trials"
     with open(directory / "sweep.csv", newline="") as f:
@@ -97,10 +126,12 @@ def test_two_workers_started_together_run_every_trial_once_and_compare_recompute
     with open(directory / "compare.csv", newline="") as f:
         groups = {float(g["model.label_smoothing"]): g for g in csv.DictReader(f)}
     for smoothing, group in groups.items():
-        finals = [val_acc(directory / t["run_dir"])[-1] for t in table if float(t["model.label_smoothing"]) == smoothing]
+        finals = [
+            val_acc(directory / t["run_dir"])[-1] for t in table if float(t["model.label_smoothing"]) == smoothing
+        ]
         assert int(group["n"]) == 2
         assert float(group["val/acc.mean"]) == pytest.approx(sum(finals) / 2)
-        assert float(group["val/acc.std"]) == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
+        assert float(group["val/acc.std"]) == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
         assert float(group["val/acc.best"]) == max(finals)
     assert (directory / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -112,9 +143,17 @@ def test_a_stopped_worker_s_trial_is_resumed_by_the_next_worker_in_its_run_direc
     it, the trial saves last.ckpt and stops, and is marked interrupted. Either way the next worker continues
     it from checkpoints/last.ckpt in the same run directory: one val/acc row per epoch, none twice."""
     marker = tmp_path / "signalled"
-    sweep = sweep_file(tmp_path, tiny_npz, {"seed_everything": {"value": 3}}, "--trainer.callbacks+=tests.probes.SignalSweepWorker",
-                       f"--trainer.callbacks.marker={marker}", f"--trainer.callbacks.signal={signal}",
-                       "--data.batch_size=16", "--trainer.limit_train_batches=3", epochs=3)  # SIGTERM: saved mid-epoch
+    sweep = sweep_file(
+        tmp_path,
+        tiny_npz,
+        {"seed_everything": {"value": 3}},
+        "--trainer.callbacks+=tests.probes.SignalSweepWorker",
+        f"--trainer.callbacks.marker={marker}",
+        f"--trainer.callbacks.signal={signal}",
+        "--data.batch_size=16",
+        "--trainer.limit_train_batches=3",
+        epochs=3,
+    )  # SIGTERM: saved mid-epoch
     directory = tmp_path / "sweep"
     first = run_worker(sweep, directory)
     assert marker.exists()
@@ -131,8 +170,11 @@ def test_a_stopped_worker_s_trial_is_resumed_by_the_next_worker_in_its_run_direc
     assert second.returncode == 0, second.stderr[-3000:]
     (trial,) = trials(directory)
     assert trial["state"] == "finished" and trial["starts"] == 2
-    starts = [line for line in (directory / "logs" / f"{trial['id']}.log").read_text().splitlines()
-              if line.startswith(f"{trial['id']} start ")]
+    starts = [
+        line
+        for line in (directory / "logs" / f"{trial['id']}.log").read_text().splitlines()
+        if line.startswith(f"{trial['id']} start ")
+    ]
     assert len(starts) == 2 and "--ckpt_path=last" not in starts[0] and starts[1].endswith("--ckpt_path=last")
     with open(run_dir / "metrics.csv", newline="") as f:
         epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc")]
@@ -143,15 +185,23 @@ def test_a_stopped_worker_s_trial_is_resumed_by_the_next_worker_in_its_run_direc
 def test_failed_trials_are_recorded_and_three_in_a_row_stop_the_sweep(tmp_path, tiny_npz):
     """A trial the CLI refuses (exit 2) is recorded failed and the next one runs; after three failures
     in a row the worker stops with one sentence naming the last reason, and exit status 2."""
-    sweep = sweep_file(tmp_path, tiny_npz, {"seed_everything": {"value": 0},
-                                            "model.label_smoothing": {"values": [1.5, 0.1, 2.0, 3.0, 4.0, 5.0]}})
+    sweep = sweep_file(
+        tmp_path,
+        tiny_npz,
+        {"seed_everything": {"value": 0}, "model.label_smoothing": {"values": [1.5, 0.1, 2.0, 3.0, 4.0, 5.0]}},
+    )
     directory = tmp_path / "sweep"
     done = run_worker(sweep, directory)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 3 trials failed in a row, the last with: error: model.label_smoothing must be in")
     assert [(t["config"]["model.label_smoothing"], t["state"]) for t in trials(directory)] == [
-        (1.5, "failed"), (0.1, "finished"), (2.0, "failed"), (3.0, "failed"), (4.0, "failed")]
+        (1.5, "failed"),
+        (0.1, "finished"),
+        (2.0, "failed"),
+        (3.0, "failed"),
+        (4.0, "failed"),
+    ]
 
 
 def test_user_mistakes_end_in_one_sentence(tmp_path, tiny_npz):
@@ -169,8 +219,9 @@ def test_user_mistakes_end_in_one_sentence(tmp_path, tiny_npz):
         (str(sweep), str(other)): "is not empty and holds no sweep.yaml",
     }
     for (file, directory), expected in cases.items():
-        done = run_bounded([sys.executable, "-m", "project.sweep", file, "--dir", directory], timeout=TIMEOUT,
-                           cwd=REPO, env=env())
+        done = run_bounded(
+            [sys.executable, "-m", "project.sweep", file, "--dir", directory], timeout=TIMEOUT, cwd=REPO, env=env()
+        )
         assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
         assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()

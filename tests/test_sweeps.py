@@ -48,8 +48,13 @@ def agent_command(sweep_config: dict, run_config: dict) -> list[str]:
 
     saved = dict(os.environ)
     try:
-        with tempfile.TemporaryDirectory() as wandb_dir, mock.patch.object(wandb_agent, "AgentProcess", RecordedProcess):
-            os.environ.update({"WANDB_DIR": wandb_dir, "WANDB_SWEEP_ID": "sw33p"})  # where the agent saves the run's config
+        with (
+            tempfile.TemporaryDirectory() as wandb_dir,
+            mock.patch.object(wandb_agent, "AgentProcess", RecordedProcess),
+        ):
+            os.environ.update(
+                {"WANDB_DIR": wandb_dir, "WANDB_SWEEP_ID": "sw33p"}
+            )  # where the agent saves the run's config
             agent = wandb_agent.Agent(api=None, queue=None, sweep_id="sw33p")
             agent._sweep_command = list(sweep_config["command"])  # what the agent reads from the server's sweep
             # A server sends the suggestion as JSON: plain numbers, never numpy's (the Bayes engine's).
@@ -82,10 +87,19 @@ def lookup(config: dict, dotted: str):
 def run_trial(command: list[str], env: dict, tmp_path: Path, subset_npz: Path, *extra: str):
     """One trial as the agent starts it, shrunk to two steps on the real subset by arguments appended after
     the agent's (data, size and device only; never a swept parameter)."""
-    shrink = [f"--data.npz={subset_npz}", "--data.val_size=500", "--trainer.max_epochs=1",
-              "--trainer.limit_train_batches=2", "--trainer.accelerator=cpu",
-              "--trainer.precision=32-true", "--test_after_fit=false", "--plots.enabled=false",
-              f"--trainer.default_root_dir={tmp_path}", *QUIET, *extra]
+    shrink = [
+        f"--data.npz={subset_npz}",
+        "--data.val_size=500",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+        *extra,
+    ]
     full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
     full_env.pop("PROJECT_RUN_DIR", None)
     return run_bounded([*command, *shrink], cwd=REPO, env=full_env, timeout=300)
@@ -127,7 +141,9 @@ def test_trials_from_the_sweep_engine_run_end_to_end_and_a_crashing_trial_fails_
 
     finished = []
     for i, suggestion in enumerate(suggestions):
-        done = run_trial(agent_command(lenet, suggestion.config), {**env, "WANDB_RUN_ID": f"trial{i}"}, tmp_path, subset_npz)
+        done = run_trial(
+            agent_command(lenet, suggestion.config), {**env, "WANDB_RUN_ID": f"trial{i}"}, tmp_path, subset_npz
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         run = tmp_path / "lenet" / f"sweep-sw33p-trial{i}"
         saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -135,27 +151,53 @@ def test_trials_from_the_sweep_engine_run_end_to_end_and_a_crashing_trial_fails_
             assert lookup(saved, name) == spec["value"], name
         with open(run / "metrics.csv") as f:
             val_acc = [float(r["val/acc"]) for r in csv.DictReader(f) if r.get("val/acc")]
-        finished.append(sweeps.SweepRun(name=f"trial{i}", state=sweeps.RunState.finished, config=suggestion.config,
-                                        summary_metrics={"val/acc": val_acc[-1]}, history=[{"val/acc": val_acc[-1]}]))
+        finished.append(
+            sweeps.SweepRun(
+                name=f"trial{i}",
+                state=sweeps.RunState.finished,
+                config=suggestion.config,
+                summary_metrics={"val/acc": val_acc[-1]},
+                history=[{"val/acc": val_acc[-1]}],
+            )
+        )
     # The grid moves on to a point it has not tried.
     third = sweeps.next_run(lenet, finished, validate=True)
     assert third.config not in [s.config for s in suggestions]
 
-    crash = run_trial(agent_command(lenet, {**suggestions[0].config, "model.optimizer.lr": {"value": -0.1}}),
-                      {**env, "WANDB_RUN_ID": "bad"}, tmp_path, subset_npz)
+    crash = run_trial(
+        agent_command(lenet, {**suggestions[0].config, "model.optimizer.lr": {"value": -0.1}}),
+        {**env, "WANDB_RUN_ID": "bad"},
+        tmp_path,
+        subset_npz,
+    )
     assert crash.returncode == 2
-    assert crash.stderr.strip().splitlines()[-1] == "error: model.optimizer refused its arguments: Invalid learning rate: -0.1"
+    assert (
+        crash.stderr.strip().splitlines()[-1]
+        == "error: model.optimizer refused its arguments: Invalid learning rate: -0.1"
+    )
     assert not (tmp_path / "lenet" / "sweep-sw33p-bad").exists()
 
     resnet = load(REPO / "experiments/sweeps/resnet_gpu.yaml")
     tried = []
     for i, suggestion in enumerate(sweeps.next_runs(resnet, [], validate=True, n=2)):
-        tried.append(sweeps.SweepRun(name=f"r{i}", state=sweeps.RunState.finished, config=suggestion.config,
-                                     summary_metrics={"val/acc": 0.3 + 0.1 * i}, history=[{"val/acc": 0.3 + 0.1 * i}]))
+        tried.append(
+            sweeps.SweepRun(
+                name=f"r{i}",
+                state=sweeps.RunState.finished,
+                config=suggestion.config,
+                summary_metrics={"val/acc": 0.3 + 0.1 * i},
+                history=[{"val/acc": 0.3 + 0.1 * i}],
+            )
+        )
     bayes = sweeps.next_run(resnet, tried, validate=True)
     assert bayes.search_info is not None  # a Bayesian suggestion, informed by the finished runs
-    done = run_trial(agent_command(resnet, bayes.config), {**env, "WANDB_RUN_ID": "bayes"}, tmp_path, subset_npz,
-                     "--data.batch_size=32")  # not swept here; smaller for the CPU
+    done = run_trial(
+        agent_command(resnet, bayes.config),
+        {**env, "WANDB_RUN_ID": "bayes"},
+        tmp_path,
+        subset_npz,
+        "--data.batch_size=32",
+    )  # not swept here; smaller for the CPU
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = run_dirs(tmp_path, "resnet20")
     saved = yaml.safe_load((run / "config.yaml").read_text())

@@ -21,9 +21,13 @@ CANARY_KEY = "canary0123456789abcdef0123456789abcdef01"  # a fake API key that m
 
 def wandb_env(tmp_path: Path, mode: str = "offline") -> dict[str, str]:
     """wandb's own folders inside the test's tmp_path, and the canary key in the environment."""
-    return {"WANDB_MODE": mode, "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-            "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-            "WANDB_API_KEY": CANARY_KEY}
+    return {
+        "WANDB_MODE": mode,
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "WANDB_API_KEY": CANARY_KEY,
+    }
 
 
 def wandb_records(path: Path) -> list:
@@ -65,10 +69,28 @@ def read_offline_run(folder: Path) -> dict:
 def test_ddp_fit_makes_one_offline_run_with_the_resolved_config_metrics_and_plots(tmp_path, tiny_npz):
     """Two DDP processes, one wandb run: rank zero's. Its config is the resolved CLI config, logged
     once under the command line's dotted names; its history has the metrics and the plots."""
-    done = run_cli(["fit", "-c", WANDB_PRESET, "-c", LENET, f"--data.npz={tiny_npz}",
-                    "--data.val_size=16", "--data.batch_size=8", "--trainer.max_epochs=2", "--trainer.accelerator=cpu",
-                    "--trainer.devices=2", "--trainer.strategy=ddp", "--plots.every_n_epochs=1", "--test_after_fit=true",
-                    f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET], cwd=tmp_path, env=wandb_env(tmp_path))
+    done = run_cli(
+        [
+            "fit",
+            "-c",
+            WANDB_PRESET,
+            "-c",
+            LENET,
+            f"--data.npz={tiny_npz}",
+            "--data.val_size=16",
+            "--data.batch_size=8",
+            "--trainer.max_epochs=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--plots.every_n_epochs=1",
+            "--test_after_fit=true",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            *QUIET,
+        ],
+        cwd=tmp_path,
+        env=wandb_env(tmp_path),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "runs", "lenet")
     folders = list(tmp_path.rglob("offline-run-*"))
@@ -80,9 +102,15 @@ def test_ddp_fit_makes_one_offline_run_with_the_resolved_config_metrics_and_plot
     config = [c for c in logged["configs"] if "model.optimizer.init_args.lr" in c]
     assert len(config) == 1, "the resolved config is logged once"
     config = config[0]
-    assert config["model.optimizer.init_args.lr"] == 0.05 and config["data.batch_size"] == 8 and config["seed_everything"] == 42
+    assert (
+        config["model.optimizer.init_args.lr"] == 0.05
+        and config["data.batch_size"] == 8
+        and config["seed_everything"] == 42
+    )
     assert config["trainer.devices"] in (2, "2") and config["model.net.class_path"] == "project.models.LeNet"
-    assert not any("optimizer" in c for c in logged["configs"]), "Lightning's own partial hparams are not logged besides"
+    assert not any("optimizer" in c for c in logged["configs"]), (
+        "Lightning's own partial hparams are not logged besides"
+    )
     assert {"train/loss_epoch", "val/acc", "test/acc", "trainer/global_step"} <= logged["history"]
     assert {"val/confusion_matrix", "val/predictions", "test/confusion_matrix", "test/predictions"} <= logged["history"]
     assert len(list(folders[0].glob("files/media/images/val/confusion_matrix_*.png"))) == 2  # epochs 0 and 1
@@ -94,9 +122,20 @@ def test_ddp_fit_makes_one_offline_run_with_the_resolved_config_metrics_and_plot
 
 
 def test_resumed_fit_continues_the_same_wandb_run(tmp_path, tiny_npz):
-    base = ["fit", "-c", WANDB_PRESET, "-c", LENET, f"--data.npz={tiny_npz}", "--data.val_size=16",
-            "--data.batch_size=16", "--test_after_fit=false", "--plots.enabled=false",
-            f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET]
+    base = [
+        "fit",
+        "-c",
+        WANDB_PRESET,
+        "-c",
+        LENET,
+        f"--data.npz={tiny_npz}",
+        "--data.val_size=16",
+        "--data.batch_size=16",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        *QUIET,
+    ]
     first = run_cli([*base, "--trainer.max_epochs=1"], cwd=tmp_path, env=wandb_env(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "runs", "lenet")
@@ -110,15 +149,28 @@ def test_resumed_fit_continues_the_same_wandb_run(tmp_path, tiny_npz):
 def test_wandb_is_off_in_tests_and_an_account_is_asked_for_clearly(tmp_path, tiny_npz):
     """The suite runs with WANDB_MODE=disabled: no wandb files. Without it and without an API key,
     the fit stops at once with one sentence naming both ways out."""
-    base = ["fit", "-c", WANDB_PRESET, "-c", LENET, f"--data.npz={tiny_npz}", "--data.val_size=16",
-            "--trainer.max_epochs=1", "--test_after_fit=false", "--plots.enabled=false",
-            f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET]
+    base = [
+        "fit",
+        "-c",
+        WANDB_PRESET,
+        "-c",
+        LENET,
+        f"--data.npz={tiny_npz}",
+        "--data.val_size=16",
+        "--trainer.max_epochs=1",
+        "--test_after_fit=false",
+        "--plots.enabled=false",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        *QUIET,
+    ]
     assert os.environ["WANDB_MODE"] == "disabled"
     off = run_cli(base, cwd=tmp_path)
     assert off.returncode == 0, off.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "runs", "lenet")
     assert not list(tmp_path.rglob("*run-*")) and (run / "metrics.csv").is_file()
-    assert "model.optimizer.init_args.lr: 0.05" in (run / "hparams.yaml").read_text()  # the CSV logger records the same config
+    assert (
+        "model.optimizer.init_args.lr: 0.05" in (run / "hparams.yaml").read_text()
+    )  # the CSV logger records the same config
 
     env = {**wandb_env(tmp_path, mode="online"), "HOME": str(tmp_path / "home")}  # online is wandb's default
     del env["WANDB_API_KEY"]
@@ -126,7 +178,8 @@ def test_wandb_is_off_in_tests_and_an_account_is_asked_for_clearly(tmp_path, tin
     assert no_account.returncode == 2
     assert no_account.stderr.strip().splitlines()[-1] == (
         "error: wandb could not start a run (No API key configured. Use `wandb login` to log in.): log in with "
-        "`wandb login`, or set WANDB_MODE=offline to keep the run in the run directory and upload it later with `wandb sync`.")
+        "`wandb login`, or set WANDB_MODE=offline to keep the run in the run directory and upload it later with `wandb sync`."
+    )
 
 
 def test_wandb_logger_is_named_after_its_run_directory_and_joins_the_sweep_project(tmp_path, monkeypatch):
@@ -142,12 +195,18 @@ def test_wandb_logger_is_named_after_its_run_directory_and_joins_the_sweep_proje
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
     monkeypatch.setenv("WANDB_RUN_ID", "tr1al")
     monkeypatch.setenv("WANDB_PROJECT", "sweeps-project")
-    identity = tracking.wandb_identity(tmp_path / "fresh", "lenet", name="mine", id=None, project="image-classification")
+    identity = tracking.wandb_identity(
+        tmp_path / "fresh", "lenet", name="mine", id=None, project="image-classification"
+    )
     assert identity == ("mine", None, "sweeps-project")
     assert tracking.sweep_run_name() == "sweep-sw33p-tr1al"
 
 
 def test_flatten_uses_the_command_line_names():
     nested = {"model": {"lr": 0.1, "net": {"class_path": "LeNet", "init_args": {}}}, "trainer": {"logger": [{"a": 1}]}}
-    assert tracking.flatten(nested) == {"model.lr": 0.1, "model.net.class_path": "LeNet", "model.net.init_args": {},
-                                        "trainer.logger": [{"a": 1}]}
+    assert tracking.flatten(nested) == {
+        "model.lr": 0.1,
+        "model.net.class_path": "LeNet",
+        "model.net.init_args": {},
+        "trainer.logger": [{"a": 1}],
+    }

@@ -102,7 +102,9 @@ class ActivationStatistics(HookCallback):
             self._logged_step = step
         self._stats.clear()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if not self._recording:
             return
         self._recording = False

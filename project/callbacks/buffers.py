@@ -24,15 +24,17 @@ def buffer_table(module: torch.nn.Module, max_values: int = 16) -> list[dict]:
     rows = []
     for owner_name, owner in module.named_modules():
         for name, buf in owner.named_buffers(recurse=False):
-            rows.append({
-                "name": clean_name(f"{owner_name}.{name}" if owner_name else name),
-                "shape": list(buf.shape),
-                "dtype": str(buf.dtype).removeprefix("torch."),
-                "device": str(buf.device),
-                # What state_dict() consults; asked directly because under FSDP state_dict() is a collective.
-                "saved": name not in owner._non_persistent_buffers_set,
-                "values": buf.detach().cpu().tolist() if buf.numel() <= max_values else None,
-            })
+            rows.append(
+                {
+                    "name": clean_name(f"{owner_name}.{name}" if owner_name else name),
+                    "shape": list(buf.shape),
+                    "dtype": str(buf.dtype).removeprefix("torch."),
+                    "device": str(buf.device),
+                    # What state_dict() consults; asked directly because under FSDP state_dict() is a collective.
+                    "saved": name not in owner._non_persistent_buffers_set,
+                    "values": buf.detach().cpu().tolist() if buf.numel() <= max_values else None,
+                }
+            )
     return rows
 
 
@@ -64,16 +66,22 @@ class SyncBuffers(L.Callback):
         self.enabled = enabled
 
     def active(self, trainer: L.Trainer) -> bool:
-        return (self.enabled and trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy)
-                and dist.is_available() and dist.is_initialized())
+        return (
+            self.enabled
+            and trainer.world_size > 1
+            and not isinstance(trainer.strategy, DDPStrategy)
+            and dist.is_available()
+            and dist.is_initialized()
+        )
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self.active(trainer):
             with torch.no_grad():
                 broadcast_buffers(pl_module)
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
@@ -89,8 +97,10 @@ def sync_policy(trainer: L.Trainer) -> str:
             return "DDP: broadcast from rank 0 before every forward pass (checkpoints hold rank 0's values)"
         return "DDP with broadcast_buffers=False: every rank keeps its own (checkpoints hold rank 0's values)"
     if any(isinstance(cb, SyncBuffers) and cb.active(trainer) for cb in trainer.callbacks):
-        return (f"{type(strategy).__name__}: broadcast from rank 0 before every training and validation batch "
-                "by SyncBuffers (checkpoints hold rank 0's values)")
+        return (
+            f"{type(strategy).__name__}: broadcast from rank 0 before every training and validation batch "
+            "by SyncBuffers (checkpoints hold rank 0's values)"
+        )
     return f"{type(strategy).__name__}: every rank keeps its own; nothing synchronises them"
 
 
@@ -131,4 +141,6 @@ class BufferReport(L.Callback):
         self.path = Path(log_dir) / self.filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = ",\n  ".join(json.dumps(row) for row in buffer_table(pl_module))  # one buffer per line
-        self.path.write_text(f'{{"synchronisation": {json.dumps(sync_policy(trainer))},\n "buffers": [\n  {rows}\n]}}\n')
+        self.path.write_text(
+            f'{{"synchronisation": {json.dumps(sync_policy(trainer))},\n "buffers": [\n  {rows}\n]}}\n'
+        )

@@ -120,7 +120,11 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # After the epoch's validation (and the model's own epoch-end hook): what ModelCheckpoint does too.
-        if not self.every_n_train_steps and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if (
+            not self.every_n_train_steps
+            and self.every_n_epochs
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        ):
             self.save(trainer)
 
     def stop_requested(self, trainer) -> bool:
@@ -159,5 +163,6 @@ class LastCheckpoint(Checkpoint):
 
     def save_now(self, trainer, reason: str) -> None:
         if self.save(trainer, now=True):
-            rank_zero_info(f"{reason}: saved {self.last_model_path} at step {trainer.global_step}; "
-                           "resume with --ckpt_path last.")
+            rank_zero_info(
+                f"{reason}: saved {self.last_model_path} at step {trainer.global_step}; resume with --ckpt_path last."
+            )

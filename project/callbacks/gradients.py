@@ -81,7 +81,9 @@ class GradientStatistics(HookCallback):
         net = self.hookable_net(pl_module)
         chosen = select_layers(net, self.layers, self.types, DEFAULT_OUTPUT_TYPES, "GradientStatistics")
         self._output_names = list(chosen)
-        self._handles = [m.register_full_backward_hook(partial(self._record_output, name)) for name, m in chosen.items()]
+        self._handles = [
+            m.register_full_backward_hook(partial(self._record_output, name)) for name, m in chosen.items()
+        ]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the strategy has wrapped the model: under FSDP the parameters are views into shards.
@@ -111,24 +113,32 @@ class GradientStatistics(HookCallback):
         if not self._recording or not self._groups:
             return
         device = pl_module.device
-        squares = self._sum_squares({layer: [p.grad for p in params] for layer, params in self._groups.items()}, trainer, device)
+        squares = self._sum_squares(
+            {layer: [p.grad for p in params] for layer, params in self._groups.items()}, trainer, device
+        )
         self.last = {f"{self.prefix}/{layer}/norm": math.sqrt(sq) for layer, sq in zip(self._groups, squares)}
         self.last[f"{self.prefix}/total_norm"] = math.sqrt(sum(squares))
         if self.update_ratio:
             self._before = {layer: [p.detach().clone() for p in params] for layer, params in self._groups.items()}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if not self._recording or trainer.global_step == self._recorded_step:
             return  # not recording, or an accumulation batch before the optimiser step
         self._recording = False
         device = pl_module.device
         if self._before:
             layers = list(self._before)
-            deltas = {layer: [p.detach() - b for p, b in zip(self._groups[layer], self._before[layer])] for layer in layers}
+            deltas = {
+                layer: [p.detach() - b for p, b in zip(self._groups[layer], self._before[layer])] for layer in layers
+            }
             change = self._sum_squares(deltas, trainer, device)
             size = self._sum_squares(self._before, trainer, device)
             for layer, dsq, wsq in zip(layers, change, size):
-                self.last[f"{self.prefix}/{layer}/update_ratio"] = math.sqrt(dsq) / math.sqrt(wsq) if wsq > 0 else math.nan
+                self.last[f"{self.prefix}/{layer}/update_ratio"] = (
+                    math.sqrt(dsq) / math.sqrt(wsq) if wsq > 0 else math.nan
+                )
             self._before = {}
         if self._output_names:
             missing = torch.full((), math.nan, device=device)

@@ -11,7 +11,6 @@ from project.errors import UserError
 from project.state_dicts import clean_name  # so a layer has one name under every strategy
 
 
-
 def network(pl_module: L.LightningModule) -> nn.Module:
     """The plain network a LightningModule trains (``pl_module.net``), or the module itself."""
     net = getattr(pl_module, "net", None)

@@ -69,7 +69,9 @@ class PredictionPlots(L.Callback):
         images, labels = batch[0], batch[1]
         if not (isinstance(outputs, torch.Tensor) and outputs.ndim == 2 and len(outputs) == len(labels)):
             if not self._warned:
-                rank_zero_warn("PredictionPlots needs validation_step/test_step to return the logits; no plots are drawn.")
+                rank_zero_warn(
+                    "PredictionPlots needs validation_step/test_step to return the logits; no plots are drawn."
+                )
                 self._warned = True
             return
         preds = outputs.argmax(dim=-1)
@@ -121,20 +123,35 @@ class PredictionPlots(L.Callback):
         if result is not None:
             self._draw(trainer, "test", *result)
 
-    def _draw(self, trainer: L.Trainer, stage: str, matrix: np.ndarray, samples: list, epoch: int | None = None) -> None:
+    def _draw(
+        self, trainer: L.Trainer, stage: str, matrix: np.ndarray, samples: list, epoch: int | None = None
+    ) -> None:
         if epoch is not None:
             self._drawn_epoch = epoch
         if not trainer.is_global_zero:
             return
         stem = f"{stage}-epoch{epoch:03d}" if epoch is not None else stage
         title = f"{stage}, epoch {epoch}" if epoch is not None else stage
-        written = {"confusion_matrix": plots.save(plots.confusion_matrix_figure(matrix, self._classes, title), self._dir / f"{stem}-confusion.png")}
+        written = {
+            "confusion_matrix": plots.save(
+                plots.confusion_matrix_figure(matrix, self._classes, title), self._dir / f"{stem}-confusion.png"
+            )
+        }
         # The counts as numbers too: rows are true classes, columns predicted ones.
-        np.savetxt(self._dir / f"{stem}-confusion.csv", matrix, fmt="%d", delimiter=",", header=",".join(self._classes), comments="")
+        np.savetxt(
+            self._dir / f"{stem}-confusion.csv",
+            matrix,
+            fmt="%d",
+            delimiter=",",
+            header=",".join(self._classes),
+            comments="",
+        )
         if samples:
             images, labels, preds = (torch.cat(parts) for parts in zip(*samples))
             written["predictions"] = plots.save(
-                plots.prediction_grid_figure(self._displayable(trainer, images), labels.tolist(), preds.tolist(), self._classes, title),
+                plots.prediction_grid_figure(
+                    self._displayable(trainer, images), labels.tolist(), preds.tolist(), self._classes, title
+                ),
                 self._dir / f"{stem}-predictions.png",
             )
         self.paths.extend(written.values())

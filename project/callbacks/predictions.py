@@ -46,7 +46,9 @@ class PredictionWriter(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         # Lightning records batch indices for DataLoaders only and warns for the device pipeline's
         # DeviceLoader, whose indices this callback reads from its sampler instead (see _local_rows).
-        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader: `DeviceLoader`")
+        warnings.filterwarnings(
+            "ignore", message="Couldn't infer the batch indices fetched from your dataloader: `DeviceLoader`"
+        )
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         if not self.enabled:
@@ -62,9 +64,17 @@ class PredictionWriter(BasePredictionWriter):
             index, preds, probs = _local_rows(batches, seen, loader)
             index, preds, probs = _gather_to_rank_zero(trainer, index, preds, probs)
             if trainer.is_global_zero:
-                name = self.filename if len(loaders) == 1 else f"{Path(self.filename).stem}-{i}{Path(self.filename).suffix}"
+                name = (
+                    self.filename
+                    if len(loaders) == 1
+                    else f"{Path(self.filename).stem}-{i}{Path(self.filename).suffix}"
+                )
                 path = directory / name
-                write_csv(path, *_unique_sorted(index, preds, probs), class_names(trainer, probs.shape[-1] if len(index) else None))
+                write_csv(
+                    path,
+                    *_unique_sorted(index, preds, probs),
+                    class_names(trainer, probs.shape[-1] if len(index) else None),
+                )
                 self.paths.append(path)
                 rank_zero_info(f"Wrote {path}: {len(torch.unique(index))} predictions")
         trainer.strategy.barrier("PredictionWriter")
@@ -75,7 +85,9 @@ def class_names(trainer: L.Trainer, num_classes: int | None) -> list[str]:
     names = getattr(trainer.datamodule, "classes", None) if trainer.datamodule is not None else None
     names = [str(n) for n in names] if names is not None else [str(i) for i in range(num_classes)]
     if num_classes is not None and len(names) != num_classes:
-        raise UserError(f"The data module names {len(names)} classes but the model predicts {num_classes}; make them agree.")
+        raise UserError(
+            f"The data module names {len(names)} classes but the model predicts {num_classes}; make them agree."
+        )
     return names
 
 
@@ -88,7 +100,9 @@ def _local_rows(batches, seen: list, loader) -> tuple[torch.Tensor, torch.Tensor
     probs, preds = [], []
     for out in batches:
         if not isinstance(out, dict) or "probs" not in out:
-            raise TypeError(f"PredictionWriter needs predict_step to return a dict with 'probs' (as ImageClassifier does), got {type(out).__name__}.")
+            raise TypeError(
+                f"PredictionWriter needs predict_step to return a dict with 'probs' (as ImageClassifier does), got {type(out).__name__}."
+            )
         probs.append(out["probs"].float().cpu())
         preds.append(out["preds"].cpu() if "preds" in out else out["probs"].argmax(-1).cpu())
     sizes = [len(p) for p in probs]
@@ -97,7 +111,9 @@ def _local_rows(batches, seen: list, loader) -> tuple[torch.Tensor, torch.Tensor
     else:
         order = list(getattr(loader, "sampler", None) or [])
         if len(order) < sum(sizes):
-            raise RuntimeError(f"Cannot tell which images the {sum(sizes)} predictions belong to: the loader has no sampler that lists them.")
+            raise RuntimeError(
+                f"Cannot tell which images the {sum(sizes)} predictions belong to: the loader has no sampler that lists them."
+            )
         index = order[: sum(sizes)]
     num_classes = probs[0].shape[-1] if probs else 0
     return (

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -33,7 +33,9 @@ class TensorImageDataset(Dataset):
         return self.transform(self.split.images[index]), int(self.split.labels[index])
 
 
-def image_transform(augment: bool, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> v2.Transform:
+def image_transform(
+    augment: bool, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+) -> v2.Transform:
     """uint8 CHW tensor -> float tensor: optional crop+flip, scale to [0, 1], normalise when ``mean`` and ``std`` are given."""
     steps: list[v2.Transform] = []
     if augment:

@@ -133,7 +133,9 @@ def extract(archive: Path, fmt: CIFARFormat, md5: str | None) -> Path:
     extracted = tmp / fmt.folder_name
     if not extracted.is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DatasetError(f"{archive} does not contain a {fmt.folder_name}/ folder; it is not the {fmt.name} python archive.")
+        raise DatasetError(
+            f"{archive} does not contain a {fmt.folder_name}/ folder; it is not the {fmt.name} python archive."
+        )
     extracted.rename(target / fmt.folder_name)
     tmp.rmdir()
     return target / fmt.folder_name
@@ -221,9 +223,13 @@ def read_npz(path: Path, fmt: CIFARFormat) -> tuple[Split, Split]:
     """Train and test splits from a Keras-layout npz (x_* NHWC uint8, y_* integer labels)."""
     fix = f"it needs x_train, y_train, x_test, y_test as saved from {fmt.keras_loader}"
     if path.is_dir():
-        raise DatasetError(f"--data.npz {path} is a directory, not an npz file; give the .npz file itself (for example ../shared/data/cifar10_subset.npz).")
+        raise DatasetError(
+            f"--data.npz {path} is a directory, not an npz file; give the .npz file itself (for example ../shared/data/cifar10_subset.npz)."
+        )
     if not path.is_file():
-        raise DatasetError(f"The npz file {path} does not exist; check --data.npz (for example ../shared/data/cifar10_subset.npz).")
+        raise DatasetError(
+            f"The npz file {path} does not exist; check --data.npz (for example ../shared/data/cifar10_subset.npz)."
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in NPZ_KEYS if k not in npz.files]
@@ -238,9 +244,7 @@ def read_npz(path: Path, fmt: CIFARFormat) -> tuple[Split, Split]:
     for part in ("train", "test"):
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"].reshape(-1)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-            raise DatasetError(
-                f"{path}: x_{part} is {x.dtype} {x.shape}, expected uint8 (N, 32, 32, 3) images; {fix}."
-            )
+            raise DatasetError(f"{path}: x_{part} is {x.dtype} {x.shape}, expected uint8 (N, 32, 32, 3) images; {fix}.")
         if not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
             raise DatasetError(
                 f"{path}: y_{part} is {y.dtype} with {len(y)} entries, expected integer labels, one per image "

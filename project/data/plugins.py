@@ -46,7 +46,9 @@ def read_declared(name: str, data: LightningDataModule) -> Any:
 
 
 _NOT_A_DATAMODULE = re.compile(r"Import path (\S+) does not correspond to a subclass of LightningDataModule")
-_NOT_IMPORTABLE = re.compile(r"Problem with given class_path '([^']+)':\s*(No module named \S+|module '[^']+' has no attribute '[^']+')")
+_NOT_IMPORTABLE = re.compile(
+    r"Problem with given class_path '([^']+)':\s*(No module named \S+|module '[^']+' has no attribute '[^']+')"
+)
 
 
 def data_class_problem(message: str) -> str | None:
@@ -71,12 +73,18 @@ def data_class_problem(message: str) -> str | None:
 
 #: The classes that replaced the string values of model.optimizer and model.scheduler (null: no scheduler).
 _RENAMED_CLASSES = {
-    "sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW", "cosine": "project.schedules.WarmupCosine",
-    "onecycle": "torch.optim.lr_scheduler.OneCycleLR", "step": "torch.optim.lr_scheduler.StepLR", "none": "null",
+    "sgd": "torch.optim.SGD",
+    "adamw": "torch.optim.AdamW",
+    "cosine": "project.schedules.WarmupCosine",
+    "onecycle": "torch.optim.lr_scheduler.OneCycleLR",
+    "step": "torch.optim.lr_scheduler.StepLR",
+    "none": "null",
 }
 #: Model options that moved into model.optimizer's or model.scheduler's init_args.
 _MOVED_MODEL_KEYS = ("lr", "momentum", "nesterov", "betas", "weight_decay", "step_size", "gamma")
-_OLD_STRING = re.compile(r'Parser key "model\.(optimizer|scheduler)":.*(?:dot import path string|Given value): (\w+)\s*$', re.S)
+_OLD_STRING = re.compile(
+    r'Parser key "model\.(optimizer|scheduler)":.*(?:dot import path string|Given value): (\w+)\s*$', re.S
+)
 _MOVED_KEY = re.compile(r"Group 'model' does not accept option '(\w+)'|unrecognized arguments:.*--model\.(\w+)")
 
 
@@ -86,11 +94,18 @@ def old_training_option(message: str) -> str | None:
     see = 'see the README\'s "Change the optimiser or schedule"'
     if (found := _MOVED_KEY.search(message)) and (found[1] or found[2]) in _MOVED_MODEL_KEYS:
         name = found[1] or found[2]
-        owner, example = (("scheduler", "{class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 30, gamma: 0.1}}")
-                          if name in ("step_size", "gamma") else
-                          ("optimizer", "{class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}}"))
-        return (f"model.{name} is the old form: it is now an argument of model.{owner}'s class, --model.{owner}.{name} "
-                f"on the command line, or in YAML model: {{{owner}: {example}}}; {see}.")
+        owner, example = (
+            ("scheduler", "{class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 30, gamma: 0.1}}")
+            if name in ("step_size", "gamma")
+            else (
+                "optimizer",
+                "{class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}}",
+            )
+        )
+        return (
+            f"model.{name} is the old form: it is now an argument of model.{owner}'s class, --model.{owner}.{name} "
+            f"on the command line, or in YAML model: {{{owner}: {example}}}; {see}."
+        )
     found = _OLD_STRING.search(message)
     if not found or found[2].lower() not in _RENAMED_CLASSES:
         return unknown_class(message)
@@ -98,13 +113,20 @@ def old_training_option(message: str) -> str | None:
     new = _RENAMED_CLASSES[value]
     yaml = "null" if new == "null" else f"{{class_path: {new}, init_args: {{...}}}}"
     command_line = f"--model.{key} null" if new == "null" else f"--model.{key} {new} --model.{key}.<argument> <value>"
-    moved = "(model.lr, momentum, ... moved into them)" if key == "optimizer" else "(model.step_size, gamma moved into it)"
-    return (f"model.{key} {value} is the old form: model.{key} is now a class with its own arguments {moved}, "
-            f"{command_line} on the command line, or in YAML {key}: {yaml}; {see}.")
+    moved = (
+        "(model.lr, momentum, ... moved into them)" if key == "optimizer" else "(model.step_size, gamma moved into it)"
+    )
+    return (
+        f"model.{key} {value} is the old form: model.{key} is now a class with its own arguments {moved}, "
+        f"{command_line} on the command line, or in YAML {key}: {yaml}; {see}."
+    )
 
 
-_UNKNOWN_CLASS = re.compile(r'Parser key "model\.(optimizer|scheduler)":.*?(?:dot import path string: (\S+)|'
-                            r"(module '[\w.]+' has no attribute '\w+')\. Got value: (\S+))", re.S)
+_UNKNOWN_CLASS = re.compile(
+    r'Parser key "model\.(optimizer|scheduler)":.*?(?:dot import path string: (\S+)|'
+    r"(module '[\w.]+' has no attribute '\w+')\. Got value: (\S+))",
+    re.S,
+)
 
 
 def unknown_class(message: str) -> str | None:
@@ -115,11 +137,19 @@ def unknown_class(message: str) -> str | None:
     key, value = found[1], found[2] or found[4]
     why = f" ({found[3]})" if found[3] else ""
     example = "torch.optim.AdamW" if key == "optimizer" else "torch.optim.lr_scheduler.StepLR"
-    return (f"model.{key} {value} is not a class that can be imported{why}: give its full class_path, e.g. {example} "
-            f"(any torch.optim{'' if key == 'optimizer' else '.lr_scheduler'} class, or your own by its import path).")
+    return (
+        f"model.{key} {value} is not a class that can be imported{why}: give its full class_path, e.g. {example} "
+        f"(any torch.optim{'' if key == 'optimizer' else '.lr_scheduler'} class, or your own by its import path)."
+    )
 
 
-_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string", "NoneType": "null"}
+_TYPE_WORDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "NoneType": "null",
+}
 
 
 def union_problem(message: str) -> str | None:
@@ -162,7 +192,9 @@ class DataPluginParser(LightningArgumentParser):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # raises instead of exiting
         # The message without jsonargparse's usage screen (a hundred lines of options before it).
-        sys.stderr.write(f"error: {data_class_problem(message) or old_training_option(message) or union_problem(message) or message.rstrip()}\n")
+        sys.stderr.write(
+            f"error: {data_class_problem(message) or old_training_option(message) or union_problem(message) or message.rstrip()}\n"
+        )
         sys.exit(2)
 
     def parse_path(self, path, *args, **kwargs):

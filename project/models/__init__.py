@@ -3,7 +3,16 @@ most one sibling (``lenet.py`` and ``resnet.py`` use ``init.py``), so copy a fil
 
 from project.models.init import INIT_SCHEMES, initialize
 from project.models.lenet import LeNet
-from project.models.resnet import InputStatistics, ResidualBlock, ResNet, ResNet18, ResNet20, ResNet32, ResNet34, ResNet56
+from project.models.resnet import (
+    InputStatistics,
+    ResidualBlock,
+    ResNet,
+    ResNet18,
+    ResNet20,
+    ResNet32,
+    ResNet34,
+    ResNet56,
+)
 
 __all__ = [
     "INIT_SCHEMES",

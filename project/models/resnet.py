@@ -228,7 +228,9 @@ class _NamedResNet(ResNet):
         pool: Pooling = "avg",
         logit_scale: bool = False,
     ) -> None:
-        super().__init__(self.blocks_per_stage, self.widths, num_classes, in_channels, init, init_scale, pool, logit_scale)
+        super().__init__(
+            self.blocks_per_stage, self.widths, num_classes, in_channels, init, init_scale, pool, logit_scale
+        )
 
 
 class ResNet18(_NamedResNet):
