@@ -257,13 +257,7 @@ def _read_distributed_checkpoint(path: Path, weights_only: bool) -> dict:
     except CheckpointError:
         raise
     except CheckpointException as err:
-        # What a planner raises comes back wrapped, as (exception, traceback) per rank.
-        first = next(iter(err.failures.values()))[0]
-        if isinstance(first, CheckpointError):
-            raise first from None
-        raise CheckpointError(
-            f"{path} is not a readable torch.distributed.checkpoint directory ({type(first).__name__}: {first})."
-        ) from first
+        raise _unwrapped(err, path) from None
     except Exception as err:
         raise CheckpointError(
             f"{path} is not a readable torch.distributed.checkpoint directory ({type(err).__name__}: {err})."
@@ -275,6 +269,17 @@ def _read_distributed_checkpoint(path: Path, weights_only: bool) -> dict:
     else:
         checkpoint.update(state)
     return checkpoint
+
+
+def _unwrapped(err, path: Path) -> CheckpointError:
+    """The one-sentence error inside torch.distributed.checkpoint's CheckpointException, which wraps
+    what a planner raised as (exception, traceback) per rank."""
+    first = next(iter(err.failures.values()))[0]
+    if isinstance(first, CheckpointError):
+        return first
+    return CheckpointError(
+        f"{path} is not a readable torch.distributed.checkpoint directory ({type(first).__name__}: {first})."
+    )
 
 
 def check_distributed_checkpoint(path: str | Path) -> None:
@@ -298,12 +303,7 @@ def check_distributed_checkpoint(path: str | Path) -> None:
             planner = _checked_planner(_EmptyStateDictLoadPlanner, path)(keys=entries)
             _load_state_dict({}, storage_reader=reader, planner=planner, no_dist=True)
     except CheckpointException as err:
-        first = next(iter(err.failures.values()))[0]
-        if isinstance(first, CheckpointError):
-            raise first from None
-        raise CheckpointError(
-            f"{path} is not a readable torch.distributed.checkpoint directory ({type(first).__name__}: {first})."
-        ) from first
+        raise _unwrapped(err, path) from None
     except CheckpointError:
         raise
     except Exception as err:
