@@ -174,6 +174,31 @@ def test_the_old_forms_are_one_sentence_showing_the_new_one(tmp_path, npz, capsy
     assert not (tmp_path / "lenet").exists() or not any((tmp_path / "lenet").rglob("*.ckpt")), "nothing trained"
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--model.optimizer=torch.optim.Adamm"],
+            "model.optimizer torch.optim.Adamm is not a class that can be imported",
+        ),
+        (["--model.optimizer=torch.nn.Linear"], "model.optimizer torch.nn.Linear is not an optimiser class"),
+        (["--model.optimizer=os.system"], "model.optimizer os.system is not an optimiser class"),  # never called
+        (
+            ["--model.scheduler=torch.optim.SGD"],
+            "model.scheduler torch.optim.SGD is not a learning-rate scheduler class",
+        ),
+    ],
+    ids=["misspelt", "a-module", "a-function", "optimiser-as-scheduler"],
+)
+def test_a_class_of_the_wrong_kind_is_one_sentence(tmp_path, npz, capsys, args, message):
+    with pytest.raises(SystemExit) as exited:
+        main(fit_args(tmp_path, npz, *args))
+    assert exited.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {message}") and "give its full class_path" in line, line
+    assert not (tmp_path / "lenet").exists()
+
+
 def test_the_old_form_in_an_experiment_file_is_one_sentence(tmp_path, npz, capsys):
     config = tmp_path / "old.yaml"
     config.write_text("model:\n  optimizer: adamw\n")

@@ -130,17 +130,28 @@ _UNKNOWN_CLASS = re.compile(
 
 
 def unknown_class(message: str) -> str | None:
-    """One sentence for a model.optimizer or model.scheduler that names no importable class."""
+    """One sentence for a model.optimizer or model.scheduler that names no importable class, or a
+    class (or function) of another kind."""
+    key = re.match(r'Parser key "model\.(optimizer|scheduler)":', message)
+    if key is None:
+        return None
+    key = key[1]
+    kind, example = (
+        ("torch.optim", "torch.optim.AdamW")
+        if key == "optimizer"
+        else ("torch.optim.lr_scheduler", "torch.optim.lr_scheduler.StepLR")
+    )
+    advice = f"give its full class_path, e.g. {example} (any {kind} class, or your own by its import path)."
+    wrong_kind = re.search(r"Expected '([\w.]+)' to be a (?:subclass of|function that returns)", message)
+    if wrong_kind:
+        what = "an optimiser" if key == "optimizer" else "a learning-rate scheduler"
+        return f"model.{key} {wrong_kind[1]} is not {what} class: {advice}"
     found = _UNKNOWN_CLASS.search(message)
     if not found:
         return None
-    key, value = found[1], found[2] or found[4]
+    value = found[2] or found[4]
     why = f" ({found[3]})" if found[3] else ""
-    example = "torch.optim.AdamW" if key == "optimizer" else "torch.optim.lr_scheduler.StepLR"
-    return (
-        f"model.{key} {value} is not a class that can be imported{why}: give its full class_path, e.g. {example} "
-        f"(any torch.optim{'' if key == 'optimizer' else '.lr_scheduler'} class, or your own by its import path)."
-    )
+    return f"model.{key} {value} is not a class that can be imported{why}: {advice}"
 
 
 _TYPE_WORDS = {
