@@ -133,6 +133,28 @@ def test_an_evaluation_run_records_the_checkpoint_it_evaluated(tmp_path, npz, fi
 # ---- 2. everything in the run directory ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_the_evaluated_checkpoint_is_read_from_disk_once(tmp_path, npz, finished, monkeypatch, subcommand):
+    """The run reads --ckpt_path (memory-mapped) for its checks; Lightning loads those same contents
+    through the checkpoint I/O plugin instead of reading the file a second time."""
+    (best,) = (finished / "checkpoints").glob("best-*.ckpt")
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and Path(f).resolve() == best.resolve():
+            reads.append(kwargs.get("mmap"))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    args = fit_args(tmp_path / "runs", npz, f"--ckpt_path={best}")
+    args[0] = subcommand
+    args.remove("--test_after_fit=false")
+    cli = main(args)
+    assert reads == [True], f"{best.name} was read {len(reads)} times: {reads}"
+    assert cli.trainer.ckpt_path == str(best)
+
+
 def test_without_a_logger_every_output_lands_in_the_run_directory(tmp_path, npz):
     """`--trainer.logger false` once wrote config.yaml, net.pt and plots/ into the shared root folder."""
     root = tmp_path / "runs"
