@@ -108,6 +108,29 @@ def _accepts(cls, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
+def check_trainer_writes_inside(trainer, run_dir: Path) -> None:
+    """Refuse a logger, checkpoint callback or profiler that the configuration points outside the run
+    directory (a third-party logger's save_dir, a ModelCheckpoint added by --trainer.callbacks, a
+    profiler's dirpath), before anything is written: every file a run writes stays in the run."""
+    places = [(f"trainer.logger ({type(logger).__name__}) save_dir", logger.save_dir) for logger in trainer.loggers]
+    places += [(f"{type(cb).__name__}.dirpath", cb.dirpath) for cb in trainer.checkpoint_callbacks]
+    if trainer.profiler is not None:
+        places.append(
+            (
+                f"trainer.profiler ({type(trainer.profiler).__name__}) dirpath",
+                getattr(trainer.profiler, "dirpath", None),
+            )
+        )
+    for option, path in places:
+        # Lightning resolves a relative path against the working directory.
+        if path is not None and not Path(path).resolve().is_relative_to(run_dir):
+            raise UserError(
+                f"{option}={path} leads outside the run directory {run_dir}; every file a run writes stays inside its own "
+                "directory: leave it empty (the run directory), or use project.tracking.CSVLogger or WandbLogger, "
+                "which write into the run."
+            )
+
+
 def check_devices(trainer_config) -> None:
     """Refuse more CPU processes than the machine has CPUs when Lightning would start them itself
     (each waiting for the slowest); processes started by srun or torchrun are the launcher's
@@ -400,6 +423,9 @@ class ProjectCLI(LightningCLI):
                 raise
             # A configured class (a net, a logger, a callback) rejected the values it was given.
             raise UserError(str(err)) from err
+        except ModuleNotFoundError as err:
+            # A configured class (a logger, a profiler) needs a package this environment lacks.
+            raise UserError(f"A configured class needs a package that is not installed: {err}") from None
         except AssertionError as err:
             if "net.init_args.num_classes" not in str(err):
                 raise
@@ -426,6 +452,8 @@ class ProjectCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if checkpointing is False:
             trainer.callbacks = [callback for callback in trainer.callbacks if not isinstance(callback, Checkpoint)]
+        if self.run is not None:
+            check_trainer_writes_inside(trainer, self.run.directory)
         return trainer
 
     def default_plugins(self, configured) -> list:

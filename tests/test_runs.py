@@ -182,6 +182,16 @@ ESCAPES = [
     ("exported net above the run", "--export.filename=../net.pt", "export.filename"),
     ("predictions elsewhere", "--predictions.output_dir={tmp}/out", "predictions.output_dir"),
     ("logger files in another run", "--trainer.logger.save_dir=../{other}", "trainer.logger.save_dir"),
+    (
+        "profiler report elsewhere",
+        '--trainer.profiler={{"class_path": "SimpleProfiler", "init_args": {{"dirpath": "{tmp}/prof", "filename": "p"}}}}',
+        "trainer.profiler (SimpleProfiler) dirpath",
+    ),
+    (
+        "an added ModelCheckpoint elsewhere",
+        '--trainer.callbacks+={{"class_path": "ModelCheckpoint", "init_args": {{"dirpath": "{tmp}/mc"}}}}',
+        "ModelCheckpoint.dirpath",
+    ),
 ]
 
 
