@@ -458,7 +458,11 @@ class ImageClassifier(L.LightningModule):
         step_size = getattr(scheduler, "step_size", None)  # StepLR: 0 would divide by zero at its first step
         if isinstance(step_size, int) and step_size < 1:
             raise UserError(f"model.scheduler.step_size must be at least 1, got {step_size}.")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        config = {"scheduler": scheduler, "interval": interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # It steps on a metric: Lightning's own ReduceLROnPlateau names one, torch's does not.
+            config["monitor"] = getattr(scheduler, "monitor", "val/loss")
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     def schedule_length(self, interval: str) -> int:
         """The number of scheduler steps the fit plans: optimiser steps (``interval`` ``step``) or epochs."""

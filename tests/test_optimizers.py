@@ -88,6 +88,24 @@ def test_the_cli_trains_with_another_torch_optimizer(tmp_path, npz):
     assert saved["class_path"] == "torch.optim.RMSprop" and saved["init_args"]["lr"] == 1e-3
 
 
+def test_reduce_lr_on_plateau_steps_on_the_validation_loss(tmp_path, npz):
+    """torch's ReduceLROnPlateau names no metric; Lightning needs one: the module gives val/loss."""
+    cli = main(
+        fit_args(
+            tmp_path,
+            npz,
+            "--model.scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "--model.scheduler.patience=0",
+            "--model.scheduler.factor=0.5",
+            "--model.scheduler.threshold=10",  # no epoch counts as an improvement: the lr halves each epoch
+            epochs=3,
+        )
+    )
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert config.monitor == "val/loss" and config.interval == "epoch"
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**3)  # after each of 3 epochs
+
+
 def test_a_users_own_optimizer_class_trains_through_the_cli(tmp_path, npz):
     cli = main(
         fit_args(
