@@ -85,12 +85,31 @@ def run_cli(
     The child gets its own process group, and the whole group (DDP workers included) is killed
     when the timeout expires or the test is interrupted, so nothing is left running.
     """
+    return run_bounded([sys.executable, "-m", "project", *args], cwd=cwd or REPO, env=cli_env(env), timeout=timeout)
+
+
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a CLI subprocess: this one, the repository importable, no inherited run directory."""
     # The repository first; entries already there stay after it (benchmarks/run_gpu.sh puts the
     # packages it installs from its wheelhouse on PYTHONPATH).
     pythonpath = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     full_env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
     full_env.pop("PROJECT_RUN_DIR", None)
-    return run_bounded([sys.executable, "-m", "project", *args], cwd=cwd or REPO, env=full_env, timeout=timeout)
+    return full_env
+
+
+def start_cli(args: list[str], stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """``python -m project <args>`` started in the background from the repository, in its own process
+    group (signal it as a terminal would; the caller stops it with ``kill_group`` in a ``finally``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "project", *args],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:

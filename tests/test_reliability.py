@@ -19,7 +19,7 @@ from project.checkpoints import CheckpointError
 from project.classifier import ImageClassifier
 from project.cli import main as cli_main
 from project.models import LeNet
-from tests.conftest import QUIET, REPO, kill_group, make_npz, run_cli, run_dirs
+from tests.conftest import QUIET, REPO, kill_group, make_npz, run_cli, run_dirs, start_cli
 
 KILL_MID_WRITE = textwrap.dedent(
     """
@@ -116,17 +116,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, tiny_npz):
         "--last_checkpoint.every_n_train_steps=5",
         "--test_after_fit=false",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("PROJECT_RUN_DIR", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "project", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli(args)
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("lenet/*/checkpoints/last.ckpt")):  # training is under way
@@ -482,15 +472,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     root = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("PROJECT_RUN_DIR", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "project", *common, f"--trainer.default_root_dir={root}"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    proc = start_cli(
+        [*common, f"--trainer.default_root_dir={root}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 120

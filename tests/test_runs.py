@@ -20,7 +20,7 @@ import yaml
 
 from project import runs
 from project.cli import main
-from tests.conftest import QUIET, REPO, kill_group, make_npz, run_bounded, run_cli, run_dirs
+from tests.conftest import QUIET, REPO, kill_group, make_npz, run_bounded, run_cli, run_dirs, start_cli
 from tests.test_slurm import fake_scontrol, job_step_env
 
 
@@ -372,17 +372,7 @@ def ctrl_c_from_a_terminal(args: list[str], timeout: float = 240) -> subprocess.
     """Start ``python -m project <args>`` in its own process group, wait until it prints
     ``training at step`` (tests.probes.Announce), then send SIGINT to the whole group, as a
     terminal does on Ctrl-C (DataLoader workers and DDP ranks included)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("PROJECT_RUN_DIR", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "project", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli(args)
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             err = pool.submit(proc.stderr.read)  # drained meanwhile: a full pipe would stall the run
