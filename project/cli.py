@@ -179,6 +179,8 @@ class RunConfigSaver(SaveConfigCallback):
         # not the process-wide run.
         run = runs.current()
         self.run = (run.directory, run.name) if run is not None else None
+        #: A resume's config-<time>.yaml waits for training to start (see setup).
+        self.save_at_train_start = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:  # by the fit before the test after it
@@ -196,17 +198,16 @@ class RunConfigSaver(SaveConfigCallback):
                 # A resume: saved once training starts, so that a resume refused while Lightning
                 # loads the checkpoint (a plan shorter than the steps done) leaves no file behind.
                 self.save_at_train_start = True
-        if "ckpt_path" not in self.config:
-            pass  # ProjectCLI(run=False): no subcommand
-        elif stage == "fit":
-            self.config.ckpt_path = None
-        elif trainer.ckpt_path:
-            self.config.ckpt_path = str(trainer.ckpt_path)
-        if not getattr(self, "save_at_train_start", False):
+        if "ckpt_path" in self.config:  # not with ProjectCLI(run=False): no subcommand
+            if stage == "fit":
+                self.config.ckpt_path = None
+            elif trainer.ckpt_path:
+                self.config.ckpt_path = str(trainer.ckpt_path)
+        if not self.save_at_train_start:
             super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if getattr(self, "save_at_train_start", False):
+        if self.save_at_train_start:
             self.save_at_train_start = False
             super().setup(trainer, pl_module, "fit")
 
@@ -348,15 +349,14 @@ class ProjectCLI(LightningCLI):
         # Before LightningCLI seeds (numpy refuses a seed out of its range with a traceback) and
         # before anything is read or written.
         subcommand = self.config.get("subcommand")
-        root = self.config[subcommand] if subcommand else self.config
-        option_checks.check_seed(root.get("seed_everything"))
-        option_checks.check_trainer_numbers(root.trainer)
+        config = self.config[subcommand] if subcommand else self.config
+        option_checks.check_seed(config.get("seed_everything"))
+        option_checks.check_trainer_numbers(config.trainer)
         # --ckpt_path is the run's to resolve and check (project.runs) and Lightning's to load, once
         # (handed over as trainer.ckpt_path before the subcommand runs). Left in the config,
         # LightningCLI would read the file now as well, to merge its hyperparameters over the
         # user's settings (which a resumed fit would then silently ignore).
-        config = self.config.get(str(self.config.get("subcommand")))
-        if config is not None and config.get("ckpt_path") and not runs.lightnings_own(config.ckpt_path):
+        if subcommand and config.get("ckpt_path") and not runs.lightnings_own(config.ckpt_path):
             self.requested_checkpoint, config.ckpt_path = config.ckpt_path, None
 
     def before_instantiate_classes(self) -> None:

@@ -108,7 +108,7 @@ def old_training_option(message: str) -> str | None:
         )
     found = _OLD_STRING.search(message)
     if not found or found[2].lower() not in _RENAMED_CLASSES:
-        return unknown_class(message)
+        return None
     key, value = found[1], found[2].lower()
     new = _RENAMED_CLASSES[value]
     yaml = "null" if new == "null" else f"{{class_path: {new}, init_args: {{...}}}}"
@@ -203,9 +203,15 @@ class DataPluginParser(LightningArgumentParser):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # raises instead of exiting
         # The message without jsonargparse's usage screen (a hundred lines of options before it).
-        sys.stderr.write(
-            f"error: {data_class_problem(message) or old_training_option(message) or union_problem(message) or message.rstrip()}\n"
+        # unknown_class before union_problem: a scheduler of the wrong kind is a Union (or null) error too.
+        sentence = (
+            data_class_problem(message)
+            or old_training_option(message)
+            or unknown_class(message)
+            or union_problem(message)
+            or message.rstrip()
         )
+        sys.stderr.write(f"error: {sentence}\n")
         sys.exit(2)
 
     def parse_path(self, path, *args, **kwargs):
