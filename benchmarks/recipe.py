@@ -69,7 +69,7 @@ def random_npz(path: Path, n: int) -> Path:
 
 
 def build_cli(args, npz: Path, root: str, epochs: int | None):
-    from project.cli import ProjectCLI
+    from project.run.cli import ProjectCLI
 
     cli_args = [x for c in args.config for x in ("-c", c)]
     cli_args += [

@@ -69,7 +69,7 @@ step() {
 echo "== install benchmarks/wheelhouse into $SITE (no network)" | tee -a "$LOG"
 bash benchmarks/gpu_install.sh "$PY" "$SITE" >>"$LOG" 2>&1 || { tail -n 20 "$LOG"; refuse "installing the wheelhouse failed (see $LOG)."; }
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled MPLBACKEND=Agg
-"$PY" -c "import jsonargparse, project.cli" >>"$LOG" 2>&1 || { tail -n 20 "$LOG"; refuse "the project does not import after the install (see $LOG)."; }
+"$PY" -c "import jsonargparse, project.run.cli" >>"$LOG" 2>&1 || { tail -n 20 "$LOG"; refuse "the project does not import after the install (see $LOG)."; }
 
 if [ "${GPU_RUNBOOK_DRY_RUN:-0}" = 1 ]; then  # tests/test_gpu_runbook.py: everything up to here, then one tiny step
     step "dry run" 60 "$PY" -m project fit --help

@@ -1,4 +1,4 @@
-"""Sweep throughput: the same trials run by ``python -m project.sweep`` with 1 worker and with K, in trials per hour.
+"""Sweep throughput: the same trials run by ``python -m project.tools.sweep`` with 1 worker and with K, in trials per hour.
 
 Each setting runs the whole grid (one trial per seed) into its own fresh sweep directory, through the
 real CLI, timed from the worker's start to its exit; the ratio is K workers' trials/hour over 1 worker's.
@@ -64,7 +64,16 @@ def sweep_config(args: argparse.Namespace) -> dict:
 def timed_sweep(sweep_file: Path, directory: Path, workers: int) -> dict:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "project.sweep", str(sweep_file), "--dir", str(directory), "--workers", str(workers)],
+        [
+            sys.executable,
+            "-m",
+            "project.tools.sweep",
+            str(sweep_file),
+            "--dir",
+            str(directory),
+            "--workers",
+            str(workers),
+        ],
         cwd=report.REPO,
         capture_output=True,
         text=True,

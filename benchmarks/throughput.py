@@ -212,7 +212,7 @@ def run_lightning(
     if callbacks_on:
         # The trainer exactly as our CLI builds it (progress bar, model summary, CSV logger, checkpoint
         # and export callbacks and whatever else the CLI adds by default), fed our model and loader.
-        from project.cli import ProjectCLI
+        from project.run.cli import ProjectCLI
 
         cli_args = [
             "--model.net.class_path=project.models.LeNet",

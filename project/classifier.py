@@ -92,7 +92,7 @@ def group_parameters(net: nn.Module, param_groups: Sequence[Mapping[str, Any]] |
             raise UserError(
                 f"model.param_groups entry {spec['name']!r} (match {spec['match']!r}) matches no trainable parameter of "
                 f"{type(net).__name__} that an earlier entry has not taken (the names look like {example}; "
-                "python -m project.summary --internals lists them all): fix the pattern or drop the entry."
+                "python -m project summary --internals lists them all): fix the pattern or drop the entry."
             )
     groups = []
     for spec, (decay, no_decay) in zip([*specs, base], buckets):
@@ -143,7 +143,7 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, **DEFAULT_OPTIMIZER["init_args"])
 
 
-#: The default ``model.optimizer``: the CLI shows and saves it in this form (project.cli).
+#: The default ``model.optimizer``: the CLI shows and saves it in this form (project.run.cli).
 DEFAULT_OPTIMIZER = {
     "class_path": "torch.optim.SGD",
     "init_args": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},

@@ -134,7 +134,7 @@ class SendSignal(L.Callback):
 
 
 class SignalSweepWorker(L.Callback):
-    """In a trial started by ``python -m project.sweep``: when training epoch ``epoch`` starts, send
+    """In a trial started by ``python -m project.tools.sweep``: when training epoch ``epoch`` starts, send
     ``signal`` to the worker (this process's parent), once per ``marker`` file. SIGTERM is a worker
     asked to stop; SIGKILL kills the worker's process group and then this trial, as a node failure does."""
 

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from project.cli import main
+from project.run.cli import main
 from tests.conftest import QUIET, REPO, make_npz, run_dirs
 
 MODELS = """

@@ -271,7 +271,7 @@ def test_progress_bar_redraws_at_most_max_per_second_and_ends_at_the_full_count(
     within 1/max_per_second of the last one, but the first batch and the epoch's last are drawn."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from project.callbacks import ProgressBar
+    from project.run.callbacks import ProgressBar
 
     drawn = []
     original = TQDMProgressBar.on_train_batch_end
@@ -292,7 +292,7 @@ def test_progress_bar_redraws_at_most_max_per_second_and_ends_at_the_full_count(
 
 
 def test_progress_bar_stopped_mid_epoch_shows_the_batches_done(tmp_path):
-    from project.callbacks import ProgressBar
+    from project.run.callbacks import ProgressBar
 
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     trainer = L.Trainer(
@@ -313,8 +313,8 @@ def test_progress_bar_stopped_mid_epoch_shows_the_batches_done(tmp_path):
 def test_the_cli_installs_the_throttled_bar_but_keeps_a_configured_one(tmp_path, tiny_npz):
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from project.callbacks import ProgressBar
-    from project.cli import ProjectCLI
+    from project.run.callbacks import ProgressBar
+    from project.run.cli import ProjectCLI
 
     common = [
         "-c",

@@ -1,5 +1,5 @@
-"""project.checkpoints: every checkpoint layout this template writes becomes the plain net's state_dict,
-safely, with one clear error for what does not fit; `python -m project.checkpoints` converts."""
+"""project.run.checkpoints: every checkpoint layout this template writes becomes the plain net's state_dict,
+safely, with one clear error for what does not fit; `python -m project convert` converts."""
 
 import os
 import pickle
@@ -10,19 +10,19 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from project.checkpoints import (
+from project.classifier import ImageClassifier
+from project.models import LeNet, ResNet20
+from project.run.checkpoints import (
     CheckpointError,
     convert,
     load_file,
     load_into,
-    main,
     plain_state_dict,
     read_checkpoint,
     strip_prefixes,
 )
-from project.classifier import ImageClassifier
-from project.cli import main as cli_main
-from project.models import LeNet, ResNet20
+from project.run.cli import main as cli_main
+from project.tools.convert import main
 from tests.conftest import QUIET, REPO
 
 
@@ -185,7 +185,7 @@ class _RunsCodeWhenLoaded:
 @pytest.mark.parametrize("where", ["model", "optimizer_0"])
 def test_a_sharded_checkpoint_entry_cannot_run_code(tmp_path, lenet_state, capsys, where):
     """torch.distributed.checkpoint saves every non-tensor entry as a pickle inside the .distcp data and
-    its planners read them with weights_only=False: `python -m project.checkpoints <dir>` once ran one.
+    its planners read them with weights_only=False: `python -m project convert <dir>` once ran one.
     The model entry is refused by the conversion and load_into; one in the optimiser state (which they
     skip) by the check a fit makes before Lightning's FSDP loader reads the directory."""
     path = tmp_path / "evil.ckpt"
@@ -197,7 +197,7 @@ def test_a_sharded_checkpoint_entry_cannot_run_code(tmp_path, lenet_state, capsy
     state[where]["payload"] = _RunsCodeWhenLoaded(marker)
     dcp.save(state, checkpoint_id=path, no_dist=True)
     torch.save({"epoch": 0, "global_step": 1}, path / "meta.pt")
-    from project.checkpoints import check_distributed_checkpoint
+    from project.run.checkpoints import check_distributed_checkpoint
 
     with pytest.raises(CheckpointError, match="could run code"):
         check_distributed_checkpoint(path)
@@ -216,7 +216,7 @@ def test_a_sharded_checkpoint_entry_cannot_run_code(tmp_path, lenet_state, capsy
 
 @pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
 def test_a_plain_sharded_checkpoint_passes_the_check(tmp_path, lenet_state):
-    from project.checkpoints import check_distributed_checkpoint
+    from project.run.checkpoints import check_distributed_checkpoint
 
     path = tmp_path / "last.ckpt"
     write_sharded_checkpoint(path, lenet_state)
@@ -275,7 +275,7 @@ def test_convert_runs_as_a_module_with_torch_alone(tmp_path, lenet_state):
     """The command imports no Lightning: a collaborator with only torch can run it."""
     torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}}, tmp_path / "x.ckpt")
     code = (
-        "import sys, runpy; sys.argv = ['x', sys.argv[1], sys.argv[2]]; runpy.run_module('project.checkpoints', run_name='__main__');"
+        "import sys, runpy; sys.argv = ['x', 'convert', sys.argv[1], sys.argv[2]]; runpy.run_module('project', run_name='__main__');"
         "assert not any(m.startswith('lightning') for m in sys.modules), 'lightning was imported'"
     )
     out = subprocess.run(
@@ -307,7 +307,7 @@ def _convert_fails(capsys, argv) -> str:
 
 @pytest.mark.parametrize("spelling", ["same", "relative", "dotted", "symlink", "hardlink"])
 def test_converter_refuses_to_overwrite_its_input(tmp_path, monkeypatch, capsys, lenet_state, spelling):
-    """`python -m project.checkpoints X.ckpt X.ckpt` once replaced the checkpoint with its plain weights."""
+    """`python -m project convert X.ckpt X.ckpt` once replaced the checkpoint with its plain weights."""
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in lenet_state.items()}, "epoch": 3}, ckpt)
     monkeypatch.chdir(tmp_path)

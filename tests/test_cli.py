@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from project.classifier import ImageClassifier
-from project.cli import main
 from project.models import LeNet
+from project.run.cli import main
 from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -152,8 +152,8 @@ def test_bad_config_value_fails_fast(tmp_path, tiny_npz):
 
 
 def test_the_cli_writes_checkpoints_atomically(tmp_path, tiny_npz):
-    from project.callbacks.checkpointing import AtomicCheckpointIO
-    from project.cli import ProjectCLI
+    from project.run.callbacks.checkpointing import AtomicCheckpointIO
+    from project.run.cli import ProjectCLI
 
     cli = ProjectCLI(
         args=[

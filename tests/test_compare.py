@@ -1,4 +1,4 @@
-"""project.compare: runs grouped by what differs in their saved configs, metrics summarised per group.
+"""project.tools.compare: runs grouped by what differs in their saved configs, metrics summarised per group.
 
 The runs here are folders written the way a fit writes them (config.yaml as LightningCLI saves it,
 metrics.csv as the CSVLogger writes it) with chosen values, so every number can be checked by hand;
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from project import compare
+from project.tools import compare
 from tests.conftest import REPO, run_bounded
 
 
@@ -24,7 +24,9 @@ def write_run(folder: Path, lr: float, seed: int, val_acc: list[float], batch_si
         "run_dir": str(folder),
         "model": {"lr": lr, "net": {"class_path": "project.models.LeNet", "init_args": {"num_classes": 10}}},
         "data": {"class_path": "project.data.CIFAR10DataModule", "init_args": {"batch_size": batch_size}},
-        "trainer": {"logger": [{"class_path": "project.tracking.CSVLogger", "init_args": {"save_dir": str(folder)}}]},
+        "trainer": {
+            "logger": [{"class_path": "project.run.tracking.CSVLogger", "init_args": {"save_dir": str(folder)}}]
+        },
         "checkpoint": {"dirpath": str(folder / "checkpoints")},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -105,7 +107,7 @@ def test_user_mistakes_end_in_one_sentence(runs_folder, tmp_path):
     }
     for args, expected in cases.items():
         done = run_bounded(
-            [sys.executable, "-m", "project.compare", *args],
+            [sys.executable, "-m", "project", "compare", *args],
             timeout=120,
             cwd=REPO,
             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},

@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from project.checkpoints import load_into, plain_state_dict, read_checkpoint
 from project.classifier import ImageClassifier
-from project.cli import main
 from project.data import CIFAR10DataModule
 from project.models import LeNet, ResNet20
+from project.run.checkpoints import load_into, plain_state_dict, read_checkpoint
+from project.run.cli import main
 from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
 
 DDP_CPU = ["-c", "experiments/presets/ddp_cpu.yaml"]

@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 
-from project.callbacks import LearningRates
 from project.classifier import ImageClassifier
-from project.cli import main
 from project.models import LeNet
+from project.run.callbacks import LearningRates
+from project.run.cli import main
+from project.run.tracking import CSVLogger
 from project.schedules import WarmupCosine, warmup_cosine
-from project.tracking import CSVLogger
 from tests.conftest import QUIET, REPO, make_npz
 
 GROUPS = [{"match": "fc*", "lr_scale": 10}, {"match": "conv1.*", "lr_scale": 0.1, "name": "slow_conv"}]

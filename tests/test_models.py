@@ -171,7 +171,7 @@ def test_train_eval_changes_batchnorm_behaviour():
 
 
 def test_models_do_not_import_lightning():
-    code = "import sys, project.models, project.checkpoints; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics') for m in sys.modules))"
+    code = "import sys, project.models, project.run.checkpoints; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
 

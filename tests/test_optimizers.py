@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from project.classifier import ImageClassifier
-from project.cli import main
 from project.models import LeNet, ResNet20
+from project.run.cli import main
 from project.schedules import warmup_cosine
 from tests.conftest import QUIET, REPO, make_npz
 

@@ -12,11 +12,12 @@ import torch
 from matplotlib.image import imread
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from project import plots
-from project.callbacks import PredictionPlots
 from project.classifier import ImageClassifier
 from project.data import CIFAR10_CLASSES, CIFAR10DataModule
 from project.models import LeNet
+from project.run import figures
+from project.run.callbacks import PredictionPlots
+from project.tools import curves
 from tests.conftest import QUIET, REPO, run_cli, run_dirs
 
 
@@ -28,19 +29,19 @@ def read_counts(path) -> tuple[list[str], np.ndarray]:
 
 def test_confusion_matrix_figure_counts_and_names():
     matrix = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 4]])
-    fig = plots.confusion_matrix_figure(matrix, ["cat", "dog", "ship"], title="val")
+    fig = figures.confusion_matrix_figure(matrix, ["cat", "dog", "ship"], title="val")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog", "ship"]
     assert [t.get_text() for t in ax.texts] == ["5", "1", "0", "2", "3", "0", "0", "0", "4"]
     assert ax.get_title() == "val  (accuracy 80.0% of 15)"
     with pytest.raises(ValueError, match="3 classes must be 3x3"):
-        plots.confusion_matrix_figure(np.zeros((2, 2)), ["a", "b", "c"])
+        figures.confusion_matrix_figure(np.zeros((2, 2)), ["a", "b", "c"])
 
 
 def test_confusion_matrix_of_many_classes_stays_drawable():
     """CIFAR-100's 100 classes: names on both axes, shading only (the counts are in the .csv), 17x16 inches at most."""
     names = [f"class{i}" for i in range(100)]
-    fig = plots.confusion_matrix_figure(np.eye(100, dtype=int) * 3, names)
+    fig = figures.confusion_matrix_figure(np.eye(100, dtype=int) * 3, names)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == names and len(ax.texts) == 0
     assert tuple(fig.get_size_inches()) == (17.0, 16.0)
@@ -49,7 +50,7 @@ def test_confusion_matrix_of_many_classes_stays_drawable():
 
 def test_prediction_grid_names_the_true_and_predicted_class():
     images = np.random.default_rng(0).random((3, 32, 32, 3))
-    fig = plots.prediction_grid_figure(images, [3, 8, 0], [3, 1, 0], list(CIFAR10_CLASSES))
+    fig = figures.prediction_grid_figure(images, [3, 8, 0], [3, 1, 0], list(CIFAR10_CLASSES))
     titles = [(ax.get_title(), ax.title.get_color()) for ax in fig.axes[:3]]
     assert titles == [("cat\n-> cat", "green"), ("ship\n-> automobile", "red"), ("airplane\n-> airplane", "green")]
 
@@ -61,28 +62,30 @@ def test_learning_curves_from_metrics_csv_by_command(tmp_path):
         "epoch,step,train/loss_step,train/loss_epoch,val/acc,val/loss\n"
         "0,9,2.1,,,\n0,19,1.9,,,\n0,19,,2.0,0.31,1.8\n1,29,1.6,,,\n1,39,1.4,,,\n1,39,,1.5,0.42,1.5\n"
     )
-    series = plots.read_metrics(run / "metrics.csv")
+    series = figures.read_metrics(run / "metrics.csv")
     assert series["train/loss_step"][0].tolist() == [9, 19, 29, 39]
     assert series["val/acc"][1].tolist() == [0.31, 0.42]
-    fig = plots.learning_curves_figure(series)
+    fig = figures.learning_curves_figure(series)
     assert [ax.get_title() for ax in fig.axes] == ["loss", "acc"]  # loss first, then the rest by name
     assert sorted(line.get_label() for line in fig.axes[0].lines) == ["train/loss_epoch", "train/loss_step", "val/loss"]
     series["lr-SGD/base"] = (np.array([9.0, 19.0]), np.array([0.05, 0.01]))
     series["lr-SGD/fc*"] = (np.array([9.0, 19.0]), np.array([0.5, 0.1]))
-    fig = plots.learning_curves_figure(series)
+    fig = figures.learning_curves_figure(series)
     assert [ax.get_title() for ax in fig.axes] == ["loss", "acc", "lr"], "every parameter group's lr in one panel"
     assert (
         sorted(line.get_label() for line in fig.axes[2].lines) == ["lr-SGD/base", "lr-SGD/fc*"]
         and fig.axes[2].get_yscale() == "log"
     )
 
-    done = subprocess.run([sys.executable, "-m", "project.plots", str(run)], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "project", "curves", str(run)], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(run / "learning_curves.png")
     assert imread(run / "learning_curves.png").shape[2] in (3, 4)
 
     missing = subprocess.run(
-        [sys.executable, "-m", "project.plots", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "project", "curves", str(tmp_path)], cwd=REPO, capture_output=True, text=True
     )
     assert missing.returncode == 2
     assert (
@@ -155,7 +158,7 @@ def test_cli_draws_the_final_plots_by_default_and_can_be_turned_off(tmp_path, ti
         "val-epoch001-predictions.png",
     ]
 
-    off = run_cli([*base, "--test_after_fit=false", "--plots.enabled=false", "--name=off"])
+    off = run_cli([*base, "--test_after_fit=false", "--figures.enabled=false", "--name=off"])
     assert off.returncode == 0, off.stderr[-3000:]
     (run,) = run_dirs(tmp_path, "off")
     assert not (run / "plots").exists()
@@ -176,7 +179,7 @@ def test_a_malformed_metrics_csv_is_one_sentence_and_exit_2(tmp_path, capsys, co
     """Each once ended in a traceback (or, with a message, exit status 1); nothing is written."""
     (tmp_path / "metrics.csv").write_bytes(content)
     with pytest.raises(SystemExit) as exited:
-        plots.main([str(tmp_path)])
+        curves.main([str(tmp_path)])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "Traceback" not in err
     assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, err
@@ -186,6 +189,6 @@ def test_a_malformed_metrics_csv_is_one_sentence_and_exit_2(tmp_path, capsys, co
 def test_an_unwritable_plot_output_is_one_sentence(tmp_path, capsys):
     (tmp_path / "metrics.csv").write_text("step,train/loss\n0,1.5\n1,1.2\n")
     with pytest.raises(SystemExit) as exited:
-        plots.main([str(tmp_path), "--out", str(tmp_path / "metrics.csv" / "curves.png")])
+        curves.main([str(tmp_path), "--out", str(tmp_path / "metrics.csv" / "curves.png")])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

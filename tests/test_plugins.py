@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from project.cli import main
 from project.data import CIFAR100_CLASSES
 from project.data.cifar100 import CIFAR100
+from project.run.cli import main
 from tests.conftest import REPO, official_archive, run_cli, run_dirs
 from tests.test_data import md5
 
@@ -235,7 +235,7 @@ def test_a_data_module_without_num_classes_gets_one_sentence(tmp_path, capsys, m
 
 def test_existing_configs_without_class_path_still_mean_cifar10(tmp_path):
     """``data: {batch_size: ...}`` (no class_path) and --data.* overrides keep configuring CIFAR10DataModule."""
-    from project.cli import ProjectCLI
+    from project.run.cli import ProjectCLI
 
     cli = ProjectCLI(
         args=[

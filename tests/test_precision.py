@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from project.classifier import ImageClassifier
-from project.cli import main
 from project.data import CIFAR10DataModule
 from project.models import LeNet, ResNet20
+from project.run.cli import main
 from tests.conftest import QUIET, REPO
 
 #: The speed presets (experiments/presets also holds the distributed-strategy ones, tested elsewhere).

@@ -5,9 +5,9 @@ import csv
 import pytest
 import torch
 
-from project.cli import main
 from project.data import CIFAR10_CLASSES as CLASSES
 from project.data import CIFAR10DataModule
+from project.run.cli import main
 from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
 
 N_PREDICT = 37  # not a multiple of the batch size nor of 2 processes: uneven last batch and shares

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from project.cli import main
 from project.data import CIFAR10DataModule
 from project.models import LeNet, ResNet18, ResNet20
+from project.run.cli import main
 from tests.conftest import REPO, SUBSET, run_dirs
 
 README = (REPO / "README.md").read_text()
@@ -157,25 +157,39 @@ def test_parameter_counts_in_the_experiment_table():
     assert f"ResNet-20 ({count(ResNet20()) / 1e6:.2f}M)" in README
 
 
-def test_every_file_of_the_layout_exists():
+def layout_paths() -> list[Path]:
+    """Every file and folder the README's Layout names, resolved by its indentation."""
     layout = section("## Layout").split("```", 2)[1]
     folder_of_indent: dict[int, Path] = {}
+    paths = []
     for line in layout.splitlines():
-        match = re.match(r"( *)(\S+)", line)
+        match = re.match(r"( *)([^\s,]+(?:, [^\s,]+)*)", line)  # the names: up to the first double space
         if not match or line.strip() == "":
             continue
-        indent, name = len(match[1]), match[2]
+        indent, names = len(match[1]), match[2]
         if indent >= 20:  # a description's continuation line
             continue
         parent = folder_of_indent.get(indent - 2, REPO) if indent else REPO
-        for part in name.rstrip(",").split(","):
+        for part in names.split(","):
             part = part.strip()
             if not re.fullmatch(r"[\w.]+/?|[\w]+\.\w+", part):
                 continue
-            path = parent / part
-            assert path.exists(), f"README's Layout lists {path.relative_to(REPO)}"
+            paths.append(parent / part)
             if part.endswith("/"):
-                folder_of_indent[indent] = path
+                folder_of_indent[indent] = parent / part
+    return paths
+
+
+def test_every_file_of_the_layout_exists():
+    for path in layout_paths():
+        assert path.exists(), f"README's Layout lists {path.relative_to(REPO)}"
+
+
+def test_the_layout_names_every_module():
+    listed = set(layout_paths())
+    modules = {p for p in (REPO / "project").rglob("*.py") if p.name != "__init__.py"}
+    missing = sorted(str(p.relative_to(REPO)) for p in modules - listed)
+    assert not missing, f"README's Layout does not name {missing}"
 
 
 def test_experiments_comment_gives_the_offline_command_of_the_readme():

@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from project.callbacks.checkpointing import AtomicCheckpointIO
-from project.checkpoints import CheckpointError
 from project.classifier import ImageClassifier
-from project.cli import main as cli_main
 from project.models import LeNet
+from project.run.callbacks.checkpointing import AtomicCheckpointIO
+from project.run.checkpoints import CheckpointError
+from project.run.cli import main as cli_main
 from tests.conftest import QUIET, REPO, kill_group, make_npz, run_cli, run_dirs, start_cli
 
 KILL_MID_WRITE = textwrap.dedent(
     """
     import sys, torch
-    import project.callbacks.checkpointing as ck
-    import project.checkpoints as writer  # where AtomicCheckpointIO's (and net.pt's) writes happen
+    import project.run.callbacks.checkpointing as ck
+    import project.run.checkpoints as writer  # where AtomicCheckpointIO's (and net.pt's) writes happen
 
     real_open = open
 
@@ -335,7 +335,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize(("case", "extra", "message"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_fails_clearly_and_touches_nothing(existing_run, capsys, case, extra, message):
-    """In-process, as `python -m project` runs it (project.cli.main): a user error is SystemExit(2)
+    """In-process, as `python -m project` runs it (project.run.cli.main): a user error is SystemExit(2)
     with one `error:` line; anything else would propagate out of main() and fail the test."""
     root, npz = existing_run
     files = (

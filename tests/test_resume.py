@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from project.callbacks.random_state import capture_random_state, restore_random_state
-from project.cli import main
 from project.models import LeNet
-from project.plots import read_metrics
+from project.run.callbacks.random_state import capture_random_state, restore_random_state
+from project.run.cli import main
+from project.run.figures import read_metrics
 from tests.conftest import QUIET, REPO, run_dirs
 from tests.probes import Interrupted
 

@@ -36,8 +36,8 @@ def test_ckpt_path_last_without_any_run_is_refused(tmp_path, subcommand):
 
 # ---- every user mistake: one sentence, exit status 2, nothing written -----------------------------------
 
-from project import tracking  # noqa: E402
-from project.cli import main  # noqa: E402
+from project.run import tracking  # noqa: E402
+from project.run.cli import main  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.test_runs import snapshot  # noqa: E402
 
@@ -277,13 +277,13 @@ def test_a_value_the_parser_refuses_names_it_and_writes_nothing(workspace, capsy
 def test_a_full_disk_is_one_sentence(workspace, capsys, monkeypatch, where):
     """The disk fills up while a checkpoint is written (fsync fails, as it does with ENOSPC, naming no
     file) or while metrics.csv is appended to: one sentence, not a traceback; the earlier run is intact."""
-    import project.checkpoints
+    import project.run.checkpoints
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if where == "checkpoint":
-        monkeypatch.setattr(project.checkpoints.os, "fsync", full)
+        monkeypatch.setattr(project.run.checkpoints.os, "fsync", full)
     else:
         monkeypatch.setattr(tracking.ContinuingExperimentWriter, "save", full)
     earlier = snapshot(workspace / "runs" / "lenet" / "20250101-000000-abcdef")
@@ -302,7 +302,7 @@ def test_a_full_disk_is_one_sentence(workspace, capsys, monkeypatch, where):
 def test_a_bug_inside_the_project_keeps_its_traceback(workspace, monkeypatch):
     """A ValueError raised by the template's own code is a bug, not a user mistake: it propagates
     (a traceback), whatever file it comes from. It once became `error: ...` with exit status 2."""
-    from project.cluster import _signal_from_name
+    from project.run.cluster import _signal_from_name
 
     def broken_log_config(trainer, config):
         _signal_from_name("SIGKILL")  # a ValueError raised inside project/

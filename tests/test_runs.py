@@ -1,4 +1,4 @@
-"""The life of a run (project/runs.py and the CLI around it): a saved config re-runs into a new run
+"""The life of a run (project/run/directory.py and the CLI around it): a saved config re-runs into a new run
 without touching the old one, every output lands in the run directory, one process at a time writes
 into a run, an extended cosine run keeps learning, and Ctrl-C or a SLURM signal at any moment saves
 instead of killing the job."""
@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from project import runs
-from project.cli import main
+from project.run import directory
+from project.run.cli import main
 from tests.conftest import QUIET, REPO, kill_group, make_npz, run_bounded, run_cli, run_dirs, start_cli
 from tests.test_slurm import fake_scontrol, job_step_env
 
@@ -238,7 +238,7 @@ def test_a_second_fit_into_a_locked_run_is_refused_and_resumes_once_it_is_free(t
     root = tmp_path / "runs"
     run = copy_run(finished, root)
     before = snapshot(run)
-    lock = runs.RunLock(run)
+    lock = directory.RunLock(run)
     lock.acquire()
     try:
         out = run_cli(fit_args(root, npz, "--ckpt_path=last", "--trainer.max_epochs=3"), timeout=240)
@@ -249,22 +249,22 @@ def test_a_second_fit_into_a_locked_run_is_refused_and_resumes_once_it_is_free(t
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"process {os.getpid()} on " in errors[0] and str(run) in errors[0], out.stderr[-3000:]
     assert "Traceback" not in out.stderr
-    after.pop(runs.LOCK_FILE)
+    after.pop(directory.LOCK_FILE)
     assert after == before, "the refused fit changed the run"
     assert run_dirs(root, "lenet") == [run]
 
-    assert not (run / runs.LOCK_FILE).exists(), "release removes the lock file"
+    assert not (run / directory.LOCK_FILE).exists(), "release removes the lock file"
     assert main(fit_args(root, npz, "--ckpt_path=last", "--trainer.max_epochs=3")).run_dir == run
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 18
-    assert not (run / runs.LOCK_FILE).exists()
+    assert not (run / directory.LOCK_FILE).exists()
 
 
 TRY_LOCK = """
 import sys
-from project import runs
+from project.run import directory
 try:
-    runs.RunLock(runs.Path(sys.argv[1])).acquire()
-except runs.RunLocked as err:
+    directory.RunLock(directory.Path(sys.argv[1])).acquire()
+except directory.RunLocked as err:
     print(err)
     sys.exit(3)
 print("locked", flush=True)
@@ -274,7 +274,7 @@ sys.stdin.read()  # hold the lock until the test closes stdin or kills this proc
 
 def test_run_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    lock = runs.RunLock(tmp_path)
+    lock = directory.RunLock(tmp_path)
     lock.acquire()
     other = run_bounded([sys.executable, "-c", TRY_LOCK, str(tmp_path)], timeout=60, env=env, stdin=subprocess.DEVNULL)
     assert other.returncode == 3, other.stderr
@@ -291,17 +291,17 @@ def test_run_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(runs.RunLocked, match=f"process {holder.pid} on "):
-            runs.RunLock(tmp_path).acquire()
+        with pytest.raises(directory.RunLocked, match=f"process {holder.pid} on "):
+            directory.RunLock(tmp_path).acquire()
         holder.kill()  # SIGKILL: no release, the lock file stays behind
         holder.wait(timeout=60)
     finally:
         holder.kill()
         holder.wait()
-    assert (tmp_path / runs.LOCK_FILE).exists()
-    again = runs.RunLock(tmp_path)
+    assert (tmp_path / directory.LOCK_FILE).exists()
+    again = directory.RunLock(tmp_path)
     again.acquire()  # the kernel dropped the dead holder's flock
-    assert str(os.getpid()) in (tmp_path / runs.LOCK_FILE).read_text()
+    assert str(os.getpid()) in (tmp_path / directory.LOCK_FILE).read_text()
     again.release()
 
 
@@ -349,7 +349,7 @@ def test_ctrl_c_saves_the_step_reached_and_the_run_resumes(tmp_path, npz):
     assert "resume with --ckpt_path last" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
     (run,) = run_dirs(root, "lenet")
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
-    assert not (run / "net.pt").exists() and not (run / runs.LOCK_FILE).exists()
+    assert not (run / "net.pt").exists() and not (run / directory.LOCK_FILE).exists()
 
     resumed = main(fit_args(root, npz, "--ckpt_path=last", "--trainer.max_epochs=2"))
     assert resumed.run_dir == run and resumed.trainer.global_step == 12 and (run / "net.pt").is_file()
@@ -415,7 +415,7 @@ def test_ctrl_c_from_a_terminal_saves_and_resumes(tmp_path, preset):
     (run,) = run_dirs(root, "lenet")
     saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert f"at step {saved['global_step']};" in saved_line[0] and saved["global_step"] >= 3
-    assert not (run / "net.pt").exists() and not (run / runs.LOCK_FILE).exists()
+    assert not (run / "net.pt").exists() and not (run / directory.LOCK_FILE).exists()
 
     epochs = saved["epoch"] + 2
     resumed = run_cli([*fit_args(root, npz, f"--trainer.max_epochs={epochs}", *extra), "--ckpt_path=last"], timeout=300)

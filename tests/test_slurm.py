@@ -20,12 +20,12 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from project.callbacks import LastCheckpoint
 from project.classifier import ImageClassifier
-from project.cli import ProjectCLI
-from project.cluster import SLURMRequeue, requeue_job, slurm_job_id
 from project.data import CIFAR10DataModule
 from project.models import LeNet
+from project.run.callbacks import LastCheckpoint
+from project.run.cli import ProjectCLI
+from project.run.cluster import SLURMRequeue, requeue_job, slurm_job_id
 from tests.conftest import QUIET, REPO, kill_group, run_cli
 
 SLURM_SCRIPTS = sorted((REPO / "experiments" / "slurm").glob("*.sbatch"))
@@ -275,7 +275,7 @@ def test_sbatch_scripts_parse_and_carry_the_required_directives(script):
         assert not re.search(r"\beval\b|\b(ba)?sh -c\b", line), f"{script.name}: {line}"
     if script.name == "sweep_local.sbatch":
         # The worker alone gets the signal (B:, it is exec'd by the batch shell) and stops its trials itself.
-        assert directives["signal"] == "B:SIGUSR1@90" and re.search(r"^exec python -m project\.sweep ", text, re.M)
+        assert directives["signal"] == "B:SIGUSR1@90" and re.search(r"^exec python -m project sweep ", text, re.M)
         return
     assert directives["signal"] in ("SIGUSR1@90", "SIGUSR2@90")
     # The run must listen for the signal SLURM is told to send; one edited without the other breaks requeue.

@@ -1,4 +1,4 @@
-"""`python -m project.summary`: each layer's output shape and parameter/buffer counts from a dry run."""
+"""`python -m project.tools.summary`: each layer's output shape and parameter/buffer counts from a dry run."""
 
 import re
 import sys
@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from project.models import LeNet, ResNet20
-from project.summary import hook_demo, layer_table, main, module_internals
+from project.tools.summary import hook_demo, layer_table, main, module_internals
 from tests.conftest import REPO, run_bounded
 
 
@@ -67,7 +67,7 @@ def test_user_errors_are_one_sentence(capsys, args, message):
 
 def test_runs_as_a_command():
     out = run_bounded(
-        [sys.executable, "-m", "project.summary", "--model", "project.models.LeNet"], timeout=120, cwd=REPO
+        [sys.executable, "-m", "project", "summary", "--model", "project.models.LeNet"], timeout=120, cwd=REPO
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "conv2  Conv2d  [2, 16, 10, 10]" in out.stdout

@@ -1,4 +1,4 @@
-"""project.sweep: wandb sweep files run by local workers that share a sweep directory (no wandb server).
+"""project.tools.sweep: wandb sweep files run by local workers that share a sweep directory (no wandb server).
 
 Real trials (``python -m project fit`` on a tiny npz, a few steps) started by real worker processes;
 every subprocess is bounded by a timeout and its process group killed afterwards (tests/conftest.py).
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from project import compare
+from project.tools import compare
 from tests.conftest import QUIET, REPO, kill_group, run_bounded
 
 TIMEOUT = 300
@@ -53,7 +53,7 @@ def sweep_file(tmp_path: Path, npz: Path, parameters: dict, *extra: str, epochs:
 
 
 def worker_command(sweep: Path, directory: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "project.sweep", str(sweep), "--dir", str(directory), *args]
+    return [sys.executable, "-m", "project", "sweep", str(sweep), "--dir", str(directory), *args]
 
 
 def env() -> dict:
@@ -220,7 +220,7 @@ def test_user_mistakes_end_in_one_sentence(tmp_path, tiny_npz):
     }
     for (file, directory), expected in cases.items():
         done = run_bounded(
-            [sys.executable, "-m", "project.sweep", file, "--dir", directory], timeout=TIMEOUT, cwd=REPO, env=env()
+            [sys.executable, "-m", "project", "sweep", file, "--dir", directory], timeout=TIMEOUT, cwd=REPO, env=env()
         )
         assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
         assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr

@@ -24,7 +24,7 @@ with warnings.catch_warnings():  # sweeps still uses pydantic v1 configuration n
     import sweeps
 from wandb import wandb_agent
 
-from project.cli import ProjectCLI
+from project.run.cli import ProjectCLI
 from tests.conftest import QUIET, REPO, run_bounded, run_dirs
 
 SWEEP_FILES = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))

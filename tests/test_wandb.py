@@ -11,7 +11,7 @@ from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
-from project import tracking
+from project.run import tracking
 from tests.conftest import QUIET, REPO, run_cli, run_dirs
 
 WANDB_PRESET = str(REPO / "experiments/loggers/wandb.yaml")

@@ -1,26 +1,8 @@
-"""Lightning callbacks: hooks, buffers, state_dict persistence and plots."""
+"""Lightning callbacks that teach: forward/backward hooks, activations, gradients, buffers and layers.
+Name them in a YAML ``trainer.callbacks`` block; the run's own plumbing callbacks live in ``project.run.callbacks``."""
 
 from project.callbacks.activations import ActivationStatistics
 from project.callbacks.buffers import BufferReport, SyncBuffers
-from project.callbacks.checkpointing import LastCheckpoint
-from project.callbacks.export import ExportNet
 from project.callbacks.gradients import GradientStatistics
-from project.callbacks.learning_rates import LearningRates
-from project.callbacks.plots import PredictionPlots
-from project.callbacks.predictions import PredictionWriter
-from project.callbacks.progress import ProgressBar
-from project.callbacks.random_state import RandomState
 
-__all__ = [
-    "ActivationStatistics",
-    "BufferReport",
-    "ExportNet",
-    "GradientStatistics",
-    "LastCheckpoint",
-    "LearningRates",
-    "PredictionPlots",
-    "PredictionWriter",
-    "ProgressBar",
-    "RandomState",
-    "SyncBuffers",
-]
+__all__ = ["ActivationStatistics", "BufferReport", "GradientStatistics", "SyncBuffers"]

@@ -3,18 +3,16 @@
 Nothing here imports Lightning, so a collaborator with only torch installed can turn a training
 checkpoint into the plain model's weights and load them safely (``weights_only=True``):
 
-    python -m project.checkpoints runs/lenet/<run>/checkpoints/last.ckpt net.pt
+    python -m project convert runs/lenet/<run>/checkpoints/last.ckpt net.pt
 
 It reads every checkpoint this template writes: single device and DDP (one file), FSDP with
 ``state_dict_type="full"`` (one file) or ``"sharded"`` (a torch.distributed.checkpoint directory),
 DeepSpeed ZeRO stage 1/2 directories, and state_dicts of ``torch.compile``'d or wrapped models.
 """
 
-import argparse
 import io
 import os
 import pickle
-import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -419,35 +417,3 @@ def check_output(source: str | Path, out: str | Path) -> None:
         raise CheckpointError(
             f"The output's directory {parent} is not writable; give an output path in a directory you can write."
         )
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m project.checkpoints SOURCE OUT``: convert a checkpoint into a plain ``net.pt``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m project.checkpoints",
-        description="Convert a training checkpoint (file or sharded directory) into the plain network's state_dict.",
-    )
-    parser.add_argument(
-        "source", help="a .ckpt/.pt file, an FSDP sharded checkpoint directory or a DeepSpeed directory"
-    )
-    parser.add_argument("out", help="where to write the plain state_dict, e.g. net.pt")
-    parser.add_argument(
-        "--unsafe",
-        action="store_true",
-        help="allow arbitrary pickled objects (weights_only=False); only for files you trust",
-    )
-    args = parser.parse_args(argv)
-    try:
-        state = convert(args.source, args.out, weights_only=not args.unsafe)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    values = sum(t.numel() for t in state.values())
-    print(
-        f"Wrote {args.out}: {len(state)} tensors, {values:,} values; load it with torch.load(path, weights_only=True)."
-    )
-    return Path(args.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -27,8 +27,8 @@ import lightning.pytorch.loggers
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from project import runs
 from project.errors import UserError
+from project.run import directory
 
 #: ``wandb/run-20250101_120000-<id>`` (online) or ``wandb/offline-run-...-<id>`` (offline).
 _RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
@@ -48,7 +48,7 @@ class ContinuingExperimentWriter(ExperimentWriter):
         kept = path.with_name(path.name + ".continued")
         keys: list[str] = []
         if path.is_file():
-            keys = runs.keep_metrics_before(path, continue_at)
+            keys = directory.keep_metrics_before(path, continue_at)
             os.replace(path, kept)  # out of the way of Lightning's writer, which deletes an existing file
         with warnings.catch_warnings():
             # "...exists and is not empty. Previous log files ... will be deleted": not here, see above.
@@ -65,9 +65,9 @@ class CSVLogger(lightning.pytorch.loggers.CSVLogger):
     ``metrics.csv`` a resumed fit continues (see ContinuingExperimentWriter). Local paths only."""
 
     def __init__(self, save_dir: str | None = None, name: str = "", version: int | str | None = "", **kwargs) -> None:
-        run = runs.current()
+        run = directory.current()
         super().__init__(
-            runs.path_in_run(save_dir, "trainer.logger.save_dir") or ".", name=name, version=version, **kwargs
+            directory.path_in_run(save_dir, "trainer.logger.save_dir") or ".", name=name, version=version, **kwargs
         )
         plan = run.resume if run is not None else None
         self.resume_step: int | None = plan.global_step if plan is not None else None
@@ -107,11 +107,11 @@ class WandbLogger(lightning.pytorch.loggers.WandbLogger):
         **kwargs,
     ) -> None:
         check_wandb_api_key(offline=bool(kwargs.get("offline")))
-        run = runs.current()
+        run = directory.current()
         version = version or None  # "" when jsonargparse carries it over from a CSVLogger config: no id
         if run is not None:
             name, id, project = wandb_identity(run.directory, run.name, name, id or version, project)
-        save_dir = runs.path_in_run(save_dir, "trainer.logger.save_dir")
+        save_dir = directory.path_in_run(save_dir, "trainer.logger.save_dir")
         super().__init__(name=name, save_dir=str(save_dir or "."), version=version, id=id, project=project, **kwargs)
 
     @property
@@ -127,7 +127,7 @@ class WandbLogger(lightning.pytorch.loggers.WandbLogger):
             ) from None
 
 
-sweep_run_name = runs.sweep_run_name
+sweep_run_name = directory.sweep_run_name
 
 
 def wandb_run_id(run_dir: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""Reading an experiment YAML file (``-c`` of the CLI and of ``project.summary``) with a loader that
+"""Reading an experiment YAML file (``-c`` of the CLI and of ``project.tools.summary``) with a loader that
 cannot run code, and one sentence naming the file (and line) for every way the file can be wrong:
 not text, empty, a syntax error, a key given twice (YAML would keep the last one silently), or not
 a mapping of options."""

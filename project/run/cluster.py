@@ -5,7 +5,7 @@ ends. :class:`SLURMRequeue` then lets the current training batch finish, saves
 ``<run dir>/checkpoints/last.ckpt`` (all ranks agree on the step), asks SLURM to put the job
 back in the queue (``scontrol requeue <job id>``) and exits. A requeued job keeps its job id, so
 the CLI gives it the same run directory (``<root>/<name>/slurm-<job id>``) and, because that
-directory holds checkpoints, resumes ``fit`` from the newest of them (see :mod:`project.cli`).
+directory holds checkpoints, resumes ``fit`` from the newest of them (see :mod:`project.run.cli`).
 
 Lightning's own auto-requeue is switched off while this callback is active: it saves from inside
 the signal handler, i.e. possibly in the middle of an optimiser step, and never stops training.
@@ -23,10 +23,10 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from project import runs
-from project.callbacks import LastCheckpoint
 from project.errors import UserError
-from project.runs import slurm_job_id, stop_signals
+from project.run import directory
+from project.run.callbacks import LastCheckpoint
+from project.run.directory import slurm_job_id, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class SLURMRequeue(L.Callback):
         #: Under the CLI (a run is open): note the signal from setup to the end of the command (the
         #: test after fit included); the run restores the handler when it closes. Otherwise the
         #: handler is installed when the sanity check or training starts and restored when fit ends.
-        self.keep_after_fit = runs.current() is not None
+        self.keep_after_fit = directory.current() is not None
         self._active = False
 
     @property
@@ -92,7 +92,7 @@ class SLURMRequeue(L.Callback):
         if not (self.enabled and stage == "fit" and SLURMEnvironment.detect()):
             return
         # Without a run, log_dir is broadcast from rank zero: every rank asks for it here.
-        self.checkpoint_path = runs.run_directory(trainer) / "checkpoints" / "last.ckpt"
+        self.checkpoint_path = directory.run_directory(trainer) / "checkpoints" / "last.ckpt"
         environment = getattr(trainer.strategy, "cluster_environment", None)
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False  # this callback requeues (see the module docstring)
@@ -171,7 +171,7 @@ class SLURMRequeue(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.keep_after_fit:
             # Stay active for the test that may follow the fit; the signal handler stays until the
-            # command ends (project.runs.Run.close restores it).
+            # command ends (project.run.directory.Run.close restores it).
             return
         self._stop_listening()
 

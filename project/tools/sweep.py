@@ -1,7 +1,7 @@
 """Run a wandb sweep file without a wandb server: trials chosen by wandb's own engine, state in a folder.
 
-    python -m project.sweep experiments/sweeps/lenet_seeds.yaml --workers 2
-    python -m project.sweep SWEEP.yaml --dir runs/sweeps/lenet-1 --count 4     # another worker on the same sweep
+    python -m project sweep experiments/sweeps/lenet_seeds.yaml --workers 2
+    python -m project sweep SWEEP.yaml --dir runs/sweeps/lenet-1 --count 4     # another worker on the same sweep
 
 The ``sweeps`` package (what the wandb server runs) suggests each trial from the sweep file and
 every trial already in the sweep directory; the trial's command line is the sweep's ``command``
@@ -20,7 +20,7 @@ a shared filesystem (SLURM array tasks) cooperate without a server:
     DIR/logs/<id>.log   the trial's stdout and stderr; DIR/logs/<id>.lock is locked by its worker
 
 A trial marked running whose worker's lock is free (the worker died) and whose run is not locked
-(see project/runs.py) is resumed by the next worker, in the same run directory with
+(see project/run/directory.py) is resumed by the next worker, in the same run directory with
 ``--ckpt_path last``; so are trials a stopped worker marked ``interrupted``.
 """
 
@@ -43,8 +43,8 @@ from pathlib import Path
 
 import yaml
 
-from project import checkpoints, runs
 from project.errors import UserError
+from project.run import checkpoints, directory
 
 with warnings.catch_warnings():  # sweeps still uses pydantic v1 configuration names
     warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")
@@ -248,7 +248,7 @@ class Worker:
     def trial_env(self, slot: int, trial: Trial) -> dict:
         env = {
             **os.environ,
-            runs.RUN_DIR_ENV: str(self.dir.run_dir(trial.id)),
+            directory.RUN_DIR_ENV: str(self.dir.run_dir(trial.id)),
             "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", self.dir.path.name),
         }
         if self.gpus:
@@ -268,7 +268,7 @@ class Worker:
             for trial in trials:
                 abandoned = trial.state == "running" and not holds_lock(self.dir.trial_lock(trial.id))
                 if (trial.state == "interrupted" or abandoned) and not holds_lock(
-                    self.dir.run_dir(trial.id) / runs.LOCK_FILE
+                    self.dir.run_dir(trial.id) / directory.LOCK_FILE
                 ):
                     break
             else:
@@ -442,7 +442,7 @@ def _last_line(log: Path) -> str:
 
 def open_sweep_dir(path: Path, config: dict, sweep_file: Path) -> SweepDir:
     """Create DIR, or join the sweep already in it (the same sweep file only)."""
-    runs.check_writable_dir(path, "--dir")
+    directory.check_writable_dir(path, "--dir")
     if path.exists() and not path.is_dir():
         raise UserError(f"--dir {path} is a file; choose a directory.")
     saved = path / "sweep.yaml"
@@ -465,7 +465,7 @@ def open_sweep_dir(path: Path, config: dict, sweep_file: Path) -> SweepDir:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one sentence, as the CLI's errors, not the usage screen
-        print(f"error: {message} (see python -m project.sweep --help).", file=sys.stderr)
+        print(f"error: {message} (see python -m project sweep --help).", file=sys.stderr)
         sys.exit(2)
 
 
@@ -476,7 +476,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="python -m project.sweep", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m project sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file", type=Path, help="a wandb sweep file, e.g. experiments/sweeps/lenet_seeds.yaml")
     parser.add_argument(
         "--dir",
@@ -490,8 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = load_sweep_file(args.sweep_file)
-        directory = args.dir or Path("runs") / "sweeps" / f"{args.sweep_file.stem}-{runs.new_run_name()}"
-        sweep_dir = open_sweep_dir(directory, config, args.sweep_file)
+        path = args.dir or Path("runs") / "sweeps" / f"{args.sweep_file.stem}-{directory.new_run_name()}"
+        sweep_dir = open_sweep_dir(path, config, args.sweep_file)
         print(f"Sweep directory: {sweep_dir.path}", file=sys.stderr, flush=True)
         worker = Worker(config, sweep_dir, args.workers, args.count)
         # SIGUSR1: SLURM's warning before the time limit (experiments/slurm/sweep_local.sbatch).
@@ -502,14 +502,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"Table: {sweep_dir.path / 'sweep.csv'}", file=sys.stderr)
-    if worker.stopping == signal.SIGUSR1 and runs.slurm_job_id():
-        status = requeue(runs.slurm_job_id())
+    if worker.stopping == signal.SIGUSR1 and directory.slurm_job_id():
+        status = requeue(directory.slurm_job_id())
     sys.exit(status)
 
 
 def requeue(job_id: str) -> int:
     """Put this SLURM job back in the queue: it starts again as a worker and resumes its interrupted trials."""
-    from project.cluster import requeue_job  # noqa: PLC0415 (Lightning is imported only by a worker that needs it)
+    from project.run.cluster import requeue_job  # noqa: PLC0415 (Lightning is imported only by a worker that needs it)
 
     problem = requeue_job(job_id)
     if problem is None:

@@ -1,9 +1,9 @@
 """Many runs, one table: group runs by what differs in their configs, and summarise each group's metrics.
 
-    python -m project.compare runs/sweeps/lenet_seeds-20250101-120000-abc123
-    python -m project.compare runs/lenet --by model.optimizer.lr --metric val/acc --metric val/loss
+    python -m project compare runs/sweeps/lenet_seeds-20250101-120000-abc123
+    python -m project compare runs/lenet --by model.optimizer.lr --metric val/acc --metric val/loss
 
-PATH is a run directory, a sweep directory (python -m project.sweep) or any folder of runs: every
+PATH is a run directory, a sweep directory (python -m project.tools.sweep) or any folder of runs: every
 folder holding a ``config.yaml`` and a ``metrics.csv``. Runs are grouped by the config keys on
 which they differ (``seed_everything`` and each run's own paths and names are pooled over), or by
 ``--by``. Each group gets ``n`` and, per metric, the mean and sample standard deviation (n-1) of
@@ -24,9 +24,9 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
-from project import plots
 from project.errors import UserError
-from project.runs import check_writable_dir
+from project.run import figures
+from project.run.directory import check_writable_dir
 
 #: Metrics compared when none is given, those present in the runs.
 DEFAULT_METRICS = ("val/acc", "val/loss", "test/acc")
@@ -102,7 +102,7 @@ def read_run(run: Path) -> RunRecord:
     if not isinstance(config, Mapping):
         raise UserError(f"{run / 'config.yaml'} is not a saved run config (expected a mapping).")
     try:
-        series = plots.read_metrics(run / "metrics.csv")
+        series = figures.read_metrics(run / "metrics.csv")
     except (ValueError, csv.Error, UnicodeDecodeError) as err:
         raise UserError(f"{run / 'metrics.csv'} is not a metrics file written by the CSVLogger ({err}).") from None
     return RunRecord(run, flatten_config(config), series)
@@ -139,7 +139,7 @@ def summarise(group: Group, metric: str) -> tuple[float, float]:
 
 
 def sweep_metric(paths: Sequence[Path]) -> tuple[str, str] | None:
-    """``(name, goal)`` of the sweep metric when the first PATH is a sweep directory (project.sweep)."""
+    """``(name, goal)`` of the sweep metric when the first PATH is a sweep directory (project.tools.sweep)."""
     saved = paths[0] / "sweep.yaml"
     if not saved.is_file():
         return None
@@ -233,7 +233,7 @@ def compare(paths: Sequence[Path], metrics: Sequence[str] = (), by: Sequence[str
         writer = csv.writer(file)
         writer.writerow(header)
         writer.writerows([["" if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows])
-    plots.save(curve_figure(groups, keys, first), out / "compare.png")
+    figures.save(curve_figure(groups, keys, first), out / "compare.png")
 
     cells = [header] + [[str(v) for v in row[: len(keys)]] + [_cell(v) for v in row[len(keys) :]] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -252,12 +252,12 @@ def _cell(value) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one sentence, as the CLI's errors, not the usage screen
-        print(f"error: {message} (see python -m project.compare --help).", file=sys.stderr)
+        print(f"error: {message} (see python -m project compare --help).", file=sys.stderr)
         sys.exit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = _Parser(prog="python -m project.compare", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m project compare", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "paths", type=Path, nargs="+", metavar="PATH", help="run directories, sweep directories or folders of runs"
     )

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from project import runs
-from project.checkpoints import write_atomically
 from project.errors import UserError
+from project.run import directory
+from project.run.checkpoints import write_atomically
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -38,8 +38,8 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.enabled = enabled
         self.filename = filename
-        self.output_dir = runs.path_in_run(output_dir, "predictions.output_dir")  # inside the run, or refused now
-        runs.path_in_run(Path(output_dir or ".") / filename, "predictions.filename")
+        self.output_dir = directory.path_in_run(output_dir, "predictions.output_dir")  # inside the run, or refused now
+        directory.path_in_run(Path(output_dir or ".") / filename, "predictions.filename")
         self.paths: list[Path] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -54,7 +54,7 @@ class PredictionWriter(BasePredictionWriter):
         if not self.enabled:
             return
         # Without a run, trainer.log_dir broadcasts from rank 0, so every rank asks for it.
-        directory = Path(self.output_dir or runs.run_directory(trainer))
+        folder = Path(self.output_dir or directory.run_directory(trainer))
         loaders = trainer.predict_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         per_loader = predictions if len(loaders) > 1 else [predictions]
@@ -69,7 +69,7 @@ class PredictionWriter(BasePredictionWriter):
                     if len(loaders) == 1
                     else f"{Path(self.filename).stem}-{i}{Path(self.filename).suffix}"
                 )
-                path = directory / name
+                path = folder / name
                 write_csv(
                     path,
                     *_unique_sorted(index, preds, probs),

@@ -16,8 +16,8 @@ from typing import Any, NoReturn
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
 
-from project.config_files import ConfigFileError, read_config_file
 from project.errors import UserError
+from project.run.config_files import ConfigFileError, read_config_file
 
 #: The attributes every data module must have: the CLI sets the model's from them.
 REQUIRED = ("num_classes", "image_shape")

@@ -6,8 +6,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from project import runs
-from project.checkpoints import save_net, strip_prefixes
+from project.run import directory
+from project.run.checkpoints import save_net, strip_prefixes
 
 
 def full_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor]:
@@ -36,13 +36,13 @@ class ExportNet(L.Callback):
     def __init__(self, filename: str = "net.pt") -> None:
         self.filename = filename
         self.path: Path | None = None
-        runs.path_in_run(filename, "export.filename")  # inside the run, or refused before anything runs
+        directory.path_in_run(filename, "export.filename")  # inside the run, or refused before anything runs
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = full_state_dict(trainer)
         # Without a run, trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking
         # on rank 0 alone deadlocks DDP: rank 0 waits in the broadcast, the others in the barrier below).
-        path = runs.run_directory(trainer) / self.filename
+        path = directory.run_directory(trainer) / self.filename
         if trainer.is_global_zero:
             self.path = save_net(strip_prefixes(state), path)
         trainer.strategy.barrier("ExportNet")

@@ -12,10 +12,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from project import runs
-from project.checkpoints import CheckpointError, load_file, save_atomically
 from project.errors import UserError
-from project.runs import stop_signals
+from project.run import directory
+from project.run.checkpoints import CheckpointError, load_file, save_atomically
+from project.run.directory import stop_signals
 
 #: The file LastCheckpoint keeps (``--ckpt_path last`` finds ``last*.ckpt``).
 LAST = "last.ckpt"
@@ -27,7 +27,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A process killed mid-write leaves at worst a stray ``.tmp`` file; the previous checkpoint
     under the real name stays complete and loadable. Loading is ``weights_only=True`` unless
     asked otherwise, so a checkpoint carrying a pickled payload is refused instead of run, and a
-    file that is not a Lightning checkpoint is one sentence (project.checkpoints.load_file). The
+    file that is not a Lightning checkpoint is one sentence (project.run.checkpoints.load_file). The
     checkpoint the run already read (``--ckpt_path``) is not read again. The CLI gives it to the
     Trainer as a plugin.
     """
@@ -38,7 +38,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomically(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True) -> dict[str, Any]:
-        run = runs.current()
+        run = directory.current()
         if run is not None and run.contents is not None and run.checkpoint == Path(path):
             checkpoint = run.contents  # the run read this file already (for --ckpt_path's checks): not again
         else:
@@ -65,9 +65,9 @@ class BestCheckpoint(ModelCheckpoint):
             )
         if kwargs.get("save_last"):
             raise UserError(f"checkpoint.save_last would write a second {LAST}; last_checkpoint keeps it always fresh.")
-        dirpath = runs.path_in_run(dirpath, "checkpoint.dirpath", default="checkpoints")
+        dirpath = directory.path_in_run(dirpath, "checkpoint.dirpath", default="checkpoints")
         if filename is not None:
-            runs.path_in_run(Path(dirpath or ".") / filename, "checkpoint.filename", default="best-{epoch}")
+            directory.path_in_run(Path(dirpath or ".") / filename, "checkpoint.filename", default="best-{epoch}")
         super().__init__(dirpath=dirpath, filename=filename, **kwargs)
 
 
@@ -84,7 +84,7 @@ class LastCheckpoint(Checkpoint):
     atomically with the CLI's AtomicCheckpointIO); the best-by-metric checkpoint is the separate
     ``checkpoint`` callback. A step that left the weights NaN or infinite never replaces the last
     good file. When the process receives SIGTERM (what schedulers send before killing a job) or
-    SIGINT (Ctrl-C, noted by project.runs.stop_signals under the CLI) it saves at the next training
+    SIGINT (Ctrl-C, noted by project.run.directory.stop_signals under the CLI) it saves at the next training
     batch boundary and stops the run (exit status 143 or 130).
 
     Args:
@@ -98,7 +98,7 @@ class LastCheckpoint(Checkpoint):
         if every_n_train_steps < 0 or every_n_epochs < 0:
             raise UserError("last_checkpoint.every_n_train_steps and every_n_epochs must be >= 0.")
         self.every_n_train_steps, self.every_n_epochs = every_n_train_steps, every_n_epochs
-        self.dirpath = runs.path_in_run(dirpath, "last_checkpoint.dirpath", default="checkpoints")
+        self.dirpath = directory.path_in_run(dirpath, "last_checkpoint.dirpath", default="checkpoints")
         #: The global step of the newest checkpoint this callback wrote (None: none yet), and its path.
         self.saved_at_step: int | None = None
         self.last_model_path = ""
@@ -109,7 +109,7 @@ class LastCheckpoint(Checkpoint):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:  # a Trainer without the CLI: where Lightning's ModelCheckpoint would write
-            self.dirpath = runs.run_directory(trainer) / "checkpoints"
+            self.dirpath = directory.run_directory(trainer) / "checkpoints"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.stop_requested(trainer):

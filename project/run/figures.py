@@ -1,16 +1,14 @@
 """Figures worth looking at rather than reading: confusion matrix, sample predictions, learning curves.
 
 Plain matplotlib on numpy arrays (no pyplot, so no display or global state is needed). The
-:class:`~project.callbacks.PredictionPlots` callback draws the first two during training; the
+:class:`~project.run.callbacks.PredictionPlots` callback draws the first two during training; the
 learning curves come from a run's ``metrics.csv``::
 
-    python -m project.plots runs/lenet/<run>        # writes runs/lenet/<run>/learning_curves.png
+    python -m project curves runs/lenet/<run>        # writes runs/lenet/<run>/learning_curves.png
 """
 
-import argparse
 import csv
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,37 +153,3 @@ def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
-
-
-def plot_learning_curves(run_dir: Path, out: Path | None = None) -> Path:
-    """Read ``<run_dir>/metrics.csv`` and write ``learning_curves.png`` (or ``out``)."""
-    metrics_file = Path(run_dir) / "metrics.csv"
-    if not metrics_file.is_file():
-        raise FileNotFoundError(f"{metrics_file} does not exist; give a run directory written by the CSVLogger.")
-    return save(
-        learning_curves_figure(read_metrics(metrics_file), title=Path(run_dir).name),
-        out or Path(run_dir) / "learning_curves.png",
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m project.plots", description="Plot learning curves from a run's metrics.csv."
-    )
-    parser.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/lenet/20250101-120000-abc123")
-    parser.add_argument("--out", type=Path, default=None, help="output PNG (default: <run_dir>/learning_curves.png)")
-    args = parser.parse_args(argv)
-    try:
-        print(plot_learning_curves(args.run_dir, args.out))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)  # a user's mistake, like every command of the template
-    except OSError as err:  # e.g. --out in a folder that does not exist or cannot be written
-        print(
-            f"error: {err.strerror or err}: {err.filename}; check that path or choose another --out.", file=sys.stderr
-        )
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

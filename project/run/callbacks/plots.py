@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from project import plots, runs
 from project.errors import UserError
+from project.run import directory, figures
 
 
 class PredictionPlots(L.Callback):
@@ -31,14 +31,14 @@ class PredictionPlots(L.Callback):
             only once, after the last validation, when fitting ends. Test plots are drawn after
             every ``test``.
         num_samples: images in the prediction grid.
-        enabled: ``false`` turns the callback off (``--plots.enabled=false``).
+        enabled: ``false`` turns the callback off (``--figures.enabled=false``).
 
     The model's ``validation_step``/``test_step`` must return the batch's logits (ImageClassifier's do).
     """
 
     def __init__(self, every_n_epochs: int = 0, num_samples: int = 32, enabled: bool = True) -> None:
         if every_n_epochs < 0 or num_samples < 0:
-            raise UserError("plots.every_n_epochs and plots.num_samples must be >= 0.")
+            raise UserError("figures.every_n_epochs and figures.num_samples must be >= 0.")
         self.every_n_epochs, self.num_samples, self.enabled = every_n_epochs, num_samples, enabled
         self.paths: list[Path] = []  # every PNG written, in order
         self._confusion: MulticlassConfusionMatrix | None = None
@@ -53,7 +53,7 @@ class PredictionPlots(L.Callback):
         if not self.enabled:
             return
         # Without a run, log_dir broadcasts from rank zero, so every rank must ask; only here, never on rank zero alone.
-        self._dir = runs.run_directory(trainer) / "plots"
+        self._dir = directory.run_directory(trainer) / "plots"
         self._classes = [str(c) for c in getattr(trainer.datamodule, "classes", None) or range(pl_module.num_classes)]
         self._confusion = MulticlassConfusionMatrix(len(self._classes))
 
@@ -133,8 +133,8 @@ class PredictionPlots(L.Callback):
         stem = f"{stage}-epoch{epoch:03d}" if epoch is not None else stage
         title = f"{stage}, epoch {epoch}" if epoch is not None else stage
         written = {
-            "confusion_matrix": plots.save(
-                plots.confusion_matrix_figure(matrix, self._classes, title), self._dir / f"{stem}-confusion.png"
+            "confusion_matrix": figures.save(
+                figures.confusion_matrix_figure(matrix, self._classes, title), self._dir / f"{stem}-confusion.png"
             )
         }
         # The counts as numbers too: rows are true classes, columns predicted ones.
@@ -148,8 +148,8 @@ class PredictionPlots(L.Callback):
         )
         if samples:
             images, labels, preds = (torch.cat(parts) for parts in zip(*samples))
-            written["predictions"] = plots.save(
-                plots.prediction_grid_figure(
+            written["predictions"] = figures.save(
+                figures.prediction_grid_figure(
                     self._displayable(trainer, images), labels.tolist(), preds.tolist(), self._classes, title
                 ),
                 self._dir / f"{stem}-predictions.png",

@@ -1,7 +1,7 @@
 """The life of one run, outside Lightning: its directory, its lock, the checkpoint it resumes from,
 its metrics.csv, and the signals that stop it cleanly.
 
-The CLI (project/cli.py) asks :meth:`Run.open` for a run once the configuration is parsed, and
+The CLI (project/run/cli.py) asks :meth:`Run.open` for a run once the configuration is parsed, and
 closes it when the command ends. Nothing here imports Lightning, so the policy reads (and tests)
 on its own. See the README's "Run directories" for what a user sees.
 """
@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from project import checkpoints
 from project.errors import UserError
+from project.run import checkpoints
 
 #: Set by the process that chose the run directory, so the processes Lightning launches for
 #: DDP (which re-run this command line) write into the same one. Users may set it themselves.
@@ -293,7 +293,7 @@ class Run:
     #: one evaluated, ``last``/``best`` resolved), handed to Lightning as ``trainer.ckpt_path``.
     checkpoint: Path | None = None
     #: That checkpoint file's contents, read once (memory-mapped) by this run; Lightning loads them
-    #: from here (project.callbacks.checkpointing.AtomicCheckpointIO) instead of reading the file again.
+    #: from here (project.run.callbacks.checkpointing.AtomicCheckpointIO) instead of reading the file again.
     contents: dict | None = None
     resume: ResumePlan | None = None
     created: list[Path] = field(default_factory=list)
@@ -466,7 +466,7 @@ class StopSignals:
     """Signals that ask a command to stop at a safe point: the handler only notes them (saving
     inside it could catch the model in the middle of an optimiser step, and a collective inside it
     deadlocks DDP); callbacks act at the next batch boundary (LastCheckpoint for Ctrl-C,
-    project.cluster.SLURMRequeue for the requeue signal).
+    project.run.cluster.SLURMRequeue for the requeue signal).
 
     Ctrl-C (SIGINT) while ``save_on_sigint`` (during a fit): noted; LastCheckpoint saves ``last.ckpt``
     at the next training batch boundary and the CLI exits with status 130. A terminal sends Ctrl-C to

@@ -1,8 +1,8 @@
-"""``python -m project.summary``: every layer's output shape, parameters and buffers, from one dry forward pass.
+"""``python -m project summary``: every layer's output shape, parameters and buffers, from one dry forward pass.
 
-    python -m project.summary --model project.models.ResNet18 --input-size 3 32 32
-    python -m project.summary -c experiments/lenet.yaml --depth 1
-    python -m project.summary --model project.models.ResNet20 --internals --depth 2
+    python -m project summary --model project.models.ResNet18 --input-size 3 32 32
+    python -m project summary -c experiments/lenet.yaml --depth 1
+    python -m project summary --model project.models.ResNet20 --internals --depth 2
 
 The classic "print each layer's output shape" exercise, for any model and input size: a forward
 hook on every submodule records what it returns while one random batch goes through the model
@@ -25,8 +25,8 @@ import torch
 import yaml
 from torch import nn
 
-from project.config_files import read_config_file
 from project.errors import UserError
+from project.run.config_files import read_config_file
 
 
 def build_model(class_path: str, init_args: dict | None = None) -> nn.Module:
@@ -374,7 +374,7 @@ def inline_yaml(text: str, option: str):
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m project.summary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m project summary", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", help="an experiment YAML; its model.net is summarised")
     parser.add_argument(
         "--model", help="dotted class path of the net, e.g. project.models.ResNet18 (overrides --config)"

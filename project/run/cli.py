@@ -4,7 +4,7 @@
 (CIFAR10DataModule unless ``data:`` names another by class_path), an ImageClassifier around the
 configured plain net, and a Trainer whose every output (resolved config, checkpoints,
 metrics.csv, net.pt, wandb files) lands in one run directory of its own. The run itself
-(directory, lock, the checkpoint it loads, stop signals, where each file goes) is project.runs'
+(directory, lock, the checkpoint it loads, stop signals, where each file goes) is project.run.directory's
 business: this module opens it once the arguments are parsed, and the loggers, callbacks and
 plugins it names by default ask it where to write.
 """
@@ -28,22 +28,15 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from project import checkpoints, option_checks, runs, tracking
-from project.callbacks import (
-    ExportNet,
-    LastCheckpoint,
-    PredictionPlots,
-    PredictionWriter,
-    ProgressBar,
-    RandomState,
-    SyncBuffers,
-)
-from project.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint
-from project.callbacks.learning_rates import LearningRates
+from project.callbacks import SyncBuffers
 from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier
-from project.cluster import SLURMRequeue
-from project.data.plugins import DataPluginParser, declared
 from project.errors import UserError
+from project.run import checkpoints, directory, option_checks, tracking
+from project.run.callbacks import ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState
+from project.run.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint
+from project.run.callbacks.learning_rates import LearningRates
+from project.run.cluster import SLURMRequeue
+from project.run.data_contract import DataPluginParser, declared
 
 # Lightning 2.6's CombinedLoader (every fit, validate and test) builds torch's LeafSpec, which torch 2.10+
 # deprecates: a warning meant for Lightning's developers, printed twice on every run. Silenced there only.
@@ -126,7 +119,7 @@ def check_trainer_writes_inside(trainer, run_dir: Path) -> None:
         if path is not None and not Path(path).resolve().is_relative_to(run_dir):
             raise UserError(
                 f"{option}={path} leads outside the run directory {run_dir}; every file a run writes stays inside its own "
-                "directory: leave it empty (the run directory), or use project.tracking.CSVLogger or WandbLogger, "
+                "directory: leave it empty (the run directory), or use project.run.tracking.CSVLogger or WandbLogger, "
                 "which write into the run."
             )
 
@@ -177,7 +170,7 @@ class RunConfigSaver(SaveConfigCallback):
         super().__init__(*args, **kwargs)
         # The run's directory and name, kept here: ddp_spawn's processes get a copy of this callback,
         # not the process-wide run.
-        run = runs.current()
+        run = directory.current()
         self.run = (run.directory, run.name) if run is not None else None
         #: A resume's config-<time>.yaml waits for training to start (see setup).
         self.save_at_train_start = False
@@ -186,15 +179,15 @@ class RunConfigSaver(SaveConfigCallback):
         if self.already_saved:  # by the fit before the test after it
             return
         if self.run is not None:
-            directory, name = self.run
+            run_dir, name = self.run
             self.config = self.config.clone()
             self.config.name, self.config.run_dir = name, None
-            if (directory / self.config_filename).exists():
+            if (run_dir / self.config_filename).exists():
                 if stage != "fit":
                     # The test after fit, in the fit's run and with its config (under ddp_spawn through a
                     # fresh copy of this callback, which does not know that the fit saved it already).
                     return
-                self.config_filename = f"config-{runs.new_run_name()}.yaml"
+                self.config_filename = f"config-{directory.new_run_name()}.yaml"
                 # A resume: saved once training starts, so that a resume refused while Lightning
                 # loads the checkpoint (a plan shorter than the steps done) leaves no file behind.
                 self.save_at_train_start = True
@@ -253,14 +246,14 @@ def command_name() -> str:
 
 
 class ProjectCLI(LightningCLI):
-    """LightningCLI for ImageClassifier + any LightningDataModule (CIFAR-10 by default), one directory per run (project.runs)."""
+    """LightningCLI for ImageClassifier + any LightningDataModule (CIFAR-10 by default), one directory per run (project.run.directory)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("parser_kwargs", {"default_env": False, "prog": command_name()})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", ProjectParser)  # one sentence for a bad data: class
-        self.run: runs.Run | None = None
+        self.run: directory.Run | None = None
         #: --ckpt_path as given (a path, `last` or `best`): the run resolves it and Lightning loads it.
         self.requested_checkpoint: str | None = None
         failed = True
@@ -280,12 +273,12 @@ class ProjectCLI(LightningCLI):
     def close_run(self, failed: bool) -> None:
         if self.run is None:
             return
-        if runs.is_primary_process():
+        if directory.is_primary_process():
             self.run.close(failed)
             # The variable is for this command's own child processes only, never for a later run
             # started from the same Python process (tests, notebooks).
-            if os.environ.get(runs.RUN_DIR_ENV) == str(self.run.directory):
-                os.environ.pop(runs.RUN_DIR_ENV, None)
+            if os.environ.get(directory.RUN_DIR_ENV) == str(self.run.directory):
+                os.environ.pop(directory.RUN_DIR_ENV, None)
         else:
             self.run.close(failed=False)  # forget it; the primary process owns the directory
 
@@ -310,8 +303,8 @@ class ProjectCLI(LightningCLI):
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best-epoch{epoch:03d}-step{step:06d}",
                 "checkpoint.auto_insert_metric_name": False,
-                # Our loggers write into the run directory (project.tracking).
-                "trainer.logger": {"class_path": "project.tracking.CSVLogger"},
+                # Our loggers write into the run directory (project.run.tracking).
+                "trainer.logger": {"class_path": "project.run.tracking.CSVLogger"},
                 "trainer.default_root_dir": "runs",
                 # The resolved config is what every logger records (RunConfigSaver.save_config); Lightning's
                 # own hyperparameter logging would log parts of it again under other names. `true` adds them.
@@ -337,7 +330,7 @@ class ProjectCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": "project.data.CIFAR10DataModule"}})
         # The optimiser as --print_config and config.yaml show it (and --model.optimizer.lr=... can change it).
         parser.set_defaults({"model.optimizer": DEFAULT_OPTIMIZER})
-        # The model is built from what the data module declares (project/data/plugins.py).
+        # The model is built from what the data module declares (project/run/data_contract.py).
         parser.link_arguments("data", "model.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
         parser.link_arguments(
             "data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate"
@@ -352,11 +345,11 @@ class ProjectCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         option_checks.check_seed(config.get("seed_everything"))
         option_checks.check_trainer_numbers(config.trainer)
-        # --ckpt_path is the run's to resolve and check (project.runs) and Lightning's to load, once
+        # --ckpt_path is the run's to resolve and check (project.run.directory) and Lightning's to load, once
         # (handed over as trainer.ckpt_path before the subcommand runs). Left in the config,
         # LightningCLI would read the file now as well, to merge its hyperparameters over the
         # user's settings (which a resumed fit would then silently ignore).
-        if subcommand and config.get("ckpt_path") and not runs.lightnings_own(config.ckpt_path):
+        if subcommand and config.get("ckpt_path") and not directory.lightnings_own(config.ckpt_path):
             self.requested_checkpoint, config.ckpt_path = config.ckpt_path, None
 
     def before_instantiate_classes(self) -> None:
@@ -365,7 +358,7 @@ class ProjectCLI(LightningCLI):
         for logger in as_list(config.trainer.get("logger")):
             if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):  # before the run directory exists
                 tracking.check_wandb_api_key(offline=bool((logger.get("init_args") or {}).get("offline")))
-        self.run = runs.Run.open(
+        self.run = directory.Run.open(
             subcommand=self.subcommand or "",
             root=Path(config.trainer.default_root_dir or "runs"),
             name=experiment_name(config),
@@ -373,7 +366,7 @@ class ProjectCLI(LightningCLI):
             ckpt_path=self.requested_checkpoint or config.get("ckpt_path"),
             scratch=bool(config.trainer.get("fast_dev_run")),
         )
-        os.environ[runs.RUN_DIR_ENV] = str(self.run.directory)
+        os.environ[directory.RUN_DIR_ENV] = str(self.run.directory)
         if self.subcommand == "fit":
             self.apply_resume_plan(config)
         elif self.run.contents is not None:
@@ -459,7 +452,7 @@ class ProjectCLI(LightningCLI):
     def default_plugins(self, configured) -> list:
         """The configured plugins, plus atomic checkpoint writes and code-free loads unless one of
         them chose its own checkpoint I/O, plus, in a SLURM job with ``requeue.enabled``, a
-        SLURMEnvironment whose auto-requeue is off (SLURMRequeue requeues instead; see project.cluster)."""
+        SLURMEnvironment whose auto-requeue is off (SLURMRequeue requeues instead; see project.run.cluster)."""
         plugins = as_list(configured)
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
@@ -494,11 +487,11 @@ class ProjectCLI(LightningCLI):
         signums = [signal.SIGINT]
         if isinstance(requeue, SLURMRequeue) and requeue.enabled and SLURMEnvironment.detect():
             signums.append(requeue.signum)
-        runs.stop_signals.install(*signums)
+        directory.stop_signals.install(*signums)
 
     def after_fit(self) -> None:
         # The fit is over and saved: Ctrl-C during the test after it stops at once (exit status 130).
-        runs.stop_signals.save_on_sigint = False
+        directory.stop_signals.save_on_sigint = False
         if not self.config.fit.get("test_after_fit"):
             return
         best = [
@@ -553,14 +546,14 @@ def describe_os_error(err: OSError) -> str:
 def main(args=None) -> ProjectCLI:
     """Run the CLI; user errors end with ``error: <one sentence>`` and exit status 2, SIGTERM with 143,
     SIGINT (after saving) with 130."""
-    runs.stop_signals.received.clear()  # a signal an earlier command of this process received is not this one's
+    directory.stop_signals.received.clear()  # a signal an earlier command of this process received is not this one's
     try:
         return ProjectCLI(args=args)
     except SIGTERMException:
-        sys.exit(130 if runs.stop_signals.pending(signal.SIGINT) else 143)
+        sys.exit(130 if directory.stop_signals.pending(signal.SIGINT) else 143)
     except SystemExit as err:
         # Lightning ends a KeyboardInterrupt (a second Ctrl-C, or one outside training) with exit(1).
-        if err.code == 1 and runs.stop_signals.pending(signal.SIGINT):
+        if err.code == 1 and directory.stop_signals.pending(signal.SIGINT):
             sys.exit(130)
         raise
     except KeyboardInterrupt:
