@@ -158,7 +158,7 @@ def test_cli_draws_the_final_plots_by_default_and_can_be_turned_off(tmp_path, ti
         "val-epoch001-predictions.png",
     ]
 
-    off = run_cli([*base, "--test_after_fit=false", "--figures.enabled=false", "--name=off"])
+    off = run_cli([*base, "--test_after_fit=false", "--plots.enabled=false", "--name=off"])
     assert off.returncode == 0, off.stderr[-3000:]
     (run,) = run_dirs(tmp_path, "off")
     assert not (run / "plots").exists()
