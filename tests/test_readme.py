@@ -403,3 +403,22 @@ if __name__ == "__main__":  # the child of test_every_documented_command_line_pa
     scratch = Path(sys.argv[1])
     sys.argv = sys.argv[:1]  # the commands are main()'s arguments, not this process's
     (scratch / "results.json").write_text(json.dumps(parse_documented_commands(scratch)))
+
+
+def test_the_summary_outputs_in_the_docs_are_what_summary_prints(capsys):
+    """The tables of internals.md's "Each layer's output shape before training", printed by the
+    commands it names (LeNet's experiment, with the param_groups it shows; ResNet-20's internals)."""
+    from project.tools import summary
+
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", section("## Each layer's output shape before training"), re.S | re.M)
+    layers, groups, internals = [text for language, text in blocks if not language]
+    printed = summary.main(["-c", "experiments/lenet.yaml", "--param-groups", '[{match: "fc*", lr_scale: 10}]'])
+    assert layers.strip() in printed and groups.strip() in printed
+    printed = summary.main(["--model", "project.models.ResNet20", "--internals", "--depth", "1", "--hook-on", "fc"])
+    # A hook's key is its handle's id, a counter of the process: 0 in a fresh one, as the page shows.
+    same = lambda line: re.sub(r"\{\d+: (?=_refresh)", "{<id>: ", line.strip())  # noqa: E731
+    printed_lines = {same(line) for line in printed.splitlines()}
+    for line in internals.splitlines():  # "..." stands for what the page leaves out
+        if line.strip() and "..." not in line:
+            assert same(line) in printed_lines, line
+    capsys.readouterr()
