@@ -115,3 +115,45 @@ def test_user_mistakes_end_in_one_sentence(runs_folder, tmp_path):
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
     assert not (empty / "compare.csv").exists() and not (broken / "compare.csv").exists()
+
+
+def test_unreadable_runs_are_skipped_and_named_and_the_rest_compared(runs_folder):
+    """Over many runs, one damaged metrics.csv (a run killed mid-write, a file cut by a full disk) once
+    stopped the whole comparison; now each unreadable run is one stderr line and the table holds the rest."""
+    cut = write_run(runs_folder / "lenet" / "cut", 0.1, 4, [0.9])
+    (cut / "metrics.csv").write_text("epoch,step,val/acc\n0,9,0.9\n1,19,0.9x\n")
+    binary = write_run(runs_folder / "lenet" / "binary", 0.01, 4, [0.9])
+    (binary / "metrics.csv").write_bytes(b"\xff\xfe\x00binary")
+    bad_config = write_run(runs_folder / "lenet" / "bad_config", 0.01, 5, [0.9])
+    (bad_config / "config.yaml").write_text("model: [unclosed\n")
+    done = run_bounded(
+        [sys.executable, "-m", "project", "compare", str(runs_folder)],
+        timeout=120,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    skipped = done.stderr.splitlines()
+    assert len(skipped) == 3 and all(line.startswith("skipped: ") for line in skipped), done.stderr
+    assert any(f"{cut}/metrics.csv, line 3: step '19' or val/acc '0.9x' is not a number" in s for s in skipped)
+    assert any(f"{binary}/metrics.csv is not a CSV text file" in s for s in skipped)
+    assert any(f"{bad_config}/config.yaml is not valid YAML" in s for s in skipped)
+    rows = read_csv(runs_folder / "compare.csv")
+    assert [(r["model.lr"], r["n"]) for r in rows] == [("0.1", "3"), ("0.01", "2")], "the readable five, as before"
+    assert "(5 runs, 3 unreadable left out;" in done.stdout
+
+
+def test_nothing_readable_is_one_error_naming_the_first_and_counting_the_rest(tmp_path):
+    for name in ("a", "b"):
+        write_run(tmp_path / name, 0.1, 1, [0.5])
+        (tmp_path / name / "metrics.csv").write_text("epoch,step,val/acc\n0,9,nan?\n")
+    done = run_bounded(
+        [sys.executable, "-m", "project", "compare", str(tmp_path)],
+        timeout=120,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {tmp_path / 'a' / 'metrics.csv'} is not a metrics file"), done.stderr
+    assert "(and 1 more runs could not be read)" in done.stderr
+    assert not (tmp_path / "compare.csv").exists()

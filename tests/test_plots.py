@@ -15,7 +15,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from project.classifier import ImageClassifier
 from project.data import CIFAR10_CLASSES, CIFAR10DataModule
 from project.models import LeNet
-from project.run import figures
+from project.run import figures, metrics_file
 from project.run.callbacks import PredictionPlots
 from project.tools import curves
 from tests.conftest import QUIET, REPO, run_cli, run_dirs
@@ -62,7 +62,7 @@ def test_learning_curves_from_metrics_csv_by_command(tmp_path):
         "epoch,step,train/loss_step,train/loss_epoch,val/acc,val/loss\n"
         "0,9,2.1,,,\n0,19,1.9,,,\n0,19,,2.0,0.31,1.8\n1,29,1.6,,,\n1,39,1.4,,,\n1,39,,1.5,0.42,1.5\n"
     )
-    series = figures.read_metrics(run / "metrics.csv")
+    series = metrics_file.read_series(run / "metrics.csv")
     assert series["train/loss_step"][0].tolist() == [9, 19, 29, 39]
     assert series["val/acc"][1].tolist() == [0.31, 0.42]
     fig = figures.learning_curves_figure(series)

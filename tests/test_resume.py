@@ -11,7 +11,7 @@ import torch
 from project.models import LeNet
 from project.run.callbacks.random_state import capture_random_state, restore_random_state
 from project.run.cli import main
-from project.run.figures import read_metrics
+from project.run.metrics_file import read_series as read_metrics
 from tests.conftest import QUIET, REPO, run_dirs
 from tests.probes import Interrupted
 

@@ -226,3 +226,26 @@ def test_user_mistakes_end_in_one_sentence(tmp_path, tiny_npz):
         assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def _limit_memory() -> None:  # in the worker's process: a regression that enumerates the grid fails, not the machine
+    import resource  # noqa: PLC0415
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def test_a_grid_too_large_to_list_is_refused_before_anything_is_enumerated(tmp_path, tiny_npz):
+    """5 parameters x 100 values (10**10 points) once grew one worker until the kernel killed it, even with --count 1."""
+    sweep = sweep_file(tmp_path, tiny_npz, {f"p{i}": {"values": list(range(100))} for i in range(5)})
+    done = subprocess.run(
+        worker_command(sweep, tmp_path / "d", "--count", "1"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        env=env(),
+        preexec_fn=_limit_memory,
+    )
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "describes a grid of 10,000,000,000 points" in done.stderr and "use method: random or bayes" in done.stderr
+    assert not (tmp_path / "d").exists()

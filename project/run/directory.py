@@ -7,14 +7,12 @@ on its own. See the README's "Run directories" for what a user sees.
 """
 
 import csv
-import fcntl
 import io
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -23,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from project.errors import UserError
-from project.run import checkpoints
+from project.run import checkpoints, locks, metrics_file
 
 #: Set by the process that chose the run directory, so the processes Lightning launches for
 #: DDP (which re-run this command line) write into the same one. Users may set it themselves.
@@ -236,7 +234,7 @@ class RunLocked(UserError):
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``<run dir>/run.lock``, held while a command writes into the run.
+    """The lock on ``<run dir>/run.lock`` (project.run.locks), held while a command writes into the run.
 
     The file names its holder (host, pid, command, start time) for the error a second process
     gets. It is removed on release; a lock left by a killed process is not held (the kernel
@@ -245,40 +243,19 @@ class RunLock:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK_FILE
-        self._fd: int | None = None
+        self._lock = locks.ProcessLock(self.path)
 
     def acquire(self) -> None:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise RunLocked(
-                    f"{self.path.parent} is in use by {holder}; wait for that command to finish (or stop it), "
-                    "or start a new run without --ckpt_path/--run_dir."
-                ) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # else the holder removed the file between our open and our lock: try again
-                break
-            os.close(fd)
-        holder = f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:4])}..., since {time.strftime('%Y-%m-%d %H:%M:%S')})"
-        os.ftruncate(fd, 0)
-        os.write(fd, holder.encode())
-        self._fd = fd
+        try:
+            self._lock.acquire(wait=False)
+        except locks.Busy as busy:
+            raise RunLocked(
+                f"{self.path.parent} is in use by {busy.holder}; wait for that command to finish (or stop it), "
+                "or start a new run without --ckpt_path/--run_dir."
+            ) from None
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)  # while still held, so no one locks a file that is going away
-        finally:
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
 
 @dataclass
@@ -442,10 +419,9 @@ def keep_metrics_before(path: Path, step: int | None) -> list[str]:
     the header's keys."""
     if not path.is_file():
         return []
-    with path.open(newline="") as file:
-        reader = csv.DictReader(file)
-        keys = sorted(reader.fieldnames or [])
-        rows = [row for row in reader if step is None or _logged_before(row, step) or _never_logged_by_fit(row)]
+    header, rows = metrics_file.read_rows(path)
+    keys = sorted(header)
+    rows = [row for row in rows if step is None or _logged_before(row, step) or _never_logged_by_fit(row)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()

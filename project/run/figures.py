@@ -2,12 +2,11 @@
 
 Plain matplotlib on numpy arrays (no pyplot, so no display or global state is needed). The
 :class:`~project.run.callbacks.PredictionPlots` callback draws the first two during training; the
-learning curves come from a run's ``metrics.csv``::
+learning curves come from a run's ``metrics.csv`` (read by project.run.metrics_file)::
 
     python -m project curves runs/lenet/<run>        # writes runs/lenet/<run>/learning_curves.png
 """
 
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,42 +75,6 @@ def prediction_grid_figure(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{column: (steps, values)}`` for every metric column of a CSVLogger ``metrics.csv``; a file that
-    is not one raises ValueError naming it (and the line)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(
-            f"{path} is not a CSV text file ({err}); give a run directory written by the CSVLogger."
-        ) from None
-    if "step" not in header:
-        raise ValueError(
-            f"{path} has no step column (its header is {header[:5]}); it was not written by the CSVLogger."
-        )
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for line, row in enumerate(rows, start=2):
-        step = row.get("step")
-        for key, value in row.items():
-            if key in ("step", "epoch") or value in ("", None) or step in ("", None):
-                continue
-            if key is None:  # more cells than the header has columns
-                raise ValueError(f"{path}, line {line}: more values than the header has columns; the file is damaged.")
-            try:
-                point = float(step), float(value)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{path}, line {line}: step {step!r} or {key} {value!r} is not a number; the file is damaged."
-                ) from None
-            steps, values = series.setdefault(key, ([], []))
-            steps.append(point[0])
-            values.append(point[1])
-    return {k: (np.array(s), np.array(v)) for k, (s, v) in series.items()}
 
 
 def learning_curves_figure(metrics: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Figure:

@@ -8,7 +8,8 @@ folder holding a ``config.yaml`` and a ``metrics.csv``. Runs are grouped by the 
 which they differ (``seed_everything`` and each run's own paths and names are pooled over), or by
 ``--by``. Each group gets ``n`` and, per metric, the mean and sample standard deviation (n-1) of
 its runs' final values. Writes ``compare.csv`` and ``compare.png`` (each group's learning curve of
-the first metric: mean line, min-max band) into the first PATH, or ``--out``.
+the first metric: mean line, min-max band) into the first PATH, or ``--out``. A run whose files
+cannot be read is left out and named on stderr; only when no run is readable is it an error.
 """
 
 import argparse
@@ -25,7 +26,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from project.errors import UserError
-from project.run import figures
+from project.run import figures, metrics_file
 from project.run.directory import check_writable_dir
 
 #: Metrics compared when none is given, those present in the runs.
@@ -76,8 +77,10 @@ def is_pooled(key: str) -> bool:
     return key in POOLED_KEYS or key.rsplit(".", 1)[-1] in POOLED_LEAVES
 
 
-def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
-    """Every run under ``paths`` (a run directory itself counts), each once, in path order."""
+def find_runs(paths: Sequence[Path]) -> tuple[list[RunRecord], list[str]]:
+    """Every readable run under ``paths`` (a run directory itself counts), each once, in path order, and
+    one line for each run that could not be read (its config.yaml or metrics.csv is damaged). Nothing
+    readable is an error: the first reason, and how many more runs were unreadable."""
     found: dict[Path, None] = {}
     for path in paths:
         if not path.exists():
@@ -91,20 +94,34 @@ def find_runs(paths: Sequence[Path]) -> list[RunRecord]:
             f"no runs (folders with config.yaml and metrics.csv) under {', '.join(map(str, paths))}; "
             "give a run directory, a sweep directory or a folder of runs."
         )
-    return [read_run(run) for run in found]
+    runs, skipped = [], []
+    for run in found:
+        try:
+            runs.append(read_run(run))
+        except UserError as err:
+            skipped.append(str(err))
+    if not runs:
+        more = f" (and {len(skipped) - 1} more runs could not be read)" if len(skipped) > 1 else ""
+        raise UserError(f"{skipped[0]}{more}")
+    return runs, skipped
 
 
 def read_run(run: Path) -> RunRecord:
+    """One run, or one sentence naming the file that keeps it from being read."""
     try:
         config = yaml.safe_load((run / "config.yaml").read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{run / 'config.yaml'} is not valid YAML ({str(err).splitlines()[0]}).") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {run / 'config.yaml'} ({err}).") from None
     if not isinstance(config, Mapping):
         raise UserError(f"{run / 'config.yaml'} is not a saved run config (expected a mapping).")
     try:
-        series = figures.read_metrics(run / "metrics.csv")
-    except (ValueError, csv.Error, UnicodeDecodeError) as err:
+        series = metrics_file.read_series(run / "metrics.csv")
+    except metrics_file.DamagedMetrics as err:
         raise UserError(f"{run / 'metrics.csv'} is not a metrics file written by the CSVLogger ({err}).") from None
+    except OSError as err:
+        raise UserError(f"cannot read {run / 'metrics.csv'} ({err}).") from None
     return RunRecord(run, flatten_config(config), series)
 
 
@@ -180,8 +197,11 @@ def curve_figure(groups: list[Group], keys: list[str], metric: str) -> Figure:
 
 
 def compare(paths: Sequence[Path], metrics: Sequence[str] = (), by: Sequence[str] = (), out: Path | None = None) -> str:
-    """Write compare.csv and compare.png; return the table as text."""
-    runs = find_runs(paths)
+    """Write compare.csv and compare.png; return the table as text. A run that cannot be read is left out,
+    with one line on stderr naming it and why."""
+    runs, skipped = find_runs(paths)
+    for reason in skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
     logged = {m for run in runs for m in run.series}
     sweep = sweep_metric(paths)
     for metric in metrics:
@@ -241,7 +261,8 @@ def compare(paths: Sequence[Path], metrics: Sequence[str] = (), by: Sequence[str
         "  ".join(c.rjust(w) if j >= len(keys) else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
         for row in cells
     ]
-    return "\n".join([*lines, f"({len(runs)} runs; {out / 'compare.csv'}, {out / 'compare.png'})"])
+    left_out = f", {len(skipped)} unreadable left out" if skipped else ""
+    return "\n".join([*lines, f"({len(runs)} runs{left_out}; {out / 'compare.csv'}, {out / 'compare.png'})"])
 
 
 def _cell(value) -> str:

@@ -5,7 +5,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from project.run.figures import learning_curves_figure, read_metrics, save
+from project.run.figures import learning_curves_figure, save
+from project.run.metrics_file import read_series
 
 
 def plot_learning_curves(run_dir: Path, out: Path | None = None) -> Path:
@@ -14,7 +15,7 @@ def plot_learning_curves(run_dir: Path, out: Path | None = None) -> Path:
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} does not exist; give a run directory written by the CSVLogger.")
     return save(
-        learning_curves_figure(read_metrics(metrics_file), title=Path(run_dir).name),
+        learning_curves_figure(read_series(metrics_file), title=Path(run_dir).name),
         out or Path(run_dir) / "learning_curves.png",
     )
 

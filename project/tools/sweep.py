@@ -14,7 +14,7 @@ a shared filesystem (SLURM array tasks) cooperate without a server:
 
     DIR/sweep.yaml      the sweep file, as the first worker read it (later workers must agree)
     DIR/trials.json     every trial's id, state, parameters and worker; rewritten atomically under
-    DIR/sweep.lock      an fcntl lock, held only while a worker reads and rewrites trials.json
+    DIR/sweep.lock      a lock (project/run/locks.py), held only while a worker reads and rewrites trials.json
     DIR/sweep.csv       the same as a table, plus the sweep metric's final value of every trial
     DIR/trials/<id>/    the trial's run directory (config.yaml, metrics.csv, checkpoints/)
     DIR/logs/<id>.log   the trial's stdout and stderr; DIR/logs/<id>.lock is locked by its worker
@@ -28,9 +28,9 @@ import argparse
 import contextlib
 import csv
 import ctypes
-import fcntl
 import io
 import json
+import math
 import os
 import signal
 import socket
@@ -44,13 +44,17 @@ from pathlib import Path
 import yaml
 
 from project.errors import UserError
-from project.run import checkpoints, directory
+from project.run import checkpoints, directory, locks, metrics_file
 
 with warnings.catch_warnings():  # sweeps still uses pydantic v1 configuration names
     warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")
     import sweeps
+    from sweeps.params import HyperParameter, HyperParameterSet
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
+#: The most points a grid sweep may have: the ``sweeps`` package lists every point of the grid on every
+#: suggestion (itertools.product), ~1 s and ~10 MB at this size, ~5 s and ~90 MB at ten times it.
+MAX_GRID_POINTS = 100_000
 #: Consecutive failed trials after which a worker gives up: the command itself is probably broken.
 MAX_FAILURES_IN_A_ROW = 3
 #: How often a worker looks at its running trials (and at early termination).
@@ -103,15 +107,9 @@ class SweepDir:
     def trial_lock(self, trial_id: str) -> Path:
         return self.path / "logs" / f"{trial_id}.lock"
 
-    @contextlib.contextmanager
-    def locked(self):
-        """Hold DIR/sweep.lock (blocking: other workers hold it only for a read and a rewrite)."""
-        fd = os.open(self.path / "sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def locked(self) -> locks.ProcessLock:
+        """DIR/sweep.lock, as a context that waits for it (other workers hold it only for a read and a rewrite)."""
+        return locks.ProcessLock(self.path / "sweep.lock")
 
     def read(self) -> list[Trial]:
         if not self.state_file.is_file():
@@ -153,7 +151,34 @@ def load_sweep_file(path: Path) -> dict:
         raise UserError(f"{path} is not a valid wandb sweep file: {violations[0]}")
     if not config.get("command"):
         raise UserError(f"{path} has no command; give the trial's command line (see experiments/sweeps/).")
+    if config.get("method") == "grid":
+        check_grid_size(config, path)
     return config
+
+
+def grid_size(parameters: dict) -> int:
+    """How many points a grid over ``parameters`` has: the product of each parameter's value count, computed
+    from the counts alone (the ``sweeps`` package's own reading of each parameter; nothing is enumerated)."""
+    size = 1
+    for parameter in HyperParameterSet.from_config(parameters):
+        spec = parameter.config
+        if parameter.type == HyperParameter.CATEGORICAL:
+            size *= len(spec["values"])
+        elif parameter.type == HyperParameter.INT_UNIFORM:
+            size *= max(0, spec["max"] - spec["min"] + 1)
+        elif parameter.type == HyperParameter.Q_UNIFORM:  # np.arange(min, max, q), as the grid search builds it
+            size *= max(0, math.ceil((spec["max"] - spec["min"]) / spec["q"]))
+        # a constant counts once; a continuous distribution the grid search refuses itself, in its own words
+    return size
+
+
+def check_grid_size(config: dict, path: Path) -> None:
+    size = grid_size(config["parameters"])
+    if size > MAX_GRID_POINTS:
+        raise UserError(
+            f"{path} describes a grid of {size:,} points (the product of its parameters' value counts), more than "
+            f"the {MAX_GRID_POINTS:,} a grid sweep can list; use method: random or bayes, or fewer values."
+        )
 
 
 def trial_command(config: dict, trial: Trial, args_json_file: Path) -> list[str]:
@@ -178,29 +203,12 @@ def trial_command(config: dict, trial: Trial, args_json_file: Path) -> list[str]
 
 def final_history(metrics_csv: Path, metric: str | None) -> list[float]:
     """Every logged value of ``metric`` in a trial's metrics.csv, oldest first ([] if none yet)."""
-    if not metric or not metrics_csv.is_file():
+    if not metric:
         return []
-    values = []
-    with contextlib.suppress(ValueError, csv.Error, UnicodeDecodeError), open(metrics_csv, newline="") as file:
-        for row in csv.DictReader(file):
-            if row.get(metric) not in (None, ""):
-                values.append(float(row[metric]))
-    return values
-
-
-def holds_lock(path: Path) -> bool:
-    """Whether some live process holds an flock on ``path`` (the kernel drops it when its holder dies)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+        return metrics_file.values_of(metrics_csv, metric)
+    except metrics_file.DamagedMetrics:  # a trial still writing may end in half a row; the next read has it whole
+        return []
 
 
 def _die_with_parent() -> None:
@@ -214,7 +222,7 @@ def _die_with_parent() -> None:
 class Running:
     trial: Trial
     process: subprocess.Popen
-    lock_fd: int
+    lock: locks.ProcessLock
     log: object
 
 
@@ -260,14 +268,14 @@ class Worker:
 
     # -- claiming and recording, each under the sweep lock ----------------------------------------------
 
-    def claim(self) -> tuple[Trial, int] | None:
+    def claim(self) -> tuple[Trial, locks.ProcessLock] | None:
         """The next trial for this worker, an interrupted or abandoned one first, else a new suggestion;
-        with the open descriptor of its trial lock, held until the trial is recorded."""
+        with its trial lock, held until the trial is recorded."""
         with self.dir.locked():
             trials = self.dir.read()
             for trial in trials:
-                abandoned = trial.state == "running" and not holds_lock(self.dir.trial_lock(trial.id))
-                if (trial.state == "interrupted" or abandoned) and not holds_lock(
+                abandoned = trial.state == "running" and not locks.is_held(self.dir.trial_lock(trial.id))
+                if (trial.state == "interrupted" or abandoned) and not locks.is_held(
                     self.dir.run_dir(trial.id) / directory.LOCK_FILE
                 ):
                     break
@@ -277,9 +285,9 @@ class Worker:
                     return None
                 trials.append(trial)
             trial.state, trial.worker, trial.starts, trial.exit_status = "running", self.name, trial.starts + 1, None
-            lock_fd = self._lock_trial(trial)
+            lock = self._lock_trial(trial)
             self.dir.write(trials, self.config)
-            return trial, lock_fd
+            return trial, lock
 
     def _suggest(self, trials: list[Trial]) -> Trial | None:
         cap = self.config.get("run_cap")
@@ -290,12 +298,10 @@ class Worker:
             return None
         return Trial(id=f"trial-{len(trials):03d}", config={k: v["value"] for k, v in suggestion.config.items()})
 
-    def _lock_trial(self, trial: Trial) -> int:
+    def _lock_trial(self, trial: Trial) -> locks.ProcessLock:
         path = self.dir.trial_lock(trial.id)
         path.parent.mkdir(exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: checked under the sweep lock
-        return fd
+        return locks.ProcessLock(path).acquire()  # free: checked under the sweep lock
 
     def record(self, running: Running, status: int) -> None:
         trial = running.trial
@@ -314,7 +320,7 @@ class Worker:
                 if row.id == trial.id:
                     row.state, row.exit_status, row.history = state, status, history
             self.dir.write(trials, self.config)
-        os.close(running.lock_fd)
+        running.lock.release()
         running.log.close()
         print(
             f"{trial.id} {state} (exit status {status})" + (f", {self.metric} = {history[-1]}" if history else ""),
@@ -331,7 +337,7 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------------------
 
-    def start(self, slot: int, trial: Trial, lock_fd: int) -> Running:
+    def start(self, slot: int, trial: Trial, lock: locks.ProcessLock) -> Running:
         log = open(self.dir.log(trial.id), "a")
         args_json = self.dir.path / "logs" / f"{trial.id}.args.json"
         if "${args_json_file}" in self.config["command"]:
@@ -353,7 +359,7 @@ class Worker:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        return Running(trial, process, lock_fd, log)
+        return Running(trial, process, lock, log)
 
     def may_start(self) -> bool:
         return (
