@@ -350,3 +350,90 @@ def run_bounded_cmd(cmd: list[str]) -> str:
     out = run_bounded(cmd, timeout=120, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
+
+
+# CLI frictions (issue 22.4): each spelling a Lightning user tries either works or is one sentence naming the right one.
+
+
+def test_fit_help_is_a_page_without_every_torch_class(capsys):
+    """``fit --help`` was 1,656 lines, 732 of them listing every torch.nn class under --model.net."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert len(out.splitlines()) < 500, len(out.splitlines())
+    assert "torch.nn.Bilinear" not in out and "torch.ao.nn" not in out
+    assert "--model.net.help CLASS shows one's arguments" in out
+    assert out.startswith("usage: python -m project [options] fit [-h] [-c CONFIG]") and out.count("[--trainer") == 0
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.net.help", "project.models.ResNet20"])
+    assert "--model.net.init_args.num_classes" in capsys.readouterr().out  # a class's own arguments stay there
+
+
+def test_a_short_model_name_resolves_without_a_config(tmp_path):
+    """``--model.net ResNet20`` once worked only after a -c file had imported project.models."""
+    out = run_cli(["fit", "--model.net", "ResNet20", "--print_config"], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "class_path: project.models.ResNet20" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "right"),
+    [
+        (["--optimizer", "Adam"], "give --model.optimizer Adam"),
+        (["--optimizer=torch.optim.AdamW"], "give --model.optimizer torch.optim.AdamW"),
+        (["--lr_scheduler", "StepLR"], "give --model.scheduler StepLR"),
+    ],
+)
+def test_lightnings_top_level_optimizer_spelling_names_ours(capsys, args, right):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--model.net=LeNet", *args])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and err.startswith(f"error: --{args[0].lstrip('-').split('=')[0]} is LightningCLI's")
+    assert right in err, err
+
+
+def test_an_inline_config_names_the_run_like_no_config(tmp_path, capsys):
+    """An inline --config '{...}' once named the run folder ``None``."""
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                "{model: {net: project.models.LeNet}}",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--print_config",
+            ]
+        )
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"{tmp_path}/run/<date>" in first and "None" not in first, first
+
+
+def test_checkpoint_save_last_true_is_accepted_quietly(tmp_path, tiny_npz, capsys):
+    """Lightning users pass --checkpoint.save_last true; the run always keeps last.ckpt, so it is a no-op."""
+    cli = fit(tmp_path, tiny_npz, "--checkpoint.save_last=true", "--trainer.max_epochs=1", "--test_after_fit=false")
+    (run,) = run_dirs(tmp_path, "lenet")
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert not any(p.name.startswith("last-v") for p in (run / "checkpoints").iterdir())
+    assert "save_last" not in capsys.readouterr().err
+    assert cli.trainer.checkpoint_callback.save_last in (None, False)
+
+
+def test_a_class_refused_for_its_own_reason_keeps_that_reason(tmp_path, monkeypatch, capsys):
+    """``--trainer.logger TensorBoardLogger`` once said ``does not accept "Namespace(...)"``; the cause was a
+    required save_dir, which jsonargparse's message names."""
+    package = tmp_path / "src" / "mylogs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "from lightning.pytorch.loggers import CSVLogger\n\n\nclass NeedsDir(CSVLogger):\n"
+        "    def __init__(self, where: str) -> None:\n        super().__init__(save_dir=where)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--model.net=LeNet", "--trainer.logger=mylogs.NeedsDir", f"--trainer.default_root_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "Namespace(" not in err, err
+    assert err == (
+        "error: trainer.logger mylogs.NeedsDir: the following arguments are required: where; "
+        "give them as --trainer.logger.init_args.<argument> <value> (or in YAML)."
+    )

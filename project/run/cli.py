@@ -10,8 +10,10 @@ plugins it names by default ask it where to write.
 """
 
 import errno
+import importlib
 import inspect
 import os
+import re
 import signal
 import sys
 import warnings
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Checkpoint
@@ -28,6 +31,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+import project.models  # noqa: F401  (imported, its nets are known subclasses: --model.net ResNet20 resolves without -c)
 from project.callbacks import SyncBuffers
 from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier
 from project.errors import UserError
@@ -91,6 +95,16 @@ def no_num_classes(class_path: str) -> str:
         f"model.net {class_path} takes no num_classes argument, which the CLI fills in from the data module: "
         "give the net's __init__ a num_classes argument (README: Add a model)."
     )
+
+
+def takes_num_classes(class_path: str) -> bool:
+    """Whether what ``model.net``'s class_path names takes a ``num_classes`` argument, by name or through
+    ``**kwargs`` (torchvision's and timm's model functions hand those to the model class)."""
+    try:
+        module, _, name = class_path.rpartition(".")
+        return _accepts(getattr(importlib.import_module(module), name), "num_classes")
+    except (ImportError, AttributeError, ValueError):
+        return False  # jsonargparse reports a class_path it cannot import
 
 
 def _accepts(cls, name: str) -> bool:
@@ -211,7 +225,25 @@ class RunConfigSaver(SaveConfigCallback):
 
 class ProjectParser(DataPluginParser):
     """The CLI's parser, whose YAML (``--print_config``, a run's ``config.yaml``) starts by saying where
-    the run writes: the paths in it are the user's, and the run fills in its own directory when it starts."""
+    the run writes: the paths in it are the user's, and the run fills in its own directory when it starts.
+    It builds any net that takes ``num_classes`` with the data module's (see ``instantiate``)."""
+
+    def instantiate(self, namespace, *args, **kwargs):
+        # jsonargparse applies the data -> model.net.init_args.num_classes link only where that key is in
+        # the config, and it is only where the net's signature spells it out: a function that passes **kwargs
+        # on (torchvision.models.mobilenet_v3_small, timm.models.resnet18) would keep its 1000 classes. A
+        # placeholder, in a copy (config.yaml keeps what the user gave), lets the link fill it in.
+        for prefix in ("", f"{namespace.get('subcommand')}."):
+            net = namespace.get(f"{prefix}model.net")
+            if (
+                net is not None
+                and hasattr(net, "class_path")
+                and (net.get("init_args") or {}).get("num_classes") is None
+            ):
+                if takes_num_classes(net.class_path):
+                    namespace = namespace.clone()
+                    namespace[f"{prefix}model.net.init_args.num_classes"] = None
+        return super().instantiate(namespace, *args, **kwargs)
 
     def dump(self, cfg=None, *args, **kwargs) -> str:
         text = super().dump(cfg, *args, **kwargs)
@@ -228,11 +260,46 @@ class ProjectParser(DataPluginParser):
         )
 
 
+class ProjectHelpFormatter(DefaultHelpFormatter):
+    """``--help`` as a page to read: a one-line usage instead of every option twice, and no list of
+    every class a type could take (``--model.net.help``, ``--data.help`` and the like show those)."""
+
+    def _format_usage(self, usage, actions, groups, prefix) -> str:
+        full = super()._format_usage(usage, actions, groups, prefix)
+        if full.count("\n") <= 6:
+            return full
+        return super()._format_usage("%(prog)s [-h] [-c CONFIG] [--print_config] [--KEY VALUE ...]", [], [], prefix)
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        if action.help and not getattr(action, "_jsonargparse_preexpanded_help", False):
+            # Lightning's docstrings run to a paragraph per option: the first sentence, then the type and default.
+            first = _FIRST_SENTENCE.match(action.help)
+            if first and text.startswith(action.help):
+                text = first[1] + text[len(action.help) :]
+        return _KNOWN_SUBCLASSES.sub(lambda found: _short_class_list(found, action.dest), text)
+
+
+#: What jsonargparse appends to a class-typed option's help (732 lines for model.net: every torch.nn class).
+_KNOWN_SUBCLASSES = re.compile(r", known subclasses: ([^)]*)")
+_FIRST_SENTENCE = re.compile(r"(.+?(?<!e\.g)(?<!i\.e)[.:])\s+(?=[A-Z`(])", re.S)
+
+
+def _short_class_list(found: re.Match, dest: str) -> str:
+    names = found[1].split(", ")
+    if len(names) <= 4:
+        return found[0]
+    ours = [name for name in names if name.startswith("project.models.")]
+    shown = ", ".join((ours or names)[:2])
+    return f", {len(names)} known classes, e.g. {shown}; --{dest}.help CLASS shows one's arguments"
+
+
 def experiment_name(config) -> str:
     """``--name``, else the stem of the last --config file (presets never name a run), else ``run``."""
     if config.get("name") is not None:
         return config.name
-    sources = config.get("config") or []
+    # An inline --config '{...}' is recorded as None: it names no run.
+    sources = [source for source in config.get("config") or [] if source is not None]
     # Presets (experiments/presets/*.yaml: strategy, precision, compile) never name a run.
     named = [s for s in sources if Path(str(s)).parent.name != "presets"] or sources
     return Path(str(named[-1])).stem if named else "run"
@@ -250,7 +317,9 @@ class ProjectCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
-        kwargs.setdefault("parser_kwargs", {"default_env": False, "prog": command_name()})
+        kwargs.setdefault(
+            "parser_kwargs", {"default_env": False, "prog": command_name(), "formatter_class": ProjectHelpFormatter}
+        )
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", ProjectParser)  # one sentence for a bad data: class
         self.run: directory.Run | None = None
@@ -345,6 +414,9 @@ class ProjectCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         option_checks.check_seed(config.get("seed_everything"))
         option_checks.check_trainer_numbers(config.trainer)
+        if config.get("checkpoint") is not None and config.checkpoint.get("save_last"):
+            # Lightning's spelling for what last_checkpoint always does (a fresh last.ckpt): accepted, a no-op.
+            config.checkpoint.save_last = None
         # --ckpt_path is the run's to resolve and check (project.run.directory) and Lightning's to load, once
         # (handed over as trainer.ckpt_path before the subcommand runs). Left in the config,
         # LightningCLI would read the file now as well, to merge its hyperparameters over the

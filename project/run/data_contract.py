@@ -177,6 +177,14 @@ def union_problem(message: str) -> str | None:
         sentence = union_problem(message[nested:])
         if sentence is not None:
             return f"{key[1]}.{sentence}"
+    # A class that the key takes, refused for its own reason (a required argument missing, an unknown
+    # one): jsonargparse's reason, never "does not accept Namespace(...)".
+    problem = re.search(
+        r"- Problem with given class_path '([^']+)':\s*(.+?)(?=\n\s*- |\n\s*Given value|\Z)", message, re.S
+    )
+    if problem:
+        reason = " ".join(problem[2].split()).rstrip(".")
+        return f"{key[1]} {problem[1]}: {reason}; give them as --{key[1]}.init_args.<argument> <value> (or in YAML)."
     inner = re.search(r'Parser key "([^"]+)":\s*Expected an? (.+?)\. Got value: (.*)', message)
     if inner:
         expected = re.sub(r"<class '(?:\w+\.)*(\w+)'>", lambda m: _TYPE_WORDS.get(m[1], m[1]), inner[2])
@@ -194,6 +202,24 @@ def union_problem(message: str) -> str | None:
     return f"{key[1]} does not accept {given[1].strip()!r}; give {one_of}{valid}."
 
 
+_TOP_LEVEL = re.compile(r"unrecognized arguments:.*?--(optimizer|lr_scheduler)(?:[= ](\S+))?")
+
+
+def top_level_optimizer(message: str) -> str | None:
+    """One sentence for LightningCLI's usual ``--optimizer Adam`` / ``--lr_scheduler StepLR``: here the
+    optimiser and schedule are the model's arguments."""
+    found = _TOP_LEVEL.search(message)
+    if found is None:
+        return None
+    key = "optimizer" if found[1] == "optimizer" else "scheduler"
+    value = found[2] or ("torch.optim.Adam" if key == "optimizer" else "torch.optim.lr_scheduler.StepLR")
+    return (
+        f"--{found[1]} is LightningCLI's top-level spelling; here the {'optimiser' if key == 'optimizer' else 'schedule'} "
+        f"is the model's: give --model.{key} {value} (its arguments as --model.{key}.<argument> <value>), "
+        'see the README\'s "Change the optimiser or schedule".'
+    )
+
+
 class DataPluginParser(LightningArgumentParser):
     """LightningCLI's parser, with one sentence (and exit status 2) for a bad ``data:`` class and for a
     data module that lacks a required attribute or refuses its arguments, instead of a wrapped
@@ -208,11 +234,18 @@ class DataPluginParser(LightningArgumentParser):
             data_class_problem(message)
             or old_training_option(message)
             or unknown_class(message)
+            or top_level_optimizer(message)
             or union_problem(message)
             or message.rstrip()
         )
         sys.stderr.write(f"error: {sentence}\n")
         sys.exit(2)
+
+    def add_function_arguments(self, function, *args, linked_targets=None, **kwargs):
+        # jsonargparse hands a function given as a class_path (``model.net: torchvision.models.resnet18``)
+        # the link targets it hands a class, which add_function_arguments does not take (jsonargparse 4.53).
+        added = super().add_function_arguments(function, *args, **kwargs)
+        return added
 
     def parse_path(self, path, *args, **kwargs):
         # Every -c file is read once with a strict safe loader first, so an empty, binary or

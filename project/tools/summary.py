@@ -29,26 +29,73 @@ from project.errors import UserError
 from project.run.config_files import read_config_file
 
 
-def build_model(class_path: str, init_args: dict | None = None) -> nn.Module:
-    """Instantiate ``package.module.Class`` with keyword arguments, e.g. ``project.models.ResNet20``.
-
-    What ``class_path`` names is called only once it is known to be a ``torch.nn.Module`` subclass
-    (as ``fit`` requires of ``model.net``): a config naming, say, ``os.system`` runs nothing.
-    """
+def net_factory(class_path: str):
+    """What ``class_path`` names, once it is known to build a ``torch.nn.Module``: a subclass, or a function
+    annotated to return one (``torchvision.models.resnet18``, ``timm.create_model``), as ``fit`` takes for
+    ``model.net``. Nothing is called before that: a config naming, say, ``os.system`` runs nothing."""
     module_name, _, class_name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        factory = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as err:
         raise UserError(
             f"Cannot import the model class {class_path!r} ({err}); give a dotted path such as project.models.LeNet."
         ) from err
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        kind = f"the class {cls.__name__}" if isinstance(cls, type) else f"a {type(cls).__name__}"
-        raise UserError(
-            f"{class_path} is {kind}, not a torch.nn.Module subclass, so it was not called; "
-            "give a model class such as project.models.LeNet."
-        )
-    return cls(**(init_args or {}))
+    if isinstance(factory, type) and issubclass(factory, nn.Module):
+        return factory
+    returns = inspect.signature(factory).return_annotation if inspect.isfunction(factory) else None
+    if isinstance(returns, type) and issubclass(returns, nn.Module):
+        return factory
+    kind = f"the class {factory.__name__}" if isinstance(factory, type) else f"a {type(factory).__name__}"
+    raise UserError(
+        f"{class_path} is {kind}, not a torch.nn.Module subclass, so it was not called; "
+        "give a model class such as project.models.LeNet (or a function that returns one)."
+    )
+
+
+def build_model(class_path: str, init_args: dict | None = None) -> nn.Module:
+    """Instantiate ``package.module.Class`` (or call a model function) with keyword arguments, e.g.
+    ``project.models.ResNet20`` or ``torchvision.models.resnet18``."""
+    return net_factory(class_path)(**(init_args or {}))
+
+
+class _Parsed(Exception):
+    """Carries the parsed configuration out of the CLI before it builds anything."""
+
+    def __init__(self, config) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+def net_through_cli(path: str, init_args: dict) -> nn.Module:
+    """``model.net`` of ``path`` as ``fit -c path`` builds it: the config parsed by the CLI's own parser
+    (the same defaults, types, links and one-sentence errors), ``init_args`` given as
+    ``--model.net.init_args.<key>``, and ``num_classes`` the data module's unless ``init_args`` has one."""
+    from jsonargparse import ArgumentParser  # imports Lightning: only for -c
+    from lightning.pytorch import LightningDataModule
+
+    from project.run.cli import ProjectCLI, takes_num_classes
+    from project.run.data_contract import read_declared
+
+    class ParseOnly(ProjectCLI):
+        def before_instantiate_classes(self) -> None:  # before any run directory or object exists
+            raise _Parsed(self.config[self.subcommand])
+
+    overrides = [f"--model.net.init_args.{key}={yaml.safe_dump(value).strip()}" for key, value in init_args.items()]
+    try:
+        ParseOnly(args=["fit", "-c", path, *overrides])
+    except _Parsed as parsed:
+        config = parsed.config
+    net = config.model.net.clone()
+    if "num_classes" not in init_args and takes_num_classes(net.class_path):
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--data", type=LightningDataModule)
+        data = parser.instantiate(parser.parse_object({"data": config.data.as_dict()})).data
+        # Where the net's signature names it, else among the **kwargs it passes on (as the CLI's link does).
+        where = "init_args" if "num_classes" in (net.get("init_args") or {}) else "dict_kwargs"
+        net[f"{where}.num_classes"] = read_declared("num_classes", data)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--net", type=nn.Module)
+    return parser.instantiate(parser.parse_object({"net": net.as_dict()})).net
 
 
 def _shape(value) -> str:
@@ -411,11 +458,16 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     args = parser.parse_args(argv)
     try:
-        class_path, init_args = net_from_config(args.config) if args.config else (None, {})
-        class_path = args.model or class_path
-        if class_path is None:
+        if args.model:
+            class_path = args.model
+            model = build_model(class_path, parse_init(args.init))
+        elif args.config:
+            class_path, _ = net_from_config(args.config)  # the file's own mistakes, one sentence each
+            model_options(args.config)
+            net_factory(class_path)  # never called unless it builds an nn.Module
+            model = net_through_cli(args.config, parse_init(args.init))
+        else:
             parser.error("give --model CLASS_PATH or -c EXPERIMENT.yaml")
-        model = build_model(class_path, {**init_args, **parse_init(args.init)})
         rows = layer_table(model, args.input_size, args.batch_size, args.device)
         sections = [format_internals(model, args.depth) if args.internals else format_table(model, rows, args.depth)]
         if args.internals:
