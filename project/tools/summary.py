@@ -66,8 +66,9 @@ def _shape(value) -> str:
 def layer_table(model: nn.Module, input_size: Sequence[int], batch_size: int = 2, device: str = "cpu") -> list[dict]:
     """One row per module (the model itself first): name, depth, type, output shapes, parameter and buffer counts.
 
-    Counts include submodules; parameters are Lightning's ModelSummary counts (as ``fit`` prints). A module that runs more than once lists every output; one that
-    never runs (or is replaced by a functional call such as ``F.relu``) shows ``-``.
+    Counts include submodules; parameters are Lightning's ModelSummary counts (as ``fit`` prints). A module
+    that runs more than once lists every output; one that never runs (or is replaced by a functional call
+    such as ``F.relu``) shows ``-``.
     """
     outputs: dict[str, list[str]] = {}
     handles = []
