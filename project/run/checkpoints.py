@@ -70,6 +70,7 @@ def load_file(path: str | Path, weights_only: bool = True, mmap: bool = False) -
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 
 
+# Not torch.load as the test: on a non-torch file it says 'Weights only load failed', which reads as unsafe content.
 class _NoGlobalsUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         raise pickle.UnpicklingError(f"{module}.{name} is not a plain number")
@@ -165,6 +166,7 @@ def save_atomically(obj: object, path: str | Path) -> Path:
     return write_atomically(buffer.getbuffer(), path)
 
 
+# Not torch.save (no atomic mode) nor Lightning's _atomic_save (an fsspec rename without any fsync).
 def write_atomically(data: bytes | memoryview, path: str | Path) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path`` and
     fsync the directory: a process killed at any moment leaves either the old file or the new
