@@ -26,6 +26,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# Not SequentialLR(LinearLR, CosineAnnealingLR): loading their state_dicts brings back the checkpoint's T_max.
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     """Each parameter group's learning rate times ``warmup_cosine(step, total_steps, warmup_steps)``, stepped once
     per optimiser step (ImageClassifier fills in ``total_steps`` from the Trainer's plan when it is not given).

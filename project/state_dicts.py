@@ -15,6 +15,7 @@ WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.", "net.", "_orig_mod.
 WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
+# Not torch's consume_prefix_in_state_dict_if_present: these parts sit mid-name, in module names too; it strips a lead.
 def clean_name(name: str) -> str:
     """A parameter, buffer or module name without the wrapper parts, so it is the same under every strategy."""
     return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)

@@ -70,6 +70,11 @@ def test_wrapper_parts_inside_keys_are_removed():
 def test_colliding_keys_are_refused():
     with pytest.raises(CheckpointError, match="both become 'conv1.weight'"):
         strip_prefixes({"conv1.weight": torch.ones(1), "module.conv1.weight": torch.ones(1)})
+    # torch's consume_prefix renames in place: 'module.module.x' first would overwrite 'module.x' silently.
+    with pytest.raises(CheckpointError, match="both become 'module.x'"):
+        strip_prefixes({"module.module.x": torch.ones(1), "module.x": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="both become 'x'"):
+        strip_prefixes({"module.x": torch.ones(1), "module.module.x": torch.zeros(1)})
 
 
 class Holder(torch.nn.Module):

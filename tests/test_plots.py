@@ -48,6 +48,20 @@ def test_confusion_matrix_of_many_classes_stays_drawable():
     assert ax.get_title() == "(accuracy 100.0% of 300)"
 
 
+def test_the_figures_leave_no_pyplot_figure_behind(tmp_path):
+    """Plain Figure objects: a long run draws hundreds without pyplot holding any of them
+    (torchmetrics' plot() makes pyplot figures, kept until closed: the reason figures.py keeps its own)."""
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    figures.save(
+        figures.confusion_matrix_figure(np.eye(100, dtype=int), [str(i) for i in range(100)]), tmp_path / "c.png"
+    )
+    figures.save(figures.prediction_grid_figure(np.zeros((2, 4, 4, 3)), [0, 1], [1, 1], ["a", "b"]), tmp_path / "p.png")
+    assert plt.get_fignums() == before == []
+    assert imread(tmp_path / "c.png").shape[:2] == (1600, 1700)
+
+
 def test_prediction_grid_names_the_true_and_predicted_class():
     images = np.random.default_rng(0).random((3, 32, 32, 3))
     fig = figures.prediction_grid_figure(images, [3, 8, 0], [3, 1, 0], list(CIFAR10_CLASSES))

@@ -141,6 +141,7 @@ def extract(archive: Path, fmt: CIFARFormat, md5: str | None) -> Path:
     return target / fmt.folder_name
 
 
+# Not torchvision's CIFAR10: it reads these pickles with plain pickle.load, which runs the code a tampered file holds.
 class _BatchUnpickler(pickle.Unpickler):
     """The official batch and meta files are pickles; allow only what a dict of numpy arrays needs, so a
     tampered file cannot run code."""

@@ -14,11 +14,13 @@ import io
 import os
 import pickle
 import zipfile
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from project.state_dicts import WRAPPER_PREFIXES, clean_name, differences
 
@@ -68,6 +70,7 @@ def load_file(path: str | Path, weights_only: bool = True, mmap: bool = False) -
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 
 
+# Not torch.load as the test: on a non-torch file it says 'Weights only load failed', which reads as unsafe content.
 class _NoGlobalsUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         raise pickle.UnpicklingError(f"{module}.{name} is not a plain number")
@@ -92,30 +95,40 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=WRAPPER_PREF
     example) and exactly one ``net.`` is removed, so a net whose own child is called ``model`` or
     ``net`` keeps that name. Without ``net.`` keys, wrapper prefixes are peeled in any order.
     """
-    outer = tuple(p for p in prefixes if p != "net.")
-    pairs = [(_peel(clean_name(key), outer), key) for key in state_dict]
-    if any(key.startswith("net.") for key, _ in pairs):
-        pairs = [(key.removeprefix("net."), original) for key, original in pairs if key.startswith("net.")]
+    state = OrderedDict()
+    for key, value in state_dict.items():
+        name = clean_name(key)  # mid-key parts, which consume_prefix (leading prefixes only) cannot remove
+        if name in state:
+            raise _collision(name)
+        state[name] = value
+    _consume(state, tuple(p for p in prefixes if p != "net."))
+    if any(key.startswith("net.") for key in state):
+        state = OrderedDict((k, v) for k, v in state.items() if k.startswith("net."))
+        _consume(state, ("net.",), once=True)
     else:
-        pairs = [(_peel(key, prefixes), original) for key, original in pairs]
-    out = {}
-    for key, original in pairs:
-        if key in out:
-            raise CheckpointError(
-                f"Two entries of the checkpoint both become {key!r} once wrapper prefixes are removed."
-            )
-        out[key] = state_dict[original]
-    return out
+        _consume(state, prefixes)
+    return dict(state)
 
 
-def _peel(key: str, prefixes: Sequence[str]) -> str:
-    while True:
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        else:
-            return key
+def _consume(state: OrderedDict, prefixes: Sequence[str], once: bool = False) -> None:
+    """Strip each of ``prefixes`` from the front of the keys with torch's ``consume_prefix_in_state_dict_if_present``,
+    until no key starts with one (or once); two keys that would become one are refused first (torch keeps one)."""
+    while prefix := next((p for p in prefixes if any(key.startswith(p) for key in state)), None):
+        renamed = Counter(key.removeprefix(prefix) for key in state)
+        if clash := next((key for key, count in renamed.items() if count > 1), None):
+            raise _collision(clash)
+        # torch renames in place, in order: 'module.module.x' would overwrite a later 'module.x' before moving it.
+        position = {key: i for i, key in enumerate(state)}
+        peeled = ((k, k[len(prefix) :]) for k in state if k.startswith(prefix))
+        if clash := next((new for k, new in peeled if position.get(new, -1) > position[k]), None):
+            raise _collision(clash)
+        consume_prefix_in_state_dict_if_present(state, prefix)
+        if once:
+            return
+
+
+def _collision(key: str) -> CheckpointError:
+    return CheckpointError(f"Two entries of the checkpoint both become {key!r} once wrapper prefixes are removed.")
 
 
 def plain_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
@@ -153,6 +166,7 @@ def save_atomically(obj: object, path: str | Path) -> Path:
     return write_atomically(buffer.getbuffer(), path)
 
 
+# Not torch.save (no atomic mode) nor Lightning's _atomic_save (an fsspec rename without any fsync).
 def write_atomically(data: bytes | memoryview, path: str | Path) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path`` and
     fsync the directory: a process killed at any moment leaves either the old file or the new

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 ANNOTATED_CLASSES = 20
 
 
+# Not torchmetrics' plot(): at 100 classes, 10,000 counts on a 6.4x4.8 in pyplot figure (measured: unreadable, leaks).
 def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> Figure:
     """Rows are true classes, columns predicted ones; each cell is shaded by the row's share and, for
     up to ANNOTATED_CLASSES classes, shows its count. The figure grows with the classes, up to 16 inches."""

@@ -34,6 +34,7 @@ from project.run import directory
 _RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
 
 
+# Not Lightning's writer as it is: its ExperimentWriter deletes an existing metrics.csv, so a resumed fit lost rows.
 class ContinuingExperimentWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted:
     by a resumed fit, and by every new writer of the same run (under ``ddp_spawn`` the test after

@@ -21,8 +21,10 @@ import inspect
 import sys
 from collections.abc import Sequence
 
+import lightning as L
 import torch
 import yaml
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
 
 from project.errors import UserError
@@ -111,8 +113,9 @@ def _shape(value) -> str:
 def layer_table(model: nn.Module, input_size: Sequence[int], batch_size: int = 2, device: str = "cpu") -> list[dict]:
     """One row per module (the model itself first): name, depth, type, output shapes, parameter and buffer counts.
 
-    Counts include submodules. A module that runs more than once lists every output; one that
-    never runs (or is replaced by a functional call such as ``F.relu``) shows ``-``.
+    Counts include submodules; parameters are Lightning's ModelSummary counts (as ``fit`` prints). A module
+    that runs more than once lists every output; one that never runs (or is replaced by a functional call
+    such as ``F.relu``) shows ``-``.
     """
     outputs: dict[str, list[str]] = {}
     handles = []
@@ -138,6 +141,7 @@ def layer_table(model: nn.Module, input_size: Sequence[int], batch_size: int = 2
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    params = parameter_counts(model)
     rows = []
     for name, module in model.named_modules():
         rows.append(
@@ -146,11 +150,27 @@ def layer_table(model: nn.Module, input_size: Sequence[int], batch_size: int = 2
                 "depth": name.count(".") + 1 if name else 0,
                 "type": type(module).__name__,
                 "output": " ; ".join(outputs.get(name, ["-"])),
-                "params": sum(p.numel() for p in module.parameters()),
-                "buffers": sum(b.numel() for b in module.buffers()),
+                "params": params[name],
+                "buffers": sum(b.numel() for b in module.buffers()),  # ModelSummary counts no buffers
             }
         )
     return rows
+
+
+class _Holder(L.LightningModule):
+    """ModelSummary summarises a LightningModule: this one holds the plain net as ``net``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters of every module (``""``: the model itself), submodules included, from Lightning's
+    ``ModelSummary`` (the counts ``fit`` prints), read for every depth."""
+    summary = ModelSummary(_Holder(model), max_depth=-1)
+    counts = {name.removeprefix("net").removeprefix("."): n for name, n in zip(summary.layer_names, summary.param_nums)}
+    return {name: counts[name] for name, _ in model.named_modules()}
 
 
 def format_table(model: nn.Module, rows: list[dict], max_depth: int | None = None) -> str:
@@ -164,8 +184,8 @@ def format_table(model: nn.Module, rows: list[dict], max_depth: int | None = Non
     fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     lines += [fmt.format(*c) for c in cells]
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary = ModelSummary(_Holder(model), max_depth=0)
+    params, trainable = summary.total_parameters, summary.trainable_parameters
     buffers = list(model.named_buffers())
     state = model.state_dict()
     not_saved = [name for name, _ in buffers if name not in state]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 
+# Not Lightning's _collect_rng_states: private, and torch.load(weights_only=True) refuses its numpy state.
 def capture_random_state() -> dict:
     """torch, CUDA (when in use), numpy and Python generator states, as tensors and plain numbers.
 
