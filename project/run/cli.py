@@ -157,17 +157,15 @@ def run_file_claims(trainer, run_dir: Path) -> list[directory.Claim]:
                 files = [LAST]
             else:
                 files = [checkpoint_pattern(cb.filename)] + ([LAST] if cb.save_last else [])
+            named_by = f"{option}.dirpath" if isinstance(cb, LastCheckpoint) else f"{option}.filename"
             for file in files:
-                claims.append(
-                    directory.Claim(
-                        folder / file, f"{option} ({name})", f"{option}.filename", within=CHECKPOINTS_FOLDER
-                    )
-                )
+                claims.append(directory.Claim(folder / file, f"{option} ({name})", named_by, within=CHECKPOINTS_FOLDER))
         elif isinstance(cb, ExportNet):
             claims.append(directory.Claim(run_dir / cb.filename, name, "export.filename"))
         elif isinstance(cb, PredictionWriter) and cb.enabled:
             folder = Path(cb.output_dir or run_dir)
-            claims.append(directory.Claim((folder / cb.filename).resolve(), name, "predictions.filename"))
+            option = "predictions.filename" if folder.resolve() == run_dir else "predictions.output_dir"
+            claims.append(directory.Claim((folder / cb.filename).resolve(), name, option))
         elif isinstance(cb, PredictionPlots) and cb.enabled:
             claims.append(directory.Claim(run_dir / "plots", name, folder=True))
         elif isinstance(cb, BufferReport) and cb.filename is not None:
@@ -218,14 +216,29 @@ def place_loggers(trainer_config, run_dir: Path) -> None:
             init["tracking_uri"] = f"file:{run_dir / uri[len('file:') :]}"
 
 
+def place_profiler(trainer_config, run_dir: Path) -> None:
+    """A profiler's relative ``dirpath`` is relative to the run directory, as every other path of a run."""
+    profiler = trainer_config.get("profiler")
+    init = profiler.get("init_args") if hasattr(profiler, "get") else None
+    dirpath = init.get("dirpath") if init is not None else None
+    if isinstance(dirpath, str) and not Path(dirpath).is_absolute():
+        init["dirpath"] = str(run_dir / dirpath)
+
+
 def portable_logger_paths(config, run_dir: Path) -> None:
-    """The loggers' save_dir in a saved config as the user gave it, relative to the run directory (the
-    run filled its own directory in), so that re-running the config writes into a new run."""
-    for logger in as_list(config.get("trainer", {}).get("logger") if hasattr(config, "get") else None):
-        init = logger.get("init_args") if hasattr(logger, "get") else None
-        save_dir = init.get("save_dir") if init is not None else None
-        if isinstance(save_dir, str) and Path(save_dir).is_absolute() and Path(save_dir).is_relative_to(run_dir):
-            init["save_dir"] = os.path.relpath(save_dir, run_dir)
+    """The loggers' save_dir and the profiler's dirpath in a saved config as the user gave them, relative to
+    the run directory (the run filled its own directory in), so that re-running the config writes into a new run."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    if not hasattr(trainer, "get"):
+        return
+    for place, key in [
+        *((logger, "save_dir") for logger in as_list(trainer.get("logger"))),
+        (trainer.get("profiler"), "dirpath"),
+    ]:
+        init = place.get("init_args") if hasattr(place, "get") else None
+        path = init.get(key) if init is not None else None
+        if isinstance(path, str) and Path(path).is_absolute() and Path(path).is_relative_to(run_dir):
+            init[key] = os.path.relpath(path, run_dir)
 
 
 def check_devices(trainer_config) -> None:
@@ -509,6 +522,7 @@ class ProjectCLI(LightningCLI):
         )
         os.environ[directory.RUN_DIR_ENV] = str(self.run.directory)
         place_loggers(config.trainer, self.run.directory)
+        place_profiler(config.trainer, self.run.directory)
         if self.subcommand == "fit":
             self.apply_resume_plan(config)
         elif self.run.contents is not None:

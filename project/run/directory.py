@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from project.errors import UserError
@@ -262,17 +262,20 @@ class Claim:
         mine, theirs = str(self.path), str(other.path)
         if fnmatch.fnmatchcase(mine, theirs) or fnmatch.fnmatchcase(theirs, mine):
             return True
-        return any(
-            inner.path.is_relative_to(outer.path) and not (outer.folder and inner.within == outer.writer)
-            for outer, inner in ((self, other), (other, self))
-        )
+        for outer, inner in ((self, other), (other, self)):
+            # inside: one of inner's folders is (or matches the pattern of) outer's path
+            inside = any(fnmatch.fnmatchcase(str(p), str(outer.path)) for p in inner.path.parents)
+            if inside and not (outer.folder and inner.within == outer.writer):
+                return True
+        return False
 
 
 def check_claims(claims: list[Claim], run_dir: Path) -> None:
     """Refuse, in one sentence, a claim outside ``run_dir`` or one that names a file or folder another
     writer claims, so that no option replaces a file of the run (before anything is written)."""
     run_dir = Path(run_dir).resolve()
-    claims = [c for c in claims if c.path is not None]
+    # ``checkpoints/../plots/x*.ckpt``: a pattern is not resolved, so its ``..`` is taken out here.
+    claims = [replace(c, path=Path(os.path.normpath(c.path))) for c in claims if c.path is not None]
     for claim in claims:
         if not claim.path.is_relative_to(run_dir):
             raise UserError(
