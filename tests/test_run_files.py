@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from project.run import directory
 from project.run.cli import main
-from tests.conftest import QUIET, REPO, make_npz
+from tests.conftest import QUIET, REPO, make_npz, run_cli
 from tests.test_runs import copy_run, snapshot
 
 #: How a test gives each option of the registry a value; an option added to FILE_OPTIONS without a row here fails
@@ -156,3 +157,83 @@ def test_two_options_naming_one_file_are_refused_before_anything_is_written(tmp_
     line = refused(capsys, fit_args(root, npz, *args))
     assert NAMED.get(first, first) in line and NAMED.get(second, second) in line, line
     assert not root.exists() or not any(root.rglob("*.*")), sorted(root.rglob("*"))
+
+
+# ---- Lightning's own loggers, by their usual names ---------------------------------------------------------
+
+#: (logger as given, the file it must write, relative to the run directory).
+LOGGERS = [
+    ("TensorBoardLogger", "lightning_logs/version_0/events.out.tfevents.*"),
+    ("lightning.pytorch.loggers.TensorBoardLogger", "lightning_logs/version_0/events.out.tfevents.*"),
+    ("lightning.pytorch.loggers.CSVLogger", "lightning_logs/version_0/metrics.csv"),
+    ("CSVLogger", "metrics.csv"),  # the short name is ours: Lightning's CSVLogger whose metrics.csv a resume continues
+]
+
+
+@pytest.mark.parametrize(("logger", "written"), LOGGERS, ids=[row[0] for row in LOGGERS])
+def test_lightnings_loggers_write_into_the_run_with_nothing_else_given(tmp_path, npz, logger, written):
+    """`--trainer.logger TensorBoardLogger` once failed with `does not accept "Namespace(...)"` (its save_dir
+    was required), Lightning's CSVLogger wrote into the working directory or was refused; now each writes
+    its files into the run directory, config.yaml stays in the run's root, and the saved config is portable."""
+    pytest.importorskip("tensorboard")
+    before = sorted(p.name for p in REPO.iterdir())
+    run = main(fit_args(tmp_path / "runs", npz, f"--trainer.logger={logger}", "--plots.enabled=false")).run_dir
+    assert list(run.glob(written)), sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert (run / "config.yaml").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == "."  # relative to the next run, not this one
+    assert [p for p in (tmp_path / "runs" / "lenet").iterdir()] == [run]
+    assert sorted(p.name for p in REPO.iterdir()) == before, "nothing written into the working directory"
+
+
+def test_plots_reach_tensorboard(tmp_path, npz):
+    """PredictionPlots once logged its images to wandb only: TensorBoard's event file now holds them too."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = main(fit_args(tmp_path / "runs", npz, "--trainer.logger=TensorBoardLogger")).run_dir
+    # The folder: the event files of the fit and of the test after it.
+    accumulator = event_accumulator.EventAccumulator(str(run / "lightning_logs" / "version_0"))
+    accumulator.Reload()
+    assert {"val/confusion_matrix", "val/predictions"} <= set(accumulator.Tags()["images"])
+    image = accumulator.Images("val/confusion_matrix")[-1]
+    assert image.width > 100 and image.height > 100 and image.encoded_image_string[:4] == b"\x89PNG"
+
+
+def test_a_loggers_save_dir_inside_the_run_is_kept_and_outside_it_refused(tmp_path, npz, capsys):
+    pytest.importorskip("tensorboard")
+    tensorboard = ["--trainer.logger=TensorBoardLogger", "--plots.enabled=false"]
+    run = main(fit_args(tmp_path / "runs", npz, *tensorboard, "--trainer.logger.save_dir=tb")).run_dir
+    assert list(run.glob("tb/lightning_logs/version_0/events.out.tfevents.*"))
+    root = tmp_path / "other"
+    line = refused(capsys, fit_args(root, npz, *tensorboard, f"--trainer.logger.save_dir={tmp_path / 'elsewhere'}"))
+    assert "trainer.logger (TensorBoardLogger) save_dir" in line and "outside the run directory" in line, line
+    assert not (tmp_path / "elsewhere").exists() and not any(root.rglob("*.*"))
+
+
+@pytest.mark.parametrize("logger", ["WandbLogger", "lightning.pytorch.loggers.WandbLogger"])
+def test_wandb_logger_by_either_name_keeps_its_offline_run_in_the_run_directory(tmp_path, npz, logger):
+    """Lightning's own WandbLogger was refused (`save_dir=. leads outside the run directory`)."""
+    from tests.test_wandb import wandb_env
+
+    root = tmp_path / "runs"
+    out = run_cli(fit_args(root, npz, f"--trainer.logger={logger}", "--plots.enabled=false"), env=wandb_env(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = (root / "lenet").iterdir()
+    assert list(run.glob("wandb/offline-run-*/run-*.wandb")), sorted(run.rglob("*"))
+
+
+def test_mlflow_logger_with_a_local_store_writes_into_the_run(tmp_path, npz):
+    pytest.importorskip("mlflow", reason="mlflow is not a dependency; MLFlowLogger is tested where it is installed")
+    run = main(fit_args(tmp_path / "runs", npz, "--trainer.logger=MLFlowLogger", "--plots.enabled=false")).run_dir
+    assert any(run.glob("mlruns/*/*/metrics/*")), sorted(run.rglob("*"))
+
+
+def test_a_logger_added_by_name_alone_and_a_missing_save_dir_said_in_one_sentence(tmp_path, npz, capsys):
+    """`--trainer.logger+=TensorBoardLogger` once failed with `does not accept "[Namespace(...)]"`, the missing
+    save_dir dropped: now it logs beside our CSVLogger, and a save_dir given as null is named as the cause."""
+    pytest.importorskip("tensorboard")
+    run = main(fit_args(tmp_path / "runs", npz, "--trainer.logger+=TensorBoardLogger", "--plots.enabled=false")).run_dir
+    assert (run / "metrics.csv").is_file() and list(run.glob("lightning_logs/version_0/events.out.tfevents.*"))
+    null = json.dumps({"class_path": "TensorBoardLogger", "init_args": {"save_dir": None}})
+    line = refused(capsys, fit_args(tmp_path / "other", npz, f"--trainer.logger+={null}"))
+    assert line.startswith("error: trainer.logger lightning.pytorch.loggers.TensorBoardLogger needs a save_dir"), line
+    assert not (tmp_path / "other").exists()

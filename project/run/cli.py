@@ -12,6 +12,7 @@ plugins it names by default ask it where to write.
 import errno
 import importlib
 import inspect
+import json
 import os
 import re
 import signal
@@ -345,6 +346,18 @@ class ProjectParser(DataPluginParser):
     """The CLI's parser, whose YAML (``--print_config``, a run's ``config.yaml``) starts by saying where
     the run writes: the paths in it are the user's, and the run fills in its own directory when it starts."""
 
+    def error(self, message: str, ex: Exception | None = None):
+        # jsonargparse refuses a logger whose required save_dir is missing without saying so (its report on
+        # the Union lists no cause): the cause, in one sentence.
+        missing = re.search(r"class_path='([\w.]+Logger)', init_args=Namespace\(save_dir=None", message)
+        if missing and self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
+            sys.stderr.write(
+                f"error: trainer.logger {missing[1]} needs a save_dir: give init_args: {{save_dir: .}} (a path relative "
+                "to the run directory), or name it on the command line alone (--trainer.logger+=TensorBoardLogger).\n"
+            )
+            sys.exit(2)
+        super().error(message, ex)
+
     def dump(self, cfg=None, *args, **kwargs) -> str:
         text = super().dump(cfg, *args, **kwargs)
         trainer = cfg.get("trainer") if cfg is not None and hasattr(cfg, "get") else None
@@ -380,23 +393,38 @@ def command_name() -> str:
 #: Short logger names that Lightning and project.run.tracking both define (jsonargparse refuses an ambiguous
 #: short name, and says nothing of why): ours, Lightning's class that keeps the run's files in the run.
 SHORT_LOGGER_NAMES = {name: f"project.run.tracking.{name}" for name in ("CSVLogger", "WandbLogger")}
+#: Lightning's loggers whose save_dir is required: given by name alone on the command line, they get
+#: ``save_dir: .`` (the run directory, see place_loggers), which jsonargparse would refuse as missing.
+SAVE_DIR_REQUIRED = {"TensorBoardLogger", "CSVLogger"}
+
+
+def logger_argument(value: str) -> str:
+    """``CSVLogger`` as ours; a Lightning logger whose save_dir is required, with ``save_dir: .``; else as given."""
+    if value in SHORT_LOGGER_NAMES:
+        return SHORT_LOGGER_NAMES[value]
+    name = value.rpartition(".")[2]
+    if name in SAVE_DIR_REQUIRED and value in (name, f"lightning.pytorch.loggers.{name}"):
+        return json.dumps({"class_path": f"lightning.pytorch.loggers.{name}", "init_args": {"save_dir": "."}})
+    return value
 
 
 def short_logger_names(args):
-    """``--trainer.logger CSVLogger`` (or ``=``, ``+=``) as ``project.run.tracking.CSVLogger``; other arguments as given."""
-    if not isinstance(args, list):
+    """``--trainer.logger[+]=NAME`` (or ``--trainer.logger NAME``) through :func:`logger_argument`; the
+    arguments as given when none changes (LightningCLI warns about args given beside sys.argv)."""
+    given = sys.argv[1:] if args is None else args
+    if not isinstance(given, list):
         return args
     out, previous = [], None
-    for arg in args:
+    for arg in given:
         if isinstance(arg, str):
             option, eq, value = arg.partition("=")
-            if eq and option.rstrip("+") == "--trainer.logger" and value in SHORT_LOGGER_NAMES:
-                arg = f"{option}={SHORT_LOGGER_NAMES[value]}"
-            elif previous in ("--trainer.logger", "--trainer.logger+") and arg in SHORT_LOGGER_NAMES:
-                arg = SHORT_LOGGER_NAMES[arg]
+            if eq and option.rstrip("+") == "--trainer.logger":
+                arg = f"{option}={logger_argument(value)}"
+            elif previous in ("--trainer.logger", "--trainer.logger+"):
+                arg = logger_argument(arg)
         out.append(arg)
         previous = arg
-    return out
+    return args if out == given else out
 
 
 class ProjectCLI(LightningCLI):
@@ -492,7 +520,7 @@ class ProjectCLI(LightningCLI):
         parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, short_logger_names(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, short_logger_names(args))
         # Before LightningCLI seeds (numpy refuses a seed out of its range with a traceback) and
         # before anything is read or written.
         subcommand = self.config.get("subcommand")
