@@ -34,14 +34,14 @@ class PredictionPlots(L.Callback):
             only once, after the last validation, when fitting ends. Test plots are drawn after
             every ``test``.
         num_samples: images in the prediction grid.
-        enabled: ``false`` turns the callback off (``--figures.enabled=false``).
+        enabled: ``false`` turns the callback off (``--plots.enabled=false``).
 
     The model's ``validation_step``/``test_step`` must return the batch's logits (ImageClassifier's do).
     """
 
     def __init__(self, every_n_epochs: int = 0, num_samples: int = 32, enabled: bool = True) -> None:
         if every_n_epochs < 0 or num_samples < 0:
-            raise UserError("figures.every_n_epochs and figures.num_samples must be >= 0.")
+            raise UserError("plots.every_n_epochs and plots.num_samples must be >= 0.")
         self.every_n_epochs, self.num_samples, self.enabled = every_n_epochs, num_samples, enabled
         self.paths: list[Path] = []  # every PNG written, in order
         self._confusion: MulticlassConfusionMatrix | None = None
