@@ -237,3 +237,13 @@ def test_a_logger_added_by_name_alone_and_a_missing_save_dir_said_in_one_sentenc
     line = refused(capsys, fit_args(tmp_path / "other", npz, f"--trainer.logger+={null}"))
     assert line.startswith("error: trainer.logger lightning.pytorch.loggers.TensorBoardLogger needs a save_dir"), line
     assert not (tmp_path / "other").exists()
+
+
+def test_a_run_directory_whose_name_looks_like_a_pattern_is_still_checked(tmp_path):
+    """Claims match with `*` as their only wildcard: under `runs[1]/` two writers of one file still collide."""
+    run = tmp_path / "runs[1]" / "run"
+    same = [directory.Claim(run / "net.pt", "ExportNet", "export.filename")]
+    same.append(directory.Claim(run / "net.pt", "PredictionWriter", "predictions.filename"))
+    with pytest.raises(directory.UserError, match="predictions.filename .* export.filename"):
+        directory.check_claims(same, run)
+    directory.check_claims([same[0], directory.Claim(run / "n.pt", "PredictionWriter", "predictions.filename")], run)

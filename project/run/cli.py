@@ -148,7 +148,7 @@ def run_file_claims(trainer, run_dir: Path) -> list[directory.Claim]:
         log_dir = Path(first.log_dir if isinstance(first, TensorBoardLogger) else first.save_dir).resolve()
     for cb in trainer.callbacks:
         name = type(cb).__name__
-        if isinstance(cb, BestCheckpoint | LastCheckpoint) or isinstance(cb, ModelCheckpoint):
+        if isinstance(cb, ModelCheckpoint | LastCheckpoint):  # BestCheckpoint is a ModelCheckpoint
             folder = Path(cb.dirpath or log_dir / "checkpoints").resolve()
             ours = isinstance(cb, BestCheckpoint | LastCheckpoint)
             option = ("checkpoint" if isinstance(cb, BestCheckpoint) else "last_checkpoint") if ours else name

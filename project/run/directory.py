@@ -8,7 +8,6 @@ on its own. See the README's "Run directories" for what a user sees.
 
 import csv
 import fcntl
-import fnmatch
 import io
 import os
 import re
@@ -260,14 +259,20 @@ class Claim:
         it: a file inside another's file is as broken as the same file, and a folder belongs to its
         writer, but for claims ``within`` it."""
         mine, theirs = str(self.path), str(other.path)
-        if fnmatch.fnmatchcase(mine, theirs) or fnmatch.fnmatchcase(theirs, mine):
+        if _matches(mine, theirs) or _matches(theirs, mine):
             return True
         for outer, inner in ((self, other), (other, self)):
             # inside: one of inner's folders is (or matches the pattern of) outer's path
-            inside = any(fnmatch.fnmatchcase(str(p), str(outer.path)) for p in inner.path.parents)
+            inside = any(_matches(str(p), str(outer.path)) for p in inner.path.parents)
             if inside and not (outer.folder and inner.within == outer.writer):
                 return True
         return False
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """Whether ``path`` is ``pattern``, whose only wildcard is ``*`` (any name part): a folder named
+    ``runs[1]`` is a name, not a character class."""
+    return re.fullmatch("[^/]*".join(re.escape(part) for part in pattern.split("*")), path) is not None
 
 
 def check_claims(claims: list[Claim], run_dir: Path) -> None:
