@@ -12,6 +12,7 @@ plugins it names by default ask it where to write.
 import errno
 import importlib
 import inspect
+import json
 import os
 import re
 import signal
@@ -24,20 +25,21 @@ import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import project.models  # noqa: F401  (imported, its nets are known subclasses: --model.net ResNet20 resolves without -c)
-from project.callbacks import SyncBuffers
+from project.callbacks import BufferReport, SyncBuffers
 from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier
 from project.errors import UserError
 from project.run import checkpoints, directory, option_checks, tracking
 from project.run.callbacks import ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState
-from project.run.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint
+from project.run.callbacks.checkpointing import LAST, AtomicCheckpointIO, BestCheckpoint
 from project.run.callbacks.learning_rates import LearningRates
 from project.run.cluster import SLURMRequeue
 from project.run.data_contract import DataPluginParser, declared
@@ -115,27 +117,141 @@ def _accepts(cls, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
+#: The folder the best and last checkpoints (and any ModelCheckpoint added) share, each with its own file names.
+CHECKPOINTS_FOLDER = "the checkpoint callbacks"
+
+
+def checkpoint_pattern(filename: str | None) -> str:
+    """A ModelCheckpoint ``filename`` template (``best-{epoch:03d}``) as a glob of the files it writes."""
+    return re.sub(r"\{[^}]*\}", "*", filename or "{epoch}-{step}") + "*.ckpt"
+
+
+def logger_claims(logger, run_dir: Path, option: str) -> list[directory.Claim]:
+    """The files a logger writes: our CSVLogger its metrics.csv and hparams.yaml; Lightning's loggers their
+    folder (``<save_dir>/<name>/<version>``, or ``<save_dir>/wandb``), or, where that folder is the run
+    directory itself, the files they write there."""
+    writer = type(logger).__name__
+    save_dir = getattr(logger, "save_dir", None)
+    if save_dir is None:
+        return []  # a remote tracker (MLflow on a server): no file of the run
+    if isinstance(logger, tracking.CSVLogger):
+        log_dir = Path(logger.log_dir).resolve()
+        return [directory.Claim(log_dir / name, writer, option) for name in ("metrics.csv", "hparams.yaml")]
+    if isinstance(logger, WandbLogger):
+        return [directory.Claim(Path(save_dir).resolve() / "wandb", writer, option, folder=True)]
+    log_dir = Path(getattr(logger, "log_dir", None) or save_dir).resolve()
+    if log_dir != run_dir:
+        return [directory.Claim(log_dir, writer, option, folder=True)]
+    names = ("metrics.csv", "hparams.yaml", "events.out.tfevents.*")
+    return [directory.Claim(log_dir / name, writer, option) for name in names]
+
+
+def run_file_claims(trainer, run_dir: Path) -> list[directory.Claim]:
+    """Every file and folder this trainer's loggers, callbacks and profiler will write, with the option
+    that placed it: the run's registry of writers (see project.run.directory.check_claims)."""
+    run_dir = Path(run_dir).resolve()
+    claims = directory.fixed_claims(run_dir)
+    for logger in trainer.loggers:
+        claims += logger_claims(logger, run_dir, f"trainer.logger ({type(logger).__name__}) save_dir")
+    log_dir = Path(trainer.default_root_dir).resolve()
+    if trainer.loggers and getattr(trainer.loggers[0], "save_dir", None) is not None:
+        # Where Lightning puts what it writes beside the first logger (trainer.log_dir, without its broadcast).
+        first = trainer.loggers[0]
+        log_dir = Path(first.log_dir if isinstance(first, TensorBoardLogger) else first.save_dir).resolve()
+    for cb in trainer.callbacks:
+        name = type(cb).__name__
+        if isinstance(cb, ModelCheckpoint | LastCheckpoint):  # BestCheckpoint is a ModelCheckpoint
+            folder = Path(cb.dirpath or log_dir / "checkpoints").resolve()
+            ours = isinstance(cb, BestCheckpoint | LastCheckpoint)
+            option = ("checkpoint" if isinstance(cb, BestCheckpoint) else "last_checkpoint") if ours else name
+            if folder != run_dir:
+                claims.append(directory.Claim(folder, CHECKPOINTS_FOLDER, f"{option}.dirpath", folder=True))
+            if isinstance(cb, LastCheckpoint):
+                files = [LAST]
+            else:
+                files = [checkpoint_pattern(cb.filename)] + ([LAST] if cb.save_last else [])
+            named_by = f"{option}.dirpath" if isinstance(cb, LastCheckpoint) else f"{option}.filename"
+            for file in files:
+                claims.append(directory.Claim(folder / file, f"{option} ({name})", named_by, within=CHECKPOINTS_FOLDER))
+        elif isinstance(cb, ExportNet):
+            claims.append(directory.Claim(run_dir / cb.filename, name, "export.filename"))
+        elif isinstance(cb, PredictionWriter) and cb.enabled:
+            folder = Path(cb.output_dir or run_dir)
+            option = "predictions.filename" if folder.resolve() == run_dir else "predictions.output_dir"
+            claims.append(directory.Claim((folder / cb.filename).resolve(), name, option))
+        elif isinstance(cb, PredictionPlots) and cb.enabled:
+            claims.append(directory.Claim(run_dir / "plots", name, folder=True))
+        elif isinstance(cb, BufferReport) and cb.filename is not None:
+            claims.append(directory.Claim((log_dir / cb.filename).resolve(), name, "BufferReport.filename"))
+    profiler = trainer.profiler
+    if profiler is not None and (getattr(profiler, "dirpath", None) or getattr(profiler, "filename", None)):
+        name = type(profiler).__name__
+        folder = Path(profiler.dirpath or log_dir).resolve()
+        option = f"trainer.profiler ({name}) dirpath"
+        if profiler.dirpath is not None and folder != run_dir:
+            claims.append(directory.Claim(folder, name, option, folder=True))
+        else:
+            claims.append(directory.Claim(folder / f"*-{profiler.filename}.txt", name, option))
+    return claims
+
+
 def check_trainer_writes_inside(trainer, run_dir: Path) -> None:
-    """Refuse a logger, checkpoint callback or profiler that the configuration points outside the run
-    directory (a third-party logger's save_dir, a ModelCheckpoint added by --trainer.callbacks, a
-    profiler's dirpath), before anything is written: every file a run writes stays in the run."""
-    places = [(f"trainer.logger ({type(logger).__name__}) save_dir", logger.save_dir) for logger in trainer.loggers]
-    places += [(f"{type(cb).__name__}.dirpath", cb.dirpath) for cb in trainer.checkpoint_callbacks]
-    if trainer.profiler is not None:
-        places.append(
-            (
-                f"trainer.profiler ({type(trainer.profiler).__name__}) dirpath",
-                getattr(trainer.profiler, "dirpath", None),
-            )
-        )
-    for option, path in places:
-        # Lightning resolves a relative path against the working directory.
-        if path is not None and not Path(path).resolve().is_relative_to(run_dir):
-            raise UserError(
-                f"{option}={path} leads outside the run directory {run_dir}; every file a run writes stays inside its own "
-                "directory: leave it empty (the run directory), or use project.run.tracking.CSVLogger or WandbLogger, "
-                "which write into the run."
-            )
+    """Refuse a logger, callback or profiler that the configuration points outside the run directory, or
+    at a file (or folder) another writer of the run owns, before anything is written: every file a run
+    writes stays in the run and has one writer (project.run.directory.check_claims)."""
+    directory.check_claims(run_file_claims(trainer, run_dir), run_dir)
+
+
+def place_loggers(trainer_config, run_dir: Path) -> None:
+    """Lightning's own loggers (TensorBoardLogger, CSVLogger, WandbLogger, MLFlowLogger, ...) write into the
+    run directory: a save_dir left empty or relative is taken relative to it (ours do that themselves);
+    the ``""`` name and version carried over from our CSVLogger's defaults give way to the class's own."""
+    for logger in as_list(trainer_config.get("logger")):
+        class_path = str(getattr(logger, "class_path", "") or "")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if not class_path or class_path.startswith("project.run.tracking.") or init is None:
+            continue
+        module, _, name = class_path.rpartition(".")
+        try:
+            parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        except (ImportError, AttributeError, TypeError, ValueError):
+            continue  # instantiation says what is wrong with it
+        for key in ("name", "version"):
+            if init.get(key) == "" and key in parameters and parameters[key].default is not inspect.Parameter.empty:
+                init[key] = parameters[key].default
+        if "save_dir" in parameters:
+            given = init.get("save_dir")
+            default = parameters["save_dir"].default
+            value = given if given is not None else (default if isinstance(default, str) else ".")
+            init["save_dir"] = str(run_dir / value)  # an absolute path stays as it is
+        uri = init.get("tracking_uri")
+        if isinstance(uri, str) and uri.startswith("file:") and not uri.startswith("file:/"):
+            init["tracking_uri"] = f"file:{run_dir / uri[len('file:') :]}"
+
+
+def place_profiler(trainer_config, run_dir: Path) -> None:
+    """A profiler's relative ``dirpath`` is relative to the run directory, as every other path of a run."""
+    profiler = trainer_config.get("profiler")
+    init = profiler.get("init_args") if hasattr(profiler, "get") else None
+    dirpath = init.get("dirpath") if init is not None else None
+    if isinstance(dirpath, str) and not Path(dirpath).is_absolute():
+        init["dirpath"] = str(run_dir / dirpath)
+
+
+def portable_logger_paths(config, run_dir: Path) -> None:
+    """The loggers' save_dir and the profiler's dirpath in a saved config as the user gave them, relative to
+    the run directory (the run filled its own directory in), so that re-running the config writes into a new run."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    if not hasattr(trainer, "get"):
+        return
+    for place, key in [
+        *((logger, "save_dir") for logger in as_list(trainer.get("logger"))),
+        (trainer.get("profiler"), "dirpath"),
+    ]:
+        init = place.get("init_args") if hasattr(place, "get") else None
+        path = init.get(key) if init is not None else None
+        if isinstance(path, str) and Path(path).is_absolute() and Path(path).is_relative_to(run_dir):
+            init[key] = os.path.relpath(path, run_dir)
 
 
 def check_devices(trainer_config) -> None:
@@ -196,6 +312,7 @@ class RunConfigSaver(SaveConfigCallback):
             run_dir, name = self.run
             self.config = self.config.clone()
             self.config.name, self.config.run_dir = name, None
+            portable_logger_paths(self.config, run_dir)
             if (run_dir / self.config_filename).exists():
                 if stage != "fit":
                     # The test after fit, in the fit's run and with its config (under ddp_spawn through a
@@ -211,12 +328,26 @@ class RunConfigSaver(SaveConfigCallback):
             elif trainer.ckpt_path:
                 self.config.ckpt_path = str(trainer.ckpt_path)
         if not self.save_at_train_start:
-            super().setup(trainer, pl_module, stage)
+            self.save(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.save_at_train_start:
             self.save_at_train_start = False
-            super().setup(trainer, pl_module, "fit")
+            self.save(trainer, pl_module, "fit")
+
+    def save(self, trainer, pl_module, stage: str) -> None:
+        """Write the config into the run directory itself (Lightning's writes into ``trainer.log_dir``, a
+        TensorBoardLogger's version folder), atomically, on global rank zero; then log it."""
+        if self.run is None:
+            return super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            if self.save_to_log_dir:
+                text = self.parser.dump(self.config, skip_none=False)
+                checkpoints.write_atomically(text.encode(), self.run[0] / self.config_filename)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        # So that every rank agrees on later calls to setup (the test after fit).
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         # Called once, on global rank zero only: the loggers record the resolved config.
@@ -244,6 +375,18 @@ class ProjectParser(DataPluginParser):
                     namespace = namespace.clone()
                     namespace[f"{prefix}model.net.init_args.num_classes"] = None
         return super().instantiate(namespace, *args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        # jsonargparse refuses a logger whose required save_dir is missing without saying so (its report on
+        # the Union lists no cause): the cause, in one sentence.
+        missing = re.search(r"class_path='([\w.]+Logger)', init_args=Namespace\(save_dir=None", message)
+        if missing and self.exit_on_error and not os.environ.get("JSONARGPARSE_DEBUG"):
+            sys.stderr.write(
+                f"error: trainer.logger {missing[1]} needs a save_dir: give init_args: {{save_dir: .}} (a path relative "
+                "to the run directory), or name it on the command line alone (--trainer.logger+=TensorBoardLogger).\n"
+            )
+            sys.exit(2)
+        super().error(message, ex)
 
     def dump(self, cfg=None, *args, **kwargs) -> str:
         text = super().dump(cfg, *args, **kwargs)
@@ -310,6 +453,43 @@ def command_name() -> str:
     never ``__main__.py``."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return name if name == "imgcls" else "python -m project"
+
+
+#: Short logger names that Lightning and project.run.tracking both define (jsonargparse refuses an ambiguous
+#: short name, and says nothing of why): ours, Lightning's class that keeps the run's files in the run.
+SHORT_LOGGER_NAMES = {name: f"project.run.tracking.{name}" for name in ("CSVLogger", "WandbLogger")}
+#: Lightning's loggers whose save_dir is required: given by name alone on the command line, they get
+#: ``save_dir: .`` (the run directory, see place_loggers), which jsonargparse would refuse as missing.
+SAVE_DIR_REQUIRED = {"TensorBoardLogger", "CSVLogger"}
+
+
+def logger_argument(value: str) -> str:
+    """``CSVLogger`` as ours; a Lightning logger whose save_dir is required, with ``save_dir: .``; else as given."""
+    if value in SHORT_LOGGER_NAMES:
+        return SHORT_LOGGER_NAMES[value]
+    name = value.rpartition(".")[2]
+    if name in SAVE_DIR_REQUIRED and value in (name, f"lightning.pytorch.loggers.{name}"):
+        return json.dumps({"class_path": f"lightning.pytorch.loggers.{name}", "init_args": {"save_dir": "."}})
+    return value
+
+
+def short_logger_names(args):
+    """``--trainer.logger[+]=NAME`` (or ``--trainer.logger NAME``) through :func:`logger_argument`; the
+    arguments as given when none changes (LightningCLI warns about args given beside sys.argv)."""
+    given = sys.argv[1:] if args is None else args
+    if not isinstance(given, list):
+        return args
+    out, previous = [], None
+    for arg in given:
+        if isinstance(arg, str):
+            option, eq, value = arg.partition("=")
+            if eq and option.rstrip("+") == "--trainer.logger":
+                arg = f"{option}={logger_argument(value)}"
+            elif previous in ("--trainer.logger", "--trainer.logger+"):
+                arg = logger_argument(arg)
+        out.append(arg)
+        previous = arg
+    return args if out == given else out
 
 
 class ProjectCLI(LightningCLI):
@@ -407,7 +587,7 @@ class ProjectCLI(LightningCLI):
         parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        super().parse_arguments(parser, short_logger_names(args))
         # Before LightningCLI seeds (numpy refuses a seed out of its range with a traceback) and
         # before anything is read or written.
         subcommand = self.config.get("subcommand")
@@ -439,6 +619,8 @@ class ProjectCLI(LightningCLI):
             scratch=bool(config.trainer.get("fast_dev_run")),
         )
         os.environ[directory.RUN_DIR_ENV] = str(self.run.directory)
+        place_loggers(config.trainer, self.run.directory)
+        place_profiler(config.trainer, self.run.directory)
         if self.subcommand == "fit":
             self.apply_resume_plan(config)
         elif self.run.contents is not None:

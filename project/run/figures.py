@@ -7,12 +7,15 @@ learning curves come from a run's ``metrics.csv`` (read by project.run.metrics_f
     python -m project curves runs/lenet/<run>        # writes runs/lenet/<run>/learning_curves.png
 """
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from project.run.checkpoints import write_atomically
 
 #: Up to this many classes each cell shows its count; beyond, only the shading (the .csv has the counts).
 ANNOTATED_CLASSES = 20
@@ -114,6 +117,7 @@ def learning_curves_figure(metrics: dict[str, tuple[np.ndarray, np.ndarray]], ti
 
 
 def save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    """``fig`` as a PNG at ``path``, written atomically (project.run.checkpoints.write_atomically)."""
+    image = io.BytesIO()
+    fig.savefig(image, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
+    return write_atomically(image.getbuffer(), path)

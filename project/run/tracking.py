@@ -65,7 +65,7 @@ class CSVLogger(lightning.pytorch.loggers.CSVLogger):
     directory (``save_dir``, default ``.``, is relative to it and stays inside it), and whose
     ``metrics.csv`` a resumed fit continues (see ContinuingExperimentWriter). Local paths only."""
 
-    def __init__(self, save_dir: str | None = None, name: str = "", version: int | str | None = "", **kwargs) -> None:
+    def __init__(self, save_dir: str = ".", name: str = "", version: int | str | None = "", **kwargs) -> None:
         run = directory.current()
         super().__init__(
             directory.path_in_run(save_dir, "trainer.logger.save_dir") or ".", name=name, version=version, **kwargs

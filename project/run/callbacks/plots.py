@@ -1,25 +1,28 @@
 """Confusion matrix and sample predictions, drawn at the end of validation and test.
 
-Saved as PNG under ``<run dir>/plots/`` (for everyone) and logged as images to every WandbLogger
-(for those who use wandb).
+Saved as PNG under ``<run dir>/plots/`` (for everyone) and logged as images to every logger that takes
+images (WandbLogger, TensorBoardLogger).
 """
 
+import io
 from pathlib import Path
 
 import lightning as L
+import matplotlib.image
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from project.errors import UserError
 from project.run import directory, figures
+from project.run.checkpoints import write_atomically
 
 
 class PredictionPlots(L.Callback):
     """Draw ``<stage>[-epochE]-confusion.png`` (with its counts in ``.csv``) and ``...-predictions.png``
-    into ``<run dir>/plots/``, and log the two images to every WandbLogger.
+    into ``<run dir>/plots/``, and log the two images to every WandbLogger and TensorBoardLogger.
 
     The confusion matrix counts every validation (or test) image of every process (torchmetrics
     syncs it across DDP ranks); the prediction grid shows the first ``num_samples`` images that
@@ -31,14 +34,14 @@ class PredictionPlots(L.Callback):
             only once, after the last validation, when fitting ends. Test plots are drawn after
             every ``test``.
         num_samples: images in the prediction grid.
-        enabled: ``false`` turns the callback off (``--figures.enabled=false``).
+        enabled: ``false`` turns the callback off (``--plots.enabled=false``).
 
     The model's ``validation_step``/``test_step`` must return the batch's logits (ImageClassifier's do).
     """
 
     def __init__(self, every_n_epochs: int = 0, num_samples: int = 32, enabled: bool = True) -> None:
         if every_n_epochs < 0 or num_samples < 0:
-            raise UserError("figures.every_n_epochs and figures.num_samples must be >= 0.")
+            raise UserError("plots.every_n_epochs and plots.num_samples must be >= 0.")
         self.every_n_epochs, self.num_samples, self.enabled = every_n_epochs, num_samples, enabled
         self.paths: list[Path] = []  # every PNG written, in order
         self._confusion: MulticlassConfusionMatrix | None = None
@@ -138,14 +141,9 @@ class PredictionPlots(L.Callback):
             )
         }
         # The counts as numbers too: rows are true classes, columns predicted ones.
-        np.savetxt(
-            self._dir / f"{stem}-confusion.csv",
-            matrix,
-            fmt="%d",
-            delimiter=",",
-            header=",".join(self._classes),
-            comments="",
-        )
+        counts = io.StringIO()
+        np.savetxt(counts, matrix, fmt="%d", delimiter=",", header=",".join(self._classes), comments="")
+        write_atomically(counts.getvalue().encode(), self._dir / f"{stem}-confusion.csv")
         if samples:
             images, labels, preds = (torch.cat(parts) for parts in zip(*samples))
             written["predictions"] = figures.save(
@@ -156,9 +154,12 @@ class PredictionPlots(L.Callback):
             )
         self.paths.extend(written.values())
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                for key, path in written.items():
+            for key, path in written.items():
+                if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"{stage}/{key}", images=[str(path)], step=trainer.global_step)
+                elif isinstance(logger, TensorBoardLogger):
+                    image = matplotlib.image.imread(path)  # (H, W, RGBA) floats in [0, 1], as drawn
+                    logger.experiment.add_image(f"{stage}/{key}", image, trainer.global_step, dataformats="HWC")
 
     @staticmethod
     def _displayable(trainer: L.Trainer, images: torch.Tensor) -> np.ndarray:
