@@ -10,7 +10,6 @@ plugins it names by default ask it where to write.
 """
 
 import errno
-import inspect
 import os
 import signal
 import sys
@@ -29,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from project.callbacks import SyncBuffers
-from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier
+from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier, keyword_arguments
 from project.errors import UserError
 from project.run import checkpoints, directory, option_checks, tracking
 from project.run.callbacks import ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState
@@ -75,7 +74,8 @@ def check_net_arguments(config, model) -> None:
     Either mistake would otherwise fail at the first batch, deep inside a layer, or train a head of
     the wrong size."""
     net_class = type(model.net)
-    if not _accepts(net_class, "num_classes"):
+    arguments = keyword_arguments(net_class)
+    if arguments is not None and "num_classes" not in arguments and "**" not in arguments:
         raise UserError(no_num_classes(config.model.net.class_path))
     in_channels = (config.model.net.get("init_args") or {}).get("in_channels")
     shape = model.hparams.get("image_shape")
@@ -91,14 +91,6 @@ def no_num_classes(class_path: str) -> str:
         f"model.net {class_path} takes no num_classes argument, which the CLI fills in from the data module: "
         "give the net's __init__ a num_classes argument (README: Add a model)."
     )
-
-
-def _accepts(cls, name: str) -> bool:
-    try:
-        parameters = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return True  # nothing to check against
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def check_trainer_writes_inside(trainer, run_dir: Path) -> None:

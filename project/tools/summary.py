@@ -17,7 +17,6 @@ optimiser's). ``--internals`` prints, instead of the table, what each module kee
 
 import argparse
 import importlib
-import inspect
 import sys
 from collections.abc import Sequence
 
@@ -286,15 +285,14 @@ def optimizer_settings(options: dict) -> tuple[str, float | None, float | None]:
 
 def _signature_defaults(class_path: str) -> dict:
     """The keyword defaults of the optimiser class ``class_path`` names (empty when it cannot be imported)."""
+    from project.classifier import keyword_arguments  # imports Lightning: only when asked for
+
     module_name, _, name = class_path.rpartition(".")
     try:
-        factory = getattr(importlib.import_module(module_name), name)
-        parameters = inspect.signature(factory).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
+        arguments = keyword_arguments(getattr(importlib.import_module(module_name), name)) or {}
+    except (ImportError, AttributeError):
         return {}
-    return {
-        p.name: p.default for p in parameters if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
-    }
+    return {k: v for k, v in arguments.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def model_section(path: str) -> dict:
