@@ -22,7 +22,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from project.errors import UserError
 from project.finetune import init_from as load_init_from
-from project.param_groups import check_optimizer, group_parameters, keep_frozen_norms_in_eval, scale_learning_rates
+from project.param_groups import (
+    check_optimizer,
+    group_parameters,
+    keep_frozen_norms_in_eval,
+    name_added_groups,
+    scale_learning_rates,
+)
 from project.param_groups import freeze as freeze_parameters
 from project.schedules import WarmupCosine
 
@@ -311,6 +317,7 @@ class ImageClassifier(L.LightningModule):
         # model.param_groups and the base group, each split into weights (decayed) and biases/norms (never decayed).
         optimizer = self.optimizer_factory(group_parameters(self.net, self.hparams.get("param_groups")))
         scale_learning_rates(optimizer)
+        name_added_groups(optimizer, self.net)
         if self.scheduler_factory is None:
             return optimizer
         factory, options = self.scheduler_factory, {}

@@ -4,6 +4,7 @@ or pretrained weights through torchvision's or timm's own loaders; every paramet
 Files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
 """
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def read_weights(source: str) -> dict[str, torch.Tensor]:
             f"model.init_from {source} does not exist: give a run directory, its net.pt, a .ckpt file, "
             "torchvision:<Weights> or timm:<model name>."
         )
+    with open(path, "rb") as f:  # a zip archive (torch.save's format), or a legacy file: a pickle
+        if not zipfile.is_zipfile(f) and f.seek(0) == 0 and f.read(1) != b"\x80":
+            raise UserError(f"model.init_from {path} is not a torch.save file: give a net.pt or a .ckpt file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -113,8 +117,6 @@ def init_from(net: nn.Module, source: str) -> str:
     how many entries were copied and which were left freshly initialised (e.g. a head for another number
     of classes)."""
     copied, fresh = copy_matching(net, read_weights(source), source)
-    # Buffers such as BatchNorm's num_batches_tracked count as entries too, so parameters are named first.
-    fresh_params = [k for k in fresh if k in dict(net.named_parameters())]
-    shown = ", ".join(fresh_params[:8]) + (", ..." if len(fresh_params) > 8 else "")
-    left = f"; left freshly initialised: {shown} ({len(fresh_params)} parameters)" if fresh_params else ""
+    shown = ", ".join(fresh[:8]) + (", ..." if len(fresh) > 8 else "")
+    left = f"; left freshly initialised: {shown} ({len(fresh)} entries)" if fresh else ""
     return f"model.init_from {source}: copied {len(copied)} of {len(copied) + len(fresh)} state_dict entries{left}."

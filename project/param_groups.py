@@ -193,3 +193,19 @@ def keep_frozen_norms_in_eval(net: nn.Module, names: Sequence[str]) -> None:
         module = modules[name]
         if not any(p.requires_grad for p in module.parameters()):
             module.eval()
+
+
+def name_added_groups(optimizer: torch.optim.Optimizer, net: nn.Module) -> None:
+    """Let groups added to ``optimizer`` later without names (Lightning's ``BaseFinetuning.unfreeze_and_add_param_group``)
+    join the groups of :func:`group_parameters`: torch refuses a group without ``param_names`` beside groups with
+    them, so their parameters' names, and a ``name`` (``added_<index>``, LearningRateMonitor's column), are filled in."""
+    names = {param: clean_name(name) for name, param in net.named_parameters()}
+    add = optimizer.add_param_group
+
+    def add_param_group(group: dict[str, Any]) -> None:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        named = {"param_names": [names.get(p, f"param{i}") for i, p in enumerate(params)]}
+        add({"name": f"added_{len(optimizer.param_groups)}", **named, **group, "params": params})
+
+    optimizer.add_param_group = add_param_group
