@@ -20,16 +20,9 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from project import finetune
+from project import param_groups as groups
 from project.errors import UserError
-from project.finetune import init_from as load_init_from
-from project.param_groups import (
-    check_optimizer,
-    group_parameters,
-    keep_frozen_norms_in_eval,
-    name_added_groups,
-    scale_learning_rates,
-)
-from project.param_groups import freeze as freeze_parameters
 from project.schedules import WarmupCosine
 
 STAGES = ("train", "val", "test")
@@ -151,11 +144,11 @@ class ImageClassifier(L.LightningModule):
         if not isinstance(net, nn.Module):
             raise UserError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
         if init_from:
-            rank_zero_info(load_init_from(net, init_from))
+            rank_zero_info(finetune.init_from(net, init_from))
         #: The normalisation layers that model.freeze froze whole, kept in eval mode while training.
-        self.frozen_norms = freeze_parameters(net, freeze) if freeze else []
+        self.frozen_norms = groups.freeze(net, freeze) if freeze else []
         # Mistakes in param_groups and in the optimiser's arguments (torch checks them: lr > 0, ...) fail now, not at fit.
-        check_optimizer(optimizer, group_parameters(net, param_groups))
+        groups.check_optimizer(optimizer, groups.group_parameters(net, param_groups))
         with warnings.catch_warnings():
             # From the CLI the net, optimizer and scheduler arrive as their configs (class_path +
             # init_args), which is what load_from_checkpoint needs and what a resumed fit compares;
@@ -241,7 +234,7 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._train_loss, self._train_count = None, 0
-        keep_frozen_norms_in_eval(self.net, self.frozen_norms)  # Lightning has just put every module in train()
+        groups.keep_frozen_norms_in_eval(self.net, self.frozen_norms)  # Lightning has just put every module in train()
 
     def on_train_epoch_end(self) -> None:
         # The epoch's training loss as train/loss_epoch (also as train/loss, for callbacks), summed over
@@ -315,9 +308,9 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         # model.param_groups and the base group, each split into weights (decayed) and biases/norms (never decayed).
-        optimizer = self.optimizer_factory(group_parameters(self.net, self.hparams.get("param_groups")))
-        scale_learning_rates(optimizer)
-        name_added_groups(optimizer, self.net)
+        optimizer = self.optimizer_factory(groups.group_parameters(self.net, self.hparams.get("param_groups")))
+        groups.scale_learning_rates(optimizer)
+        groups.name_added_groups(optimizer, self.net)
         if self.scheduler_factory is None:
             return optimizer
         factory, options = self.scheduler_factory, {}

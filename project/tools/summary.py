@@ -308,9 +308,9 @@ def model_section(path: str) -> dict:
 def format_param_groups(
     model: nn.Module, lr: float | None, weight_decay: float | None, param_groups, optimizer: str = "torch.optim.SGD"
 ) -> str:
-    """The optimiser's parameter groups as ImageClassifier builds them (``project.classifier.group_parameters``):
+    """The optimiser's parameter groups as ImageClassifier builds them (``project.param_groups.group_parameters``):
     each group's lr is the optimiser's ``lr`` times its ``lr_scale``; its weight decay its own, else the optimiser's."""
-    from project.classifier import group_parameters  # imports Lightning: only when asked for
+    from project.param_groups import group_parameters  # imports torch: only when asked for
 
     groups = group_parameters(model, param_groups)
     header = ("Group", "lr", "Weight decay", "Params", "Parameters")
