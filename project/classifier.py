@@ -1,172 +1,66 @@
 """ImageClassifier: the LightningModule that trains any plain nn.Module mapping images to logits.
 
 It owns what is about training, not about the network: the loss, the metrics, the optimiser and
-its schedule. The network stays a plain ``torch.nn.Module`` under ``self.net``.
+its schedule. The network stays a plain ``torch.nn.Module`` under ``self.net``; which of its
+parameters train, and how, is project.param_groups' business, where it starts from project.finetune's.
 """
 
-import fnmatch
+import importlib
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from project import finetune
+from project import param_groups as groups
 from project.errors import UserError
 from project.schedules import WarmupCosine
-from project.state_dicts import clean_name
 
-EVAL_STAGES = ("val", "test")
-#: The keys of one ``model.param_groups`` entry.
-PARAM_GROUP_KEYS = ("match", "lr_scale", "weight_decay", "name")
-#: The name of the group of parameters that no ``param_groups`` entry matches (they train at the optimizer's lr).
-BASE_GROUP = "base"
+STAGES = ("train", "val", "test")
 
-
-def _check_param_group_specs(specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``model.param_groups`` entries with their defaults filled in; a mistake raises a one-sentence UserError."""
-    if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence):
-        raise UserError(f"model.param_groups must be a list such as [{{match: 'fc*', lr_scale: 10}}], got {specs!r}.")
-    checked, names = [], {BASE_GROUP}
-    for i, spec in enumerate(specs):
-        where = f"model.param_groups[{i}]"
-        if not isinstance(spec, Mapping):
-            raise UserError(f"{where} must be a mapping such as {{match: 'fc*', lr_scale: 10}}, got {spec!r}.")
-        unknown = sorted(set(spec) - set(PARAM_GROUP_KEYS))
-        if unknown:
-            raise UserError(f"{where} has the unknown key {unknown[0]!r}; the keys are {', '.join(PARAM_GROUP_KEYS)}.")
-        match = spec.get("match")
-        if not isinstance(match, str) or not match:
-            raise UserError(
-                f"{where} needs match: a glob over parameter names such as 'fc*' or 'stages.0.*', got {match!r}."
-            )
-        lr_scale = spec.get("lr_scale", 1.0)
-        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
-            raise UserError(
-                f"{where} (match {match!r}) needs lr_scale > 0 (the group's lr is the optimizer's lr times it), got {lr_scale!r}."
-            )
-        decay = spec.get("weight_decay")
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0):
-            raise UserError(f"{where} (match {match!r}) needs weight_decay >= 0, got {decay!r}.")
-        name = str(spec.get("name", match))
-        if name in names:
-            raise UserError(
-                f"{where} is named {name!r} like another group ({BASE_GROUP!r} is taken too); set its name key to a unique one."
-            )
-        names.add(name)
-        checked.append({"match": match, "lr_scale": float(lr_scale), "weight_decay": decay, "name": name})
-    return checked
-
-
-def group_parameters(net: nn.Module, param_groups: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """The optimiser's parameter groups for ``net``: what ``ImageClassifier`` hands ``model.optimizer``.
-
-    Each trainable parameter goes to the first ``param_groups`` entry whose ``match`` (a glob over
-    ``net.named_parameters()`` names, e.g. ``fc*``) it matches, or else to the ``base`` group.
-    Every entry makes up to two groups: ``<name>`` with its weights, with its ``weight_decay`` if it
-    gives one (else the optimiser's), and ``<name>/no_decay`` with its biases and normalisation
-    parameters (fewer than two dimensions), never decayed (``weight_decay`` 0). Empty groups are left
-    out. Each group carries ``name`` (LearningRateMonitor's column: ``lr-<Optimizer>/<name>``),
-    ``lr_scale`` (its lr is the optimiser's times it: see :func:`scale_learning_rates`), ``params``
-    and ``param_names``.
-    """
-    specs = _check_param_group_specs(param_groups or [])
-    base = {"match": None, "lr_scale": 1.0, "weight_decay": None, "name": BASE_GROUP}
-    buckets: list[tuple[list, list]] = [([], []) for _ in range(len(specs) + 1)]
-    for raw_name, param in net.named_parameters():
-        if not param.requires_grad:
-            continue
-        name = clean_name(raw_name)  # without the names wrappers insert (FSDP units, activation checkpointing)
-        index = next((i for i, spec in enumerate(specs) if fnmatch.fnmatchcase(name, spec["match"])), len(specs))
-        buckets[index][0 if param.ndim >= 2 else 1].append((name, param))
-    for spec, (decay, no_decay) in zip(specs, buckets):
-        if not decay and not no_decay:
-            names = [n for n, p in net.named_parameters() if p.requires_grad]
-            example = f"{names[0]}, {names[-1]}" if names else "none: no trainable parameters"
-            raise UserError(
-                f"model.param_groups entry {spec['name']!r} (match {spec['match']!r}) matches no trainable parameter of "
-                f"{type(net).__name__} that an earlier entry has not taken (the names look like {example}; "
-                "python -m project summary --internals lists them all): fix the pattern or drop the entry."
-            )
-    groups = []
-    for spec, (decay, no_decay) in zip([*specs, base], buckets):
-        for members, decay_value, suffix in ((decay, spec["weight_decay"], ""), (no_decay, 0.0, "/no_decay")):
-            if members:
-                group = {
-                    "name": spec["name"] + suffix,
-                    "params": [p for _, p in members],
-                    "param_names": [n for n, _ in members],
-                    "lr_scale": spec["lr_scale"],
-                }
-                if decay_value is not None:
-                    group["weight_decay"] = float(decay_value)
-                groups.append(group)
-    return groups
-
-
-def scale_learning_rates(optimizer: torch.optim.Optimizer) -> None:
-    """Set each group's lr to the optimiser's configured lr times the group's ``lr_scale``, once, right after
-    the optimiser is built (before a scheduler records the groups' initial rates)."""
-    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
-    if all(scale == 1.0 for scale in scales):
-        return
-    if "lr" not in optimizer.defaults:
-        raise UserError(
-            f"model.param_groups sets lr_scale, but the optimizer {type(optimizer).__name__} has no lr argument to scale; "
-            "drop lr_scale or use an optimizer with one."
-        )
-    for group, scale in zip(optimizer.param_groups, scales):
-        group["lr"] = optimizer.defaults["lr"] * scale
-
-
-def _unset_argument(factory: Callable, name: str) -> bool:
-    """Whether ``factory`` (a class, or a partial such as the CLI builds from ``class_path`` and ``init_args``)
-    takes the keyword ``name`` and has been given no value for it (``None``)."""
-    keywords = getattr(factory, "keywords", None) or {}
-    if name in keywords:
-        return keywords[name] is None
-    try:
-        parameter = inspect.signature(factory).parameters.get(name)
-    except (TypeError, ValueError):
-        return False
-    return parameter is not None and parameter.default is None
-
-
-def default_optimizer(params) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum: the recipe ``ImageClassifier`` trains with unless ``optimizer`` names another."""
-    return torch.optim.SGD(params, **DEFAULT_OPTIMIZER["init_args"])
-
-
-#: The default ``model.optimizer``: the CLI shows and saves it in this form (project.run.cli).
+#: The default ``model.optimizer``, in the form the CLI shows and saves (project.run.cli, project.tools.summary).
 DEFAULT_OPTIMIZER = {
     "class_path": "torch.optim.SGD",
     "init_args": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
 }
 
 
-def check_optimizer(optimizer: Callable, groups: list[dict[str, Any]]) -> None:
-    """Build the optimiser once, so that a mistake in its arguments (torch checks them) or a learning rate
-    that cannot train stops the command with one sentence naming the option, before anything runs."""
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """``DEFAULT_OPTIMIZER`` built: what ``ImageClassifier`` trains with unless ``optimizer`` names another."""
+    module, _, name = DEFAULT_OPTIMIZER["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(params, **DEFAULT_OPTIMIZER["init_args"])
+
+
+def keyword_arguments(factory: Callable) -> dict[str, Any] | None:
+    """The keyword arguments ``factory`` takes (a class, a function, or a partial such as the CLI builds from
+    ``class_path`` and ``init_args``), each with the value it would get: the partial's, else its default
+    (``inspect.Parameter.empty`` when it has none); a ``**kwargs`` shows as the key ``"**"``. None when it
+    has no signature to read. The one signature probe of the template (the CLI and the tools use it too)."""
     try:
-        built = optimizer(groups)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"model.optimizer refused its arguments: {err}") from None
-    lr = built.defaults.get("lr")
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
-        raise UserError(f"model.optimizer.lr must be > 0, got {lr}.")
-    # torch refuses only negative ones; 1 or more makes the step grow instead of average.
-    for key in ("momentum", "betas"):
-        values = built.defaults.get(key)
-        values = values if isinstance(values, (tuple, list)) else [values]
-        if any(isinstance(v, (int, float)) and not 0 <= v < 1 for v in values):
-            raise UserError(f"model.optimizer.{key} must be in [0, 1), got {built.defaults[key]}.")
-    scale_learning_rates(built)
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    named = {p.name: p.default for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        named["**"] = inspect.Parameter.empty
+    return {**named, **(getattr(factory, "keywords", None) or {})}
+
+
+def build_metrics(num_classes: int) -> dict[str, Metric]:
+    """The metrics every stage logs as ``<stage>/<name>`` (and that a checkpoint may monitor): add one here."""
+    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return metrics
 
 
 class NonFiniteLoss(UserError, FloatingPointError):
@@ -213,6 +107,13 @@ class ImageClassifier(L.LightningModule):
         on_nonfinite_loss: what a NaN or infinite training loss does: ``stop`` the run with an
             error naming the step (checkpoints written before it stay as they are), or ``skip``
             the batch without an optimiser step, at most ``max_nonfinite_skips`` times per run.
+        init_from: start the net from other weights: a run directory, its ``net.pt``, a Lightning
+            checkpoint, ``torchvision:<Weights>`` or ``timm:<model name>``. Every entry whose name and
+            shape fit is copied; the rest (e.g. a head for another number of classes) stays freshly
+            initialised, and one line names it. See :mod:`project.finetune`.
+        freeze: globs over the net's parameter names (as in ``param_groups``) that do not train: left
+            out of the optimiser, and their normalisation layers keep their running statistics (they are
+            put in ``eval()`` at every training epoch's start). See :func:`project.param_groups.freeze`.
     """
 
     def __init__(
@@ -230,6 +131,8 @@ class ImageClassifier(L.LightningModule):
         on_nonfinite_loss: Literal["stop", "skip"] = "stop",
         max_nonfinite_skips: int = 10,
         image_shape: tuple[int, int, int] | None = None,
+        init_from: str | None = None,
+        freeze: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -240,8 +143,12 @@ class ImageClassifier(L.LightningModule):
             raise UserError(f"model.max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}.")
         if not isinstance(net, nn.Module):
             raise UserError(f"model.net must be a torch.nn.Module, got {type(net).__name__}.")
+        if init_from:
+            rank_zero_info(finetune.init_from(net, init_from))
+        #: The normalisation layers that model.freeze froze whole, kept in eval mode while training.
+        self.frozen_norms = groups.freeze(net, freeze) if freeze else []
         # Mistakes in param_groups and in the optimiser's arguments (torch checks them: lr > 0, ...) fail now, not at fit.
-        check_optimizer(optimizer, group_parameters(net, param_groups))
+        groups.check_optimizer(optimizer, groups.group_parameters(net, param_groups))
         with warnings.catch_warnings():
             # From the CLI the net, optimizer and scheduler arrive as their configs (class_path +
             # init_args), which is what load_from_checkpoint needs and what a resumed fit compares;
@@ -259,31 +166,25 @@ class ImageClassifier(L.LightningModule):
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.num_classes = num_classes
         self.nonfinite_skips = 0
-        topk = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-        if num_classes > 5:
-            topk["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        # Evaluation: one torchmetrics collection per stage (state must never mix stages). Training
-        # keeps running sums on the device instead (see _accumulate_train): a torchmetrics update
-        # and a self.log call every step cost more than a percent of a small net's step on CPU.
+        # One torchmetrics collection per stage (state must never mix stages), all from build_metrics;
+        # each is updated every step and logged (computed over the epoch and all processes) at its end.
+        metrics = build_metrics(num_classes)
         self.metrics = nn.ModuleDict(
             {
-                f"{stage}_metrics": MetricCollection({k: m.clone() for k, m in topk.items()}, prefix=f"{stage}/")
-                for stage in EVAL_STAGES
+                f"{stage}_metrics": MetricCollection({k: m.clone() for k, m in metrics.items()}, prefix=f"{stage}/")
+                for stage in STAGES
             }
         )
-        self.train_topk = 5 if num_classes > 5 else 1
-        # [sum of loss x batch size, top-1 hits, top-k hits] of this epoch, on the training device;
-        # a plain attribute, not a buffer, so DDP never broadcasts rank 0's sums over the others'.
-        self._train_sums: torch.Tensor | None = None
+        # [sum of loss x batch size, images] of this training epoch, on the training device; a plain
+        # attribute, not a buffer, so DDP never broadcasts rank 0's sums over the others'.
+        self._train_loss: torch.Tensor | None = None
         self._train_count = 0
 
     def metric_names(self, stage: str) -> list[str]:
         """The names this module logs in ``stage`` (``train``, ``val`` or ``test``): what a checkpoint
         or an early-stopping callback may monitor."""
-        if stage == "train":
-            topk = [f"train/acc_top{self.train_topk}"] if self.train_topk > 1 else []
-            return ["train/loss_step", "train/loss_epoch", "train/loss", "train/acc", *topk]
-        return [f"{stage}/loss", *self.metrics[f"{stage}_metrics"].keys()]
+        losses = ["train/loss_step", "train/loss_epoch", "train/loss"] if stage == "train" else [f"{stage}/loss"]
+        return [*losses, *self.metrics[f"{stage}_metrics"].keys()]
 
     def configure_model(self) -> None:
         # Lightning calls this hook after the callbacks' setup and before the strategy wraps the
@@ -314,64 +215,39 @@ class ImageClassifier(L.LightningModule):
         logits = self(images) if stage == "train" else self.evaluate(images)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        self.metrics[f"{stage}_metrics"].update(logits.detach(), labels)
         if stage == "train":
-            self._accumulate_train(loss.detach(), logits.detach(), labels)
+            # A running sum on the device: self.log every step costs more than a percent of a small net's step.
+            batch_loss = loss.detach().float() * len(labels)
+            self._train_loss = batch_loss if self._train_loss is None else self._train_loss.add_(batch_loss)
+            self._train_count += len(labels)
         else:
-            self.metrics[f"{stage}_metrics"].update(logits.detach(), labels)
-            self.log(
-                f"{stage}/loss",
-                loss,
-                on_step=False,
-                on_epoch=True,
-                prog_bar=True,
-                sync_dist=True,
-                batch_size=len(labels),
-            )
+            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
         return logits.detach() if return_logits else loss
-
-    def _accumulate_train(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add this batch to the epoch's training loss and accuracy sums: a few tensor ops, no
-        host-device synchronisation. (``train/loss_step`` is logged by ``_log_train_step`` only on
-        the steps the loggers record, every ``trainer.log_every_n_steps``; the progress bar's loss
-        refreshes then too.)"""
-        hits = logits.topk(self.train_topk, dim=-1).indices == labels[:, None]
-        batch = torch.stack([loss.float() * len(labels), hits[:, 0].sum().float(), hits.any(dim=-1).sum().float()])
-        self._train_sums = batch if self._train_sums is None else self._train_sums.add_(batch)
-        self._train_count += len(labels)
 
     def _log_train_step(self, loss: torch.Tensor, batch_size: int) -> None:
         every = self.trainer.log_every_n_steps
-        # The index Lightning's loggers count in: optimiser steps, plus the batches skipped for a non-finite loss.
+        # Only on the steps the loggers record: the index they count in is optimiser steps, plus the batches
+        # skipped for a non-finite loss (the progress bar's loss refreshes then too).
         if self.trainer.fast_dev_run or (every and (self.global_step + self.nonfinite_skips + 1) % every == 0):
-            self.log(
-                "train/loss_step",
-                loss,
-                on_step=True,
-                on_epoch=False,
-                prog_bar=True,
-                sync_dist=True,
-                batch_size=batch_size,
-            )
+            self.log("train/loss_step", loss, on_step=True, prog_bar=True, sync_dist=True, batch_size=batch_size)
 
     def on_train_epoch_start(self) -> None:
-        self._train_sums, self._train_count = None, 0
+        self._train_loss, self._train_count = None, 0
+        groups.keep_frozen_norms_in_eval(self.net, self.frozen_norms)  # Lightning has just put every module in train()
 
     def on_train_epoch_end(self) -> None:
-        # The epoch's training metrics, under the names Lightning gave them when they were logged
-        # every step: train/loss_epoch (also as train/loss, for callbacks), train/acc, train/acc_top5;
-        # summed over all processes first, so they cover the whole epoch's data.
-        if self._train_sums is None:
+        # The epoch's training loss as train/loss_epoch (also as train/loss, for callbacks), summed over
+        # all processes first, so it covers the whole epoch's data; then train/acc, ... (build_metrics).
+        if self._train_loss is None:
             return
-        totals = torch.cat([self._train_sums, self._train_sums.new_tensor([self._train_count])])
+        totals = torch.stack([self._train_loss, self._train_loss.new_tensor(self._train_count)])
         if self.trainer.world_size > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        loss_sum, top1, topk, count = totals.unbind()
-        self.log("train/loss_epoch", loss_sum / count, prog_bar=True)
-        self.log("train/loss", loss_sum / count, logger=False)
-        self.log("train/acc", top1 / count)
-        if self.train_topk > 1:
-            self.log(f"train/acc_top{self.train_topk}", topk / count)
-        self._train_sums, self._train_count = None, 0
+        self.log("train/loss_epoch", totals[0] / totals[1], prog_bar=True)
+        self.log("train/loss", totals[0] / totals[1], logger=False)
+        self.log_dict(self.metrics["train_metrics"])
+        self._train_loss, self._train_count = None, 0
 
     def _log_epoch_metrics(self, stage: str) -> None:
         # Logging the Metric objects lets torchmetrics aggregate over the epoch and across processes;
@@ -430,24 +306,20 @@ class ImageClassifier(L.LightningModule):
         dtype = next((p.dtype for p in self.net.parameters() if p.is_floating_point()), torch.get_default_dtype())
         return torch.zeros(1, *shape, dtype=dtype)
 
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """The groups handed to ``optimizer``: ``model.param_groups`` and the base group, each split into weights
-        (decayed) and biases/normalisation parameters (ndim < 2, never decayed); see :func:`group_parameters`."""
-        return group_parameters(self.net, self.hparams.get("param_groups"))
-
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameter_groups())
-        scale_learning_rates(optimizer)
+        # model.param_groups and the base group, each split into weights (decayed) and biases/norms (never decayed).
+        optimizer = self.optimizer_factory(groups.group_parameters(self.net, self.hparams.get("param_groups")))
+        groups.scale_learning_rates(optimizer)
+        groups.name_added_groups(optimizer, self.net)
         if self.scheduler_factory is None:
             return optimizer
         factory, options = self.scheduler_factory, {}
-        planned = _unset_argument(factory, "total_steps")
-        interval = self.hparams.get("scheduler_interval") or (
-            "step" if planned or _takes(factory, "total_steps") else "epoch"
-        )
+        arguments = keyword_arguments(factory) or {}
+        planned = "total_steps" in arguments and arguments["total_steps"] is None  # to be filled in with the plan
+        interval = self.hparams.get("scheduler_interval") or ("step" if "total_steps" in arguments else "epoch")
         if planned:
             options["total_steps"] = self.planned_schedule_length = self.schedule_length(interval)
-        max_lr = getattr(factory, "keywords", {}).get("max_lr")
+        max_lr = arguments.get("max_lr")
         if isinstance(max_lr, (int, float)) and not isinstance(max_lr, bool):
             # One peak per group: OneCycleLR's max_lr scaled by each group's lr_scale, as the optimizer's lr is.
             options["max_lr"] = [max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
@@ -487,13 +359,3 @@ class ImageClassifier(L.LightningModule):
                 f"{self.planned_schedule_length}: resume with the checkpoint's trainer.max_epochs/max_steps, or start a "
                 "new run to change the plan (project.schedules.WarmupCosine follows a changed plan)."
             )
-
-
-def _takes(factory: Callable, name: str) -> bool:
-    """Whether ``factory`` has been given, or accepts, the keyword ``name``."""
-    if name in (getattr(factory, "keywords", None) or {}):
-        return True
-    try:
-        return name in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 PROJECT = REPO / "project"
 CORE = [*PROJECT.glob("models/*.py"), *PROJECT.glob("data/*.py"), *PROJECT.glob("callbacks/*.py")]
 CORE += [PROJECT / name for name in ("classifier.py", "schedules.py", "state_dicts.py", "errors.py")]
-CORE += [p for p in [PROJECT / "param_groups.py"] if p.exists()]
+CORE += [PROJECT / name for name in ("param_groups.py", "finetune.py")]
 
 
 def imported_modules(path: Path) -> set[str]:

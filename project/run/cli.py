@@ -11,7 +11,6 @@ plugins it names by default ask it where to write.
 
 import errno
 import importlib
-import inspect
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 import project.models  # noqa: F401  (imported, its nets are known subclasses: --model.net ResNet20 resolves without -c)
 from project.callbacks import BufferReport, SyncBuffers
-from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier
+from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier, keyword_arguments
 from project.errors import UserError
 from project.run import checkpoints, directory, option_checks, tracking
 from project.run.callbacks import ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState
@@ -81,7 +80,8 @@ def check_net_arguments(config, model) -> None:
     Either mistake would otherwise fail at the first batch, deep inside a layer, or train a head of
     the wrong size."""
     net_class = type(model.net)
-    if not _accepts(net_class, "num_classes"):
+    arguments = keyword_arguments(net_class)
+    if arguments is not None and "num_classes" not in arguments and "**" not in arguments:
         raise UserError(no_num_classes(config.model.net.class_path))
     in_channels = (config.model.net.get("init_args") or {}).get("in_channels")
     shape = model.hparams.get("image_shape")
@@ -104,17 +104,10 @@ def takes_num_classes(class_path: str) -> bool:
     ``**kwargs`` (torchvision's and timm's model functions hand those to the model class)."""
     try:
         module, _, name = class_path.rpartition(".")
-        return _accepts(getattr(importlib.import_module(module), name), "num_classes")
+        arguments = keyword_arguments(getattr(importlib.import_module(module), name))
     except (ImportError, AttributeError, ValueError):
         return False  # jsonargparse reports a class_path it cannot import
-
-
-def _accepts(cls, name: str) -> bool:
-    try:
-        parameters = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return True  # nothing to check against
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return arguments is None or "num_classes" in arguments or "**" in arguments  # None: nothing to check against
 
 
 #: The folder the best and last checkpoints (and any ModelCheckpoint added) share, each with its own file names.

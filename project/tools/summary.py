@@ -17,7 +17,6 @@ optimiser's). ``--internals`` prints, instead of the table, what each module kee
 
 import argparse
 import importlib
-import inspect
 import sys
 from collections.abc import Sequence
 
@@ -353,15 +352,14 @@ def optimizer_settings(options: dict) -> tuple[str, float | None, float | None]:
 
 def _signature_defaults(class_path: str) -> dict:
     """The keyword defaults of the optimiser class ``class_path`` names (empty when it cannot be imported)."""
+    from project.classifier import keyword_arguments  # imports Lightning: only when asked for
+
     module_name, _, name = class_path.rpartition(".")
     try:
-        factory = getattr(importlib.import_module(module_name), name)
-        parameters = inspect.signature(factory).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
+        arguments = keyword_arguments(getattr(importlib.import_module(module_name), name)) or {}
+    except (ImportError, AttributeError):
         return {}
-    return {
-        p.name: p.default for p in parameters if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
-    }
+    return {k: v for k, v in arguments.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def model_section(path: str) -> dict:
@@ -377,9 +375,9 @@ def model_section(path: str) -> dict:
 def format_param_groups(
     model: nn.Module, lr: float | None, weight_decay: float | None, param_groups, optimizer: str = "torch.optim.SGD"
 ) -> str:
-    """The optimiser's parameter groups as ImageClassifier builds them (``project.classifier.group_parameters``):
+    """The optimiser's parameter groups as ImageClassifier builds them (``project.param_groups.group_parameters``):
     each group's lr is the optimiser's ``lr`` times its ``lr_scale``; its weight decay its own, else the optimiser's."""
-    from project.classifier import group_parameters  # imports Lightning: only when asked for
+    from project.param_groups import group_parameters  # imports torch: only when asked for
 
     groups = group_parameters(model, param_groups)
     header = ("Group", "lr", "Weight decay", "Params", "Parameters")
