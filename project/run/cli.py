@@ -11,6 +11,7 @@ plugins it names by default ask it where to write.
 
 import errno
 import importlib
+import inspect
 import json
 import os
 import re
@@ -206,15 +207,15 @@ def place_loggers(trainer_config, run_dir: Path) -> None:
             continue
         module, _, name = class_path.rpartition(".")
         try:
-            parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-        except (ImportError, AttributeError, TypeError, ValueError):
+            parameters = keyword_arguments(getattr(importlib.import_module(module), name)) or {}
+        except (ImportError, AttributeError):
             continue  # instantiation says what is wrong with it
         for key in ("name", "version"):
-            if init.get(key) == "" and key in parameters and parameters[key].default is not inspect.Parameter.empty:
-                init[key] = parameters[key].default
+            if init.get(key) == "" and key in parameters and parameters[key] is not inspect.Parameter.empty:
+                init[key] = parameters[key]
         if "save_dir" in parameters:
             given = init.get("save_dir")
-            default = parameters["save_dir"].default
+            default = parameters["save_dir"]
             value = given if given is not None else (default if isinstance(default, str) else ".")
             init["save_dir"] = str(run_dir / value)  # an absolute path stays as it is
         uri = init.get("tracking_uri")

@@ -17,6 +17,7 @@ optimiser's). ``--internals`` prints, instead of the table, what each module kee
 
 import argparse
 import importlib
+import inspect
 import sys
 from collections.abc import Sequence
 
