@@ -107,6 +107,18 @@ def takes_num_classes(class_path: str) -> bool:
         return False  # jsonargparse reports a class_path it cannot import
 
 
+def with_num_classes(net: dict, num_classes: int) -> dict:
+    """``model.net`` (a class_path/init_args dict) building ``num_classes`` classes, ready for jsonargparse to
+    parse: given as dict_kwargs, which jsonargparse moves into init_args where the net's signature names it and
+    passes on otherwise (a timm function's ``**kwargs``; in init_args, "Option 'num_classes' is not accepted")."""
+    init_args = {key: value for key, value in (net.get("init_args") or {}).items() if key != "num_classes"}
+    return {
+        **net,
+        "init_args": init_args,
+        "dict_kwargs": {**(net.get("dict_kwargs") or {}), "num_classes": num_classes},
+    }
+
+
 def _accepts(cls, name: str) -> bool:
     try:
         parameters = inspect.signature(cls).parameters.values()
@@ -452,6 +464,9 @@ class ProjectCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
+        net = hparams.get("net")
+        if isinstance(net, dict) and "num_classes" in (net.get("init_args") or {}):  # the link put it there
+            hparams["net"] = with_num_classes(net, net["init_args"]["num_classes"])
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         model = self.config[self.subcommand].model
