@@ -66,14 +66,7 @@ def tiny(tmp_path, *extra):
     ]
 
 
-#: validate/test/predict from the run's config.yaml re-parse the checkpoint's hyperparameters, where a timm
-#: function's num_classes (passed through **kwargs) is refused: "Option 'num_classes' is not accepted". Unfixed.
-TIMM_EVAL = pytest.mark.xfail(reason="timm functions: evaluating from config.yaml refuses num_classes", strict=False)
-
-
-@pytest.mark.parametrize(
-    "net", [pytest.param(n, marks=TIMM_EVAL) if n.startswith("timm") else n for n in NETS], ids=list(NETS)
-)
+@pytest.mark.parametrize("net", list(NETS))
 def test_a_library_net_fits_evaluates_refits_exports_and_summarises(tmp_path, net, capsys):
     args, path, init_args = NETS[net]
     cli = main(["fit", *tiny(tmp_path, *args)])
@@ -88,7 +81,7 @@ def test_a_library_net_fits_evaluates_refits_exports_and_summarises(tmp_path, ne
         assert evaluated.model.net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     again = main(["fit", "-c", config])
     assert type(again.model.net) is type(cli.model.net)
-    refit = run_dirs(tmp_path / "runs", "run")[-1]
+    refit = again.run.directory  # not run_dirs()[-1]: runs started in the same second sort by their random suffix
     by_hand(path, init_args).load_state_dict(torch.load(refit / "net.pt", weights_only=True))
     capsys.readouterr()
     text = summary.main(["-c", config, "--depth", "1"])

@@ -189,6 +189,26 @@ def run_file_claims(trainer, run_dir: Path) -> list[directory.Claim]:
     return claims
 
 
+def with_num_classes(net: dict, num_classes: int) -> dict:
+    """``model.net`` (a class_path/init_args dict) building ``num_classes`` classes, ready for jsonargparse to
+    parse: given as dict_kwargs, which jsonargparse moves into init_args where the net's signature names it and
+    passes on otherwise (a timm function's ``**kwargs``; in init_args, "Option 'num_classes' is not accepted")."""
+    init_args = {key: value for key, value in (net.get("init_args") or {}).items() if key != "num_classes"}
+    return {
+        **net,
+        "init_args": init_args,
+        "dict_kwargs": {**(net.get("dict_kwargs") or {}), "num_classes": num_classes},
+    }
+
+
+def _accepts(cls, name: str) -> bool:
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return True  # nothing to check against
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def check_trainer_writes_inside(trainer, run_dir: Path) -> None:
     """Refuse a logger, callback or profiler that the configuration points outside the run directory, or
     at a file (or folder) another writer of the run owns, before anything is written: every file a run
@@ -628,6 +648,9 @@ class ProjectCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
+        net = hparams.get("net")
+        if isinstance(net, dict) and "num_classes" in (net.get("init_args") or {}):  # the link put it there
+            hparams["net"] = with_num_classes(net, net["init_args"]["num_classes"])
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         model = self.config[self.subcommand].model

@@ -177,18 +177,18 @@ def union_problem(message: str) -> str | None:
         sentence = union_problem(message[nested:])
         if sentence is not None:
             return f"{key[1]}.{sentence}"
+    inner = re.search(r'Parser key "([^"]+)":\s*Expected an? (.+?)\. Got value: (.*)', message)
+    if inner:
+        expected = re.sub(r"<class '(?:\w+\.)*(\w+)'>", lambda m: _TYPE_WORDS.get(m[1], m[1]), inner[2])
+        return f"{key[1]}.{inner[1]} must be {expected}, got {inner[3].strip()!r}."
     # A class that the key takes, refused for its own reason (a required argument missing, an unknown
-    # one): jsonargparse's reason, never "does not accept Namespace(...)".
+    # one; a wrong value is the rule above): jsonargparse's reason, never "does not accept Namespace(...)".
     problem = re.search(
         r"- Problem with given class_path '([^']+)':\s*(.+?)(?=\n\s*- |\n\s*Given value|\Z)", message, re.S
     )
     if problem:
         reason = " ".join(problem[2].split()).rstrip(".")
         return f"{key[1]} {problem[1]}: {reason}; give them as --{key[1]}.init_args.<argument> <value> (or in YAML)."
-    inner = re.search(r'Parser key "([^"]+)":\s*Expected an? (.+?)\. Got value: (.*)', message)
-    if inner:
-        expected = re.sub(r"<class '(?:\w+\.)*(\w+)'>", lambda m: _TYPE_WORDS.get(m[1], m[1]), inner[2])
-        return f"{key[1]}.{inner[1]} must be {expected}, got {inner[3].strip()!r}."
     subtypes = re.search(r"Subtypes: \[(.*)\]", message)
     choices: list[str] = []
     found = re.findall(r"Literal\[([^\]]*)\]|<class '(?:\w+\.)*(\w+)'>", subtypes[1] if subtypes else "")

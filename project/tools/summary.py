@@ -75,7 +75,7 @@ def net_through_cli(path: str, init_args: dict) -> nn.Module:
     from jsonargparse import ArgumentParser  # imports Lightning: only for -c
     from lightning.pytorch import LightningDataModule
 
-    from project.run.cli import ProjectCLI, takes_num_classes
+    from project.run.cli import ProjectCLI, takes_num_classes, with_num_classes
     from project.run.data_contract import read_declared
 
     class ParseOnly(ProjectCLI):
@@ -87,17 +87,15 @@ def net_through_cli(path: str, init_args: dict) -> nn.Module:
         ParseOnly(args=["fit", "-c", path, *overrides])
     except _Parsed as parsed:
         config = parsed.config
-    net = config.model.net.clone()
-    if "num_classes" not in init_args and takes_num_classes(net.class_path):
+    net = config.model.net.as_dict()
+    if "num_classes" not in init_args and takes_num_classes(net["class_path"]):
         parser = ArgumentParser(exit_on_error=False)
         parser.add_argument("--data", type=LightningDataModule)
         data = parser.instantiate(parser.parse_object({"data": config.data.as_dict()})).data
-        # Where the net's signature names it, else among the **kwargs it passes on (as the CLI's link does).
-        where = "init_args" if "num_classes" in (net.get("init_args") or {}) else "dict_kwargs"
-        net[f"{where}.num_classes"] = read_declared("num_classes", data)
+        net = with_num_classes(net, read_declared("num_classes", data))
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--net", type=nn.Module)
-    return parser.instantiate(parser.parse_object({"net": net.as_dict()})).net
+    return parser.instantiate(parser.parse_object({"net": net})).net
 
 
 def _shape(value) -> str:
