@@ -61,6 +61,11 @@ class ProcessLock:
     def __enter__(self) -> "ProcessLock":
         return self.acquire(wait=True)
 
+    def __reduce__(self):
+        # ddp_spawn pickles the trainer, and with it the run: its processes get an unheld lock on the same path
+        # (the lock stays this process's; a filelock carries a thread lock, which cannot be pickled).
+        return (type(self), (self.path,))
+
     def __exit__(self, *exc) -> None:
         self.release()
 
