@@ -72,6 +72,22 @@ def make_npz(
     return path
 
 
+def lenet_fit_args(root: Path, npz: Path, *options: str) -> list[str]:
+    """``fit`` of experiments/lenet.yaml on ``npz`` at the smallest sizes, writing under ``root``, then ``options``:
+    the command line the CLI tests start from."""
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments/lenet.yaml"),
+        f"--data.npz={npz}",
+        *QUIET,
+        "--data.val_size=16",
+        "--data.batch_size=8",
+        f"--trainer.default_root_dir={root}",
+        *options,
+    ]
+
+
 @pytest.fixture
 def tiny_npz(tmp_path: Path) -> Path:
     return make_npz(tmp_path / "tiny.npz")

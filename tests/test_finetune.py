@@ -17,7 +17,7 @@ from project.errors import UserError
 from project.finetune import init_from
 from project.models import LeNet, ResNet20
 from project.run.cli import main
-from tests.conftest import QUIET, REPO, make_npz, run_dirs
+from tests.conftest import REPO, lenet_fit_args, make_npz, run_dirs
 
 
 def same(a: torch.nn.Module, b: torch.nn.Module, prefix: str = "") -> bool:
@@ -241,22 +241,16 @@ def npz(tmp_path_factory):
 
 
 def fit_args(root, npz, *extra):
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments/lenet.yaml"),
-        f"--data.npz={npz}",
-        *QUIET,
-        "--data.val_size=16",
-        "--data.batch_size=8",
+    return lenet_fit_args(
+        root,
+        npz,
         "--test_after_fit=false",
         "--plots.enabled=false",
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
-        f"--trainer.default_root_dir={root}",
         *extra,
-    ]
+    )
 
 
 def test_the_cli_fine_tunes_from_a_run_with_frozen_convolutions(tmp_path, npz, caplog):

@@ -14,7 +14,7 @@ from project.run.callbacks import LearningRates
 from project.run.cli import main
 from project.run.tracking import CSVLogger
 from project.schedules import WarmupCosine, warmup_cosine
-from tests.conftest import QUIET, REPO, make_npz
+from tests.conftest import lenet_fit_args, make_npz
 
 GROUPS = [{"match": "fc*", "lr_scale": 10}, {"match": "conv1.*", "lr_scale": 0.1, "name": "slow_conv"}]
 #: LearningRateMonitor's columns: lr-<optimizer>/<group name>, weights and (no weight decay) biases apart.
@@ -41,21 +41,15 @@ def assert_ratios(rows: list[dict[str, float]], optimizer: str = "SGD") -> None:
 
 
 def fit_args(root, npz, *extra):
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments/lenet.yaml"),
-        f"--data.npz={npz}",
-        *QUIET,
-        "--data.val_size=16",
-        "--data.batch_size=8",
+    return lenet_fit_args(
+        root,
+        npz,
         "--test_after_fit=false",
         "--plots.enabled=false",
         "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={root}",
         f"--model.param_groups={json.dumps(GROUPS)}",
         *extra,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")

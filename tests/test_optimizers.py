@@ -17,7 +17,7 @@ from project.classifier import ImageClassifier
 from project.models import LeNet, ResNet20
 from project.run.cli import main
 from project.schedules import warmup_cosine
-from tests.conftest import QUIET, REPO, make_npz
+from tests.conftest import lenet_fit_args, make_npz
 
 
 class MyOptimizer(torch.optim.Optimizer):
@@ -49,23 +49,17 @@ def npz(tmp_path_factory):
 
 
 def fit_args(root, npz, *extra, batches: int = 2, epochs: int = 1):
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments/lenet.yaml"),
-        f"--data.npz={npz}",
-        *QUIET,
-        "--data.val_size=16",
-        "--data.batch_size=8",
+    return lenet_fit_args(
+        root,
+        npz,
         "--test_after_fit=false",
         "--plots.enabled=false",
         "--trainer.log_every_n_steps=1",
         f"--trainer.max_epochs={epochs}",
         f"--trainer.limit_train_batches={batches}",
         "--trainer.limit_val_batches=1",
-        f"--trainer.default_root_dir={root}",
         *extra,
-    ]
+    )
 
 
 def logged_lrs(cli, column: str) -> list[float]:

@@ -144,6 +144,46 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, tiny_npz):
     assert final["global_step"] == end - end % 5 and final["global_step"] > stopped_at
 
 
+class _SigtermAfterStep(ImageClassifier):
+    """Receives SIGTERM in its own on_train_batch_end at ``step``: after every callback's hook, so after
+    LastCheckpoint's periodic save of that step, where Lightning raises SIGTERMException itself."""
+
+    def __init__(self, step: int):
+        super().__init__(LeNet(), scheduler=None)
+        self.step = step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler runs in this thread, before the next line
+
+
+def test_sigterm_right_after_a_periodic_save_says_where_it_saved(tmp_path, caplog):
+    """The race CI once lost: the signal lands after the save of this step, so nothing new is written,
+    but the stop still names the checkpoint of the step it stopped at."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from project.run.callbacks.checkpointing import LastCheckpoint
+
+    last = LastCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path / "checkpoints"))
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[last],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 10, (48,)))
+    with caplog.at_level("INFO"), pytest.raises(SIGTERMException):
+        loader = torch.utils.data.DataLoader(data, batch_size=8)
+        trainer.fit(_SigtermAfterStep(step=4), loader, val_dataloaders=loader)
+    assert last.saved_at_step == 4
+    assert f"SIGTERM received: saved {tmp_path / 'checkpoints' / 'last.ckpt'} at step 4;" in caplog.text
+    assert caplog.text.count("SIGTERM received: saved") == 1
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+
+
 class _NaNData(L.LightningDataModule):
     """Random images; the batches listed in ``poisoned`` carry a NaN pixel."""
 

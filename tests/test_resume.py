@@ -12,7 +12,7 @@ from project.models import LeNet
 from project.run.callbacks.random_state import capture_random_state, restore_random_state
 from project.run.cli import main
 from project.run.metrics_file import read_series as read_metrics
-from tests.conftest import QUIET, REPO, run_dirs
+from tests.conftest import QUIET, REPO, lenet_fit_args, run_dirs
 from tests.probes import Interrupted
 
 INTERRUPT = json.dumps([{"class_path": "tests.probes.RaiseAtEpoch", "init_args": {"epoch": 1}}])
@@ -20,20 +20,14 @@ ONE_CYCLE = ["--model.scheduler", "torch.optim.lr_scheduler.OneCycleLR", "--mode
 
 
 def fit_args(root, npz, *extra):
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments/lenet.yaml"),
-        f"--data.npz={npz}",
-        *QUIET,
-        "--data.val_size=16",
-        "--data.batch_size=8",
+    return lenet_fit_args(
+        root,
+        npz,
         "--trainer.max_epochs=2",
         "--test_after_fit=false",
         "--plots.enabled=false",
-        f"--trainer.default_root_dir={root}",
         *extra,
-    ]
+    )
 
 
 def weights(run) -> dict[str, torch.Tensor]:

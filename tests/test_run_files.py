@@ -13,7 +13,7 @@ import yaml
 
 from project.run import directory
 from project.run.cli import main
-from tests.conftest import QUIET, REPO, make_npz, run_cli
+from tests.conftest import REPO, lenet_fit_args, make_npz, run_cli
 from tests.test_runs import copy_run, snapshot
 
 #: How a test gives each option of the registry a value; an option added to FILE_OPTIONS without a row here fails
@@ -94,19 +94,13 @@ PAIRS = [
 
 
 def fit_args(root: Path, npz: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments/lenet.yaml"),
-        f"--data.npz={npz}",
-        *QUIET,
-        "--data.val_size=16",
-        "--data.batch_size=8",
+    return lenet_fit_args(
+        root,
+        npz,
         "--trainer.max_epochs=1",
         "--plots.num_samples=4",
-        f"--trainer.default_root_dir={root}",
         *extra,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")

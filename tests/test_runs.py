@@ -20,25 +20,19 @@ import yaml
 
 from project.run import directory
 from project.run.cli import main
-from tests.conftest import QUIET, REPO, kill_group, make_npz, run_bounded, run_cli, run_dirs, start_cli
+from tests.conftest import QUIET, REPO, kill_group, lenet_fit_args, make_npz, run_bounded, run_cli, run_dirs, start_cli
 from tests.test_slurm import fake_scontrol, job_step_env
 
 
 def fit_args(root: Path, npz: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments/lenet.yaml"),
-        f"--data.npz={npz}",
-        *QUIET,
-        "--data.val_size=16",
-        "--data.batch_size=8",
+    return lenet_fit_args(
+        root,
+        npz,
         "--trainer.max_epochs=1",
         "--test_after_fit=false",
         "--plots.enabled=false",
-        f"--trainer.default_root_dir={root}",
         *extra,
-    ]
+    )
 
 
 def snapshot(folder: Path) -> dict[str, str]:

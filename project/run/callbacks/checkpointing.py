@@ -102,6 +102,7 @@ class LastCheckpoint(Checkpoint):
         #: The global step of the newest checkpoint this callback wrote (None: none yet), and its path.
         self.saved_at_step: int | None = None
         self.last_model_path = ""
+        self.stop_announced = False
 
     @property
     def state_key(self) -> str:
@@ -144,7 +145,8 @@ class LastCheckpoint(Checkpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Under DDP every rank raises SIGTERMException at the same batch boundary (Lightning
         # broadcasts SIGTERM; stop_requested agrees on Ctrl-C), so all ranks take part in this save.
-        if isinstance(exception, SIGTERMException) and self.saved_at_step != trainer.global_step:
+        # Lightning raises it itself when the signal lands after this callback's batch or epoch end.
+        if isinstance(exception, SIGTERMException):
             self.save_now(trainer, stop_reason())
 
     def save(self, trainer, now: bool = False) -> bool:
@@ -162,7 +164,11 @@ class LastCheckpoint(Checkpoint):
         return True
 
     def save_now(self, trainer, reason: str) -> None:
-        if self.save(trainer, now=True):
+        """Save at this step before stopping, unless a periodic save just did, and say so once."""
+        if self.stop_announced:
+            return
+        if self.saved_at_step == trainer.global_step or self.save(trainer, now=True):
+            self.stop_announced = True
             rank_zero_info(
                 f"{reason}: saved {self.last_model_path} at step {trainer.global_step}; resume with --ckpt_path last."
             )
