@@ -39,6 +39,13 @@ def restore_environment():
     os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def bare_argv(monkeypatch):
+    """The in-process CLI tests give their command line as ``main(args)``; LightningCLI warns when
+    ``sys.argv`` holds other arguments beside them (here pytest's own), so a test sees only a program name."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+
+
 #: Arguments that make a CLI run quiet and small; tests add their own on top.
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0"]
 
@@ -193,11 +200,15 @@ def _add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 # ---- test tiers -----------------------------------------------------------------------------------
-#: Seconds each test took on the reference machine (2 CPU cores), written by
-#: ``pytest --store-durations``: a test that took SLOW_SECONDS or more is marked ``slow``, so
+#: Seconds each test took on the reference machine (2 CPU cores) with coverage on, as the daily loop runs,
+#: written by ``pytest --store-durations``: a test that took SLOW_SECONDS or more is marked ``slow``, so
 #: ``pytest -m "not slow"`` (the daily loop) is chosen by measurement, not by guess.
 DURATIONS = Path(__file__).with_name("durations.json")
-SLOW_SECONDS = 1.0
+SLOW_SECONDS = 1.25
+#: A parametrized test whose rows together took MATRIX_SECONDS or more is a matrix (every option against every
+#: file, every mistake of a table): the daily loop runs its first MATRIX_SAMPLE rows, CI runs them all.
+MATRIX_SECONDS = 5.0
+MATRIX_SAMPLE = 3
 
 
 def pytest_addoption(parser):
@@ -210,9 +221,26 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     durations = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    rows: dict[str, list] = {}
     for item in items:
         if durations.get(item.nodeid, 0.0) >= SLOW_SECONDS:
             item.add_marker(pytest.mark.slow)
+        if hasattr(item, "callspec"):
+            rows.setdefault(item.nodeid.partition("[")[0], []).append(item)
+    for matrix in rows.values():
+        if sum(durations.get(item.nodeid, 0.0) for item in matrix) >= MATRIX_SECONDS:
+            for item in matrix[MATRIX_SAMPLE:]:
+                item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """Under pytest-xdist (the daily loop's ``-n 2``) each worker has a core: torch's own threads would
+    only contend with the other worker for it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 _measured: dict[str, float] = {}
@@ -224,7 +252,8 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if session.config.getoption("--store-durations") and _measured:
+    # Under pytest-xdist the controller receives every worker's reports and writes the file once.
+    if session.config.getoption("--store-durations") and _measured and not os.environ.get("PYTEST_XDIST_WORKER"):
         stored = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
         stored.update({nodeid: round(seconds, 2) for nodeid, seconds in _measured.items()})
         DURATIONS.write_text(json.dumps(dict(sorted(stored.items())), indent=1) + "\n")

@@ -280,3 +280,35 @@ def test_finetune_reads_with_torch_alone():
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {m for m in modules if m.startswith(("lightning", "project.run", "project.tools"))}, modules
+
+
+# --------------------------------------------------------------------------- on the real subset
+
+
+def subset_fit(root, subset_npz, *extra):
+    return main(
+        lenet_fit_args(
+            root,
+            subset_npz,
+            "--data.val_size=500",
+            "--data.batch_size=64",
+            "--plots.enabled=false",
+            *extra,
+        )
+    )
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_the_real_subset_keeps_what_the_source_learned(tmp_path, subset_npz):
+    """experiments/finetune.yaml's recipe in small: a LeNet trained for 4 epochs on the real images, then its
+    fully connected layers retrained for one epoch on frozen convolutions. The same epoch on frozen *random*
+    convolutions (init_from left out) is the control: the copied features must be worth more than chance
+    and more than random ones, and stay bit for bit as loaded."""
+    source = subset_fit(tmp_path / "source", subset_npz, "--trainer.max_epochs=4").run_dir
+    finetune = ["-c", str(REPO / "experiments/finetune.yaml"), "--trainer.max_epochs=1", "--model.freeze=[conv*]"]
+    tuned = subset_fit(tmp_path / "tuned", subset_npz, *finetune, f"--model.init_from={source}")
+    control = subset_fit(tmp_path / "control", subset_npz, *finetune, "--model.init_from=null")
+    tuned_acc, control_acc = (cli.trainer.callback_metrics["test/acc"].item() for cli in (tuned, control))
+    assert tuned_acc > 0.3 and tuned_acc > control_acc + 0.05, (tuned_acc, control_acc)
+    start, end = (torch.load(p / "net.pt", weights_only=True) for p in (source, tuned.run_dir))
+    assert all(torch.equal(start[k], end[k]) for k in start if k.startswith("conv"))

@@ -3,6 +3,7 @@ is imported, called, read or overridden anywhere in project/ (ALLOWED is empty, 
 
 import ast
 import importlib
+import inspect
 import pkgutil
 import re
 import sys
@@ -144,7 +145,10 @@ def test_buffer_report_reads_broadcast_buffers_from_the_public_ddp_wrapper(tmp_p
     try:
         for broadcast, expected in ((True, "DDP: broadcast from rank 0"), (False, "DDP with broadcast_buffers=False")):
             strategy = DDPStrategy(broadcast_buffers=broadcast)
-            strategy.model = DistributedDataParallel(torch.nn.BatchNorm1d(2), broadcast_buffers=broadcast)
+            # torch 2.14 renamed the argument (forward_sync_buffers) and warns on the old one; the property stays.
+            renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": broadcast}
+            strategy.model = DistributedDataParallel(torch.nn.BatchNorm1d(2), **sync)
             assert sync_policy(SimpleNamespace(world_size=2, strategy=strategy, callbacks=[])).startswith(expected)
     finally:
         dist.destroy_process_group()
