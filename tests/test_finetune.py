@@ -17,7 +17,7 @@ from project.errors import UserError
 from project.finetune import init_from
 from project.models import LeNet, ResNet20
 from project.run.cli import main
-from tests.conftest import REPO, lenet_fit_args, make_npz, run_dirs
+from tests.conftest import QUIET, REPO, lenet_fit_args, make_npz, run_dirs
 
 
 def same(a: torch.nn.Module, b: torch.nn.Module, prefix: str = "") -> bool:
@@ -285,17 +285,11 @@ def test_finetune_reads_with_torch_alone():
 # --------------------------------------------------------------------------- on the real subset
 
 
-def subset_fit(root, subset_npz, *extra):
-    return main(
-        lenet_fit_args(
-            root,
-            subset_npz,
-            "--data.val_size=500",
-            "--data.batch_size=64",
-            "--plots.enabled=false",
-            *extra,
-        )
-    )
+def subset_fit(root, subset_npz, experiment, *extra):
+    """``fit -c experiments/<experiment>.yaml`` on the real subset, quiet, writing under ``root``."""
+    config = str(REPO / f"experiments/{experiment}.yaml")
+    data = [f"--data.npz={subset_npz}", "--data.val_size=500", "--data.batch_size=64", "--plots.enabled=false"]
+    return main(["fit", "-c", config, *data, *QUIET, f"--trainer.default_root_dir={root}", *extra])
 
 
 @pytest.mark.slow
@@ -304,10 +298,10 @@ def test_fine_tuning_on_the_real_subset_keeps_what_the_source_learned(tmp_path, 
     fully connected layers retrained for one epoch on frozen convolutions. The same epoch on frozen *random*
     convolutions (init_from left out) is the control: the copied features must be worth more than chance
     and more than random ones, and stay bit for bit as loaded."""
-    source = subset_fit(tmp_path / "source", subset_npz, "--trainer.max_epochs=4").run_dir
-    finetune = ["-c", str(REPO / "experiments/finetune.yaml"), "--trainer.max_epochs=1", "--model.freeze=[conv*]"]
-    tuned = subset_fit(tmp_path / "tuned", subset_npz, *finetune, f"--model.init_from={source}")
-    control = subset_fit(tmp_path / "control", subset_npz, *finetune, "--model.init_from=null")
+    source = subset_fit(tmp_path / "source", subset_npz, "lenet", "--trainer.max_epochs=4").run_dir
+    finetune = ["--trainer.max_epochs=1", "--model.freeze=[conv*]"]
+    tuned = subset_fit(tmp_path / "tuned", subset_npz, "finetune", *finetune, f"--model.init_from={source}")
+    control = subset_fit(tmp_path / "control", subset_npz, "finetune", *finetune, "--model.init_from=null")
     tuned_acc, control_acc = (cli.trainer.callback_metrics["test/acc"].item() for cli in (tuned, control))
     assert tuned_acc > 0.3 and tuned_acc > control_acc + 0.05, (tuned_acc, control_acc)
     start, end = (torch.load(p / "net.pt", weights_only=True) for p in (source, tuned.run_dir))
