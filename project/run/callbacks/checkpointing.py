@@ -3,6 +3,7 @@ checkpoint and an always-fresh ``last.ckpt`` inside the run directory, and a fin
 process is asked to stop (SIGTERM, Ctrl-C)."""
 
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,13 @@ class BestCheckpoint(ModelCheckpoint):
         if filename is not None:
             directory.path_in_run(Path(dirpath or ".") / filename, "checkpoint.filename", default="best-{epoch}")
         super().__init__(dirpath=dirpath, filename=filename, **kwargs)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # The folder is the run's own: new and empty for a new run, holding this run's checkpoints on a resume,
+        # where Lightning's "exists and is not empty" warning would only alarm.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
 
 
 def stop_reason() -> str:
