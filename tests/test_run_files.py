@@ -215,10 +215,14 @@ def test_wandb_logger_by_either_name_keeps_its_offline_run_in_the_run_directory(
     assert list(run.glob("wandb/offline-run-*/run-*.wandb")), sorted(run.rglob("*"))
 
 
-def test_mlflow_logger_with_a_local_store_writes_into_the_run(tmp_path, npz):
+def test_mlflow_logger_with_a_local_store_writes_into_the_run(tmp_path, npz, monkeypatch):
+    """MLFlowLogger by name alone once wrote its experiments into the run's root (the ``.`` of the CSVLogger
+    it replaced); its own ``./mlruns`` is now inside the run. MLflow 3 keeps its file store only on request."""
     pytest.importorskip("mlflow", reason="mlflow is not a dependency; MLFlowLogger is tested where it is installed")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     run = main(fit_args(tmp_path / "runs", npz, "--trainer.logger=MLFlowLogger", "--plots.enabled=false")).run_dir
     assert any(run.glob("mlruns/*/*/metrics/*")), sorted(run.rglob("*"))
+    assert {p.name for p in run.iterdir()} <= {"mlruns", "config.yaml", "checkpoints", "net.pt", "run.lock"}
 
 
 def test_a_logger_added_by_name_alone_and_a_missing_save_dir_said_in_one_sentence(tmp_path, npz, capsys):

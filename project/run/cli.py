@@ -20,6 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning.pytorch.loggers
 import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
@@ -472,18 +473,18 @@ def command_name() -> str:
 #: Short logger names that Lightning and project.run.tracking both define (jsonargparse refuses an ambiguous
 #: short name, and says nothing of why): ours, Lightning's class that keeps the run's files in the run.
 SHORT_LOGGER_NAMES = {name: f"project.run.tracking.{name}" for name in ("CSVLogger", "WandbLogger")}
-#: Lightning's loggers whose save_dir is required: given by name alone on the command line, they get
-#: ``save_dir: .`` (the run directory, see place_loggers), which jsonargparse would refuse as missing.
-SAVE_DIR_REQUIRED = {"TensorBoardLogger", "CSVLogger"}
-
-
 def logger_argument(value: str) -> str:
-    """``CSVLogger`` as ours; a Lightning logger whose save_dir is required, with ``save_dir: .``; else as given."""
+    """``CSVLogger`` as ours; a Lightning logger by name alone with its own ``save_dir`` default spelled out,
+    ``.`` (the run directory, see place_loggers) where it has none: else jsonargparse would keep the ``.`` of
+    the CSVLogger it replaces (MLflow's ``./mlruns`` lost), or refuse a required save_dir as missing."""
     if value in SHORT_LOGGER_NAMES:
         return SHORT_LOGGER_NAMES[value]
     name = value.rpartition(".")[2]
-    if name in SAVE_DIR_REQUIRED and value in (name, f"lightning.pytorch.loggers.{name}"):
-        return json.dumps({"class_path": f"lightning.pytorch.loggers.{name}", "init_args": {"save_dir": "."}})
+    parameters = keyword_arguments(getattr(lightning.pytorch.loggers, name, None)) or {}
+    if value in (name, f"lightning.pytorch.loggers.{name}") and "save_dir" in parameters:
+        default = parameters["save_dir"]
+        save_dir = "." if default is inspect.Parameter.empty else default
+        return json.dumps({"class_path": f"lightning.pytorch.loggers.{name}", "init_args": {"save_dir": save_dir}})
     return value
 
 
