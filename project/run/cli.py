@@ -473,6 +473,8 @@ def command_name() -> str:
 #: Short logger names that Lightning and project.run.tracking both define (jsonargparse refuses an ambiguous
 #: short name, and says nothing of why): ours, Lightning's class that keeps the run's files in the run.
 SHORT_LOGGER_NAMES = {name: f"project.run.tracking.{name}" for name in ("CSVLogger", "WandbLogger")}
+
+
 def logger_argument(value: str) -> str:
     """``CSVLogger`` as ours; a Lightning logger by name alone with its own ``save_dir`` default spelled out,
     ``.`` (the run directory, see place_loggers) where it has none: else jsonargparse would keep the ``.`` of
