@@ -8,6 +8,7 @@ writes into one run directory; tests.probes.RankDump records what each rank saw.
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from project.data import CIFAR10DataModule
 from project.models import LeNet, ResNet20
 from project.run.checkpoints import load_into, plain_state_dict, read_checkpoint
 from project.run.cli import main
-from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
+from tests.conftest import QUIET, REPO, cli_env, make_npz, run_bounded, run_cli, run_dirs
 
 DDP_CPU = ["-c", "experiments/presets/ddp_cpu.yaml"]
 SMALL = [*QUIET, "--data.val_size=16", "--data.batch_size=8", "--trainer.max_epochs=1", "--plots.enabled=false"]
@@ -381,3 +382,21 @@ def test_multi_gpu_fit_converts_and_agrees_across_ranks(tmp_path, preset):
     converted = plain_state_dict(read_checkpoint(run / "checkpoints/last.ckpt"))
     exported = torch.load(run / "net.pt", weights_only=True)
     assert all(torch.equal(converted[k].cpu(), exported[k]) for k in exported)
+
+
+def test_a_process_of_a_gloo_group_leaves_it_before_the_interpreter_shuts_down(tmp_path):
+    """A ddp_spawn worker once died with SIGABRT ("terminate called without an active exception") after the
+    test that follows fit: its gloo group was left to interpreter finalization. LeaveProcessGroup destroys it
+    in an exit handler; an earlier-registered handler, which atexit runs after it, sees the group gone."""
+    script = f"""
+import atexit, sys
+import torch.distributed as dist
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+from project.run.callbacks import LeaveProcessGroup
+for stage in ("fit", "test"):
+    LeaveProcessGroup().setup(None, None, stage)
+"""
+    out = run_bounded([sys.executable, "-c", script], timeout=120, cwd=REPO, env=cli_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["initialized at exit: False"], out.stdout

@@ -39,7 +39,15 @@ from project.callbacks import BufferReport, SyncBuffers
 from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier, keyword_arguments
 from project.errors import UserError
 from project.run import checkpoints, directory, option_checks, tracking
-from project.run.callbacks import ExportNet, LastCheckpoint, PredictionPlots, PredictionWriter, ProgressBar, RandomState
+from project.run.callbacks import (
+    ExportNet,
+    LastCheckpoint,
+    LeaveProcessGroup,
+    PredictionPlots,
+    PredictionWriter,
+    ProgressBar,
+    RandomState,
+)
 from project.run.callbacks.checkpointing import LAST, AtomicCheckpointIO, BestCheckpoint
 from project.run.callbacks.learning_rates import LearningRates
 from project.run.cluster import SLURMRequeue
@@ -719,6 +727,7 @@ class ProjectCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if checkpointing is False:
             trainer.callbacks = [callback for callback in trainer.callbacks if not isinstance(callback, Checkpoint)]
+        trainer.callbacks.append(LeaveProcessGroup())
         if self.run is not None:
             check_trainer_writes_inside(trainer, self.run.directory)
         return trainer

@@ -1,11 +1,12 @@
 """The run's plumbing callbacks, which the CLI installs: checkpoints, plain-weight export, random state,
-predictions, plots, progress and learning-rate columns. A researcher rarely names these in YAML."""
+predictions, plots, progress, learning-rate columns and a clean exit from a process group. A researcher rarely names these in YAML."""
 
 from project.run.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
 from project.run.callbacks.export import ExportNet
 from project.run.callbacks.learning_rates import LearningRates
 from project.run.callbacks.plots import PredictionPlots
 from project.run.callbacks.predictions import PredictionWriter
+from project.run.callbacks.process_group import LeaveProcessGroup
 from project.run.callbacks.progress import ProgressBar
 from project.run.callbacks.random_state import RandomState
 
@@ -15,6 +16,7 @@ __all__ = [
     "ExportNet",
     "LastCheckpoint",
     "LearningRates",
+    "LeaveProcessGroup",
     "PredictionPlots",
     "PredictionWriter",
     "ProgressBar",
