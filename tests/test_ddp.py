@@ -384,19 +384,30 @@ def test_multi_gpu_fit_converts_and_agrees_across_ranks(tmp_path, preset):
     assert all(torch.equal(converted[k].cpu(), exported[k]) for k in exported)
 
 
-def test_a_process_of_a_gloo_group_leaves_it_before_the_interpreter_shuts_down(tmp_path):
+def test_a_spawned_worker_leaves_its_gloo_group_before_the_interpreter_shuts_down(tmp_path):
     """A ddp_spawn worker once died with SIGABRT ("terminate called without an active exception") after the
     test that follows fit: its gloo group was left to interpreter finalization. LeaveProcessGroup destroys it
-    in an exit handler; an earlier-registered handler, which atexit runs after it, sees the group gone."""
-    script = f"""
-import atexit, sys
-import torch.distributed as dist
-atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
-dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
-from project.run.callbacks import LeaveProcessGroup
-for stage in ("fit", "test"):
-    LeaveProcessGroup().setup(None, None, stage)
-"""
-    out = run_bounded([sys.executable, "-c", script], timeout=120, cwd=REPO, env=cli_env())
+    in an exit handler; an earlier-registered handler, which atexit runs after it, sees the group gone. The
+    parent process, no spawned worker, registers nothing."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import atexit, multiprocessing, sys\n"
+        "import torch.distributed as dist\n"
+        "from project.run.callbacks import LeaveProcessGroup\n\n\n"
+        "def worker(store):\n"
+        "    atexit.register(lambda: print('worker: initialized at exit:', dist.is_initialized(), flush=True))\n"
+        "    dist.init_process_group('gloo', store=dist.FileStore(store, 1), rank=0, world_size=1)\n"
+        "    for stage in ('fit', 'test'):\n"
+        "        LeaveProcessGroup().setup(None, None, stage)\n\n\n"
+        "if __name__ == '__main__':\n"
+        "    atexit.register(lambda: print('parent: initialized at exit:', dist.is_initialized(), flush=True))\n"
+        "    dist.init_process_group('gloo', store=dist.FileStore(sys.argv[1] + '.parent', 1), rank=0, world_size=1)\n"
+        "    LeaveProcessGroup().setup(None, None, 'fit')\n"
+        "    child = multiprocessing.get_context('spawn').Process(target=worker, args=(sys.argv[1],))\n"
+        "    child.start()\n"
+        "    child.join()\n"
+        "    sys.exit(child.exitcode)\n"
+    )
+    out = run_bounded([sys.executable, str(script), str(tmp_path / "store")], timeout=120, cwd=REPO, env=cli_env())
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines() == ["initialized at exit: False"], out.stdout
+    assert out.stdout.splitlines() == ["worker: initialized at exit: False", "parent: initialized at exit: True"]
