@@ -13,10 +13,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from project.classifier import ImageClassifier
 from project.models import LeNet
-from project.run.callbacks.checkpointing import AtomicCheckpointIO
+from project.run.callbacks.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from project.run.checkpoints import CheckpointError
 from project.run.cli import main as cli_main
 from tests.conftest import QUIET, REPO, kill_group, make_npz, run_cli, run_dirs, start_cli
@@ -160,10 +161,6 @@ class _SigtermAfterStep(ImageClassifier):
 def test_sigterm_right_after_a_periodic_save_says_where_it_saved(tmp_path, caplog):
     """The race CI once lost: the signal lands after the save of this step, so nothing new is written,
     but the stop still names the checkpoint of the step it stopped at."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from project.run.callbacks.checkpointing import LastCheckpoint
-
     last = LastCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path / "checkpoints"))
     trainer = L.Trainer(
         max_epochs=1,

@@ -1,5 +1,6 @@
 """The run's plumbing callbacks, which the CLI installs: checkpoints, plain-weight export, random state,
-predictions, plots, progress, learning-rate columns and a clean exit from a process group. A researcher rarely names these in YAML."""
+predictions, plots, progress, learning-rate columns and a spawned worker's clean exit from its process group.
+A researcher rarely names these in YAML."""
 
 from project.run.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint
 from project.run.callbacks.export import ExportNet
