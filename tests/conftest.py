@@ -208,7 +208,7 @@ SLOW_SECONDS = 1.25
 #: A parametrized test whose rows together took MATRIX_SECONDS or more is a matrix (every option against every
 #: file, every mistake of a table): the daily loop runs its first MATRIX_SAMPLE rows, CI runs them all.
 MATRIX_SECONDS = 5.0
-MATRIX_SAMPLE = 3
+MATRIX_SAMPLE = 2
 
 
 def pytest_addoption(parser):

@@ -83,6 +83,7 @@ def test_one_run_directory_and_one_logger_for_all_ranks(ddp_run):
     assert steps == [0], "rank 0's logger alone writes; a second logger would duplicate every row"
 
 
+@pytest.mark.slow  # the module's DDP run (about 17 s) is paid by whichever of its tests runs first
 def test_gradient_statistics_use_the_synchronised_gradients(ddp_run):
     """Each rank trained on a different shard, yet both computed the same per-layer norms: they
     read the gradients after DDP's all-reduce. Local gradients would differ between the ranks."""
@@ -99,6 +100,7 @@ def test_gradient_statistics_use_the_synchronised_gradients(ddp_run):
     assert rank0["stats"]["ActivationStatistics"] == rank1["stats"]["ActivationStatistics"], "averaged over ranks"
 
 
+@pytest.mark.slow  # the module's DDP run (about 17 s) is paid by whichever of its tests runs first
 def test_saved_buffers_are_rank0s_broadcast_values(ddp_run):
     """DDP broadcasts buffers from rank 0 before each forward pass instead of reducing them: the
     checkpoint holds rank 0's statistics, which count rank 0's 24 images, not all 48."""
@@ -121,6 +123,7 @@ def test_saved_buffers_are_rank0s_broadcast_values(ddp_run):
     assert "broadcast from rank 0" in json.loads((run / "buffers.json").read_text())["synchronisation"]
 
 
+@pytest.mark.slow  # the module's DDP run (about 17 s) is paid by whichever of its tests runs first
 def test_ddp_checkpoint_and_net_pt_give_the_same_predictions_in_one_process(ddp_run):
     run = ddp_run["run"]
     net = ResNet20()
@@ -136,6 +139,7 @@ def test_ddp_checkpoint_and_net_pt_give_the_same_predictions_in_one_process(ddp_
     assert list(plain_state_dict(read_checkpoint(run / "checkpoints/last.ckpt"))) == list(net.state_dict())
 
 
+@pytest.mark.slow  # the module's DDP run (about 17 s) is paid by whichever of its tests runs first
 def test_training_metrics_cover_every_rank(ddp_run):
     """Training loss and accuracy are per-rank sums until the epoch ends; then they are summed over
     the ranks, so every rank logs the same values, those of all 48 training images."""
