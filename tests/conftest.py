@@ -95,6 +95,14 @@ def lenet_fit_args(root: Path, npz: Path, *options: str) -> list[str]:
     ]
 
 
+def subset_fit_args(root: Path, subset_npz: Path, experiment: str, *options: str) -> list[str]:
+    """``fit -c experiments/<experiment>.yaml`` on the real subset (500 validation images, batch 64), quiet,
+    without plots, writing under ``root``, then ``options``: the learning checks' command line."""
+    config = str(REPO / f"experiments/{experiment}.yaml")
+    data = [f"--data.npz={subset_npz}", "--data.val_size=500", "--data.batch_size=64", "--plots.enabled=false"]
+    return ["fit", "-c", config, *data, *QUIET, f"--trainer.default_root_dir={root}", *options]
+
+
 @pytest.fixture
 def tiny_npz(tmp_path: Path) -> Path:
     return make_npz(tmp_path / "tiny.npz")

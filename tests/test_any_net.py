@@ -10,7 +10,7 @@ import torch
 
 from project.run.cli import main
 from project.tools import summary
-from tests.conftest import QUIET, REPO, make_npz, run_dirs
+from tests.conftest import QUIET, make_npz, run_dirs, subset_fit_args
 
 timm = pytest.importorskip("timm")
 
@@ -109,8 +109,6 @@ def test_a_net_function_without_num_classes_is_one_sentence(tmp_path, monkeypatc
 def test_a_library_net_learns_on_the_real_subset(tmp_path, subset_npz, net):
     """The README's one-epoch command ("Use a torchvision or timm net"): the library's ResNet-18 with a 10-way
     head, trained and tested on the real images, beats chance (10%) clearly."""
-    args = ["fit", "-c", str(REPO / "experiments/lenet.yaml"), f"--model.net={net}", "--trainer.max_epochs=1"]
-    args += ["--data.batch_size=64", f"--data.npz={subset_npz}", "--data.val_size=500", *QUIET]
-    cli = main([*args, "--plots.enabled=false", f"--trainer.default_root_dir={tmp_path}"])
+    cli = main(subset_fit_args(tmp_path, subset_npz, "lenet", f"--model.net={net}", "--trainer.max_epochs=1"))
     accuracy = cli.trainer.callback_metrics["test/acc"].item()
     assert accuracy > 0.15, f"{net} reached {accuracy:.3f} on the 508 real test images after one epoch"

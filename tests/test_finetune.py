@@ -17,7 +17,7 @@ from project.errors import UserError
 from project.finetune import init_from
 from project.models import LeNet, ResNet20
 from project.run.cli import main
-from tests.conftest import QUIET, REPO, lenet_fit_args, make_npz, run_dirs
+from tests.conftest import REPO, lenet_fit_args, make_npz, run_dirs, subset_fit_args
 
 
 def same(a: torch.nn.Module, b: torch.nn.Module, prefix: str = "") -> bool:
@@ -286,10 +286,7 @@ def test_finetune_reads_with_torch_alone():
 
 
 def subset_fit(root, subset_npz, experiment, *extra):
-    """``fit -c experiments/<experiment>.yaml`` on the real subset, quiet, writing under ``root``."""
-    config = str(REPO / f"experiments/{experiment}.yaml")
-    data = [f"--data.npz={subset_npz}", "--data.val_size=500", "--data.batch_size=64", "--plots.enabled=false"]
-    return main(["fit", "-c", config, *data, *QUIET, f"--trainer.default_root_dir={root}", *extra])
+    return main(subset_fit_args(root, subset_npz, experiment, *extra))
 
 
 @pytest.mark.slow
