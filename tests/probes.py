@@ -6,6 +6,7 @@ mid-fit, run FSDP on CPU processes. None of them is part of the template.
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -138,17 +139,30 @@ class SignalSweepWorker(L.Callback):
     ``signal`` to the worker (this process's parent), once per ``marker`` file. SIGTERM is a worker
     asked to stop; SIGKILL kills the worker's process group and then this trial, as a node failure does."""
 
-    def __init__(self, marker: str, signal: str = "SIGKILL", epoch: int = 1) -> None:
-        self.marker, self.signum, self.epoch = Path(marker), getattr(signal_module, signal), epoch
+    def __init__(self, marker: str, signal: str = "SIGKILL", epoch: int = 1, batch: int | None = None) -> None:
+        self.marker, self.signum, self.epoch, self.batch = Path(marker), getattr(signal_module, signal), epoch, batch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.batch is None:
+            self._signal(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # ``batch``: mid-epoch, while this epoch's DataLoader workers are alive; then wait here until the
+        # worker's SIGTERM has reached this process, so that it is handled at this very batch boundary.
+        if batch_idx == self.batch and self._signal(trainer):
+            deadline = time.monotonic() + 60
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    def _signal(self, trainer: L.Trainer) -> bool:
         if trainer.current_epoch != self.epoch or self.marker.exists():
-            return
+            return False
         self.marker.touch()
         if self.signum == signal.SIGKILL:
             os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         os.kill(os.getppid(), self.signum)
+        return True
 
 
 class Announce(L.Callback):
@@ -169,3 +183,14 @@ class CtrlCWhileBuilding(L.Callback):
 
     def __init__(self) -> None:
         os.killpg(os.getpgid(0), signal.SIGINT)
+
+
+class LateRank(L.Callback):
+    """On every rank but zero, ``setup`` waits (60 s at most) until rank zero has saved the run's config.yaml:
+    a rank that reaches setup late, as one of several srun tasks may."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = Path(trainer.default_root_dir) / "config.yaml"  # the CLI's run directory
+        deadline = time.monotonic() + 60
+        while trainer.global_rank != 0 and not config.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)

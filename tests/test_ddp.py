@@ -8,6 +8,7 @@ writes into one run directory; tests.probes.RankDump records what each rank saw.
 import csv
 import json
 import math
+import subprocess
 import sys
 
 import pytest
@@ -197,6 +198,24 @@ def test_single_process_checkpoint_resumes_under_ddp(tmp_path):
     resumed = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 6 + 3  # then 24 images / batch 8 per rank
     load_into(LeNet(), run / "net.pt")
+
+
+def test_a_rank_that_reaches_setup_after_rank_zero_saved_the_config_stays_in_step(tmp_path):
+    """Rank 1 starts its setup only once rank 0 has written config.yaml (tests.probes.LateRank), as one srun
+    task of several may. It once took that file for a resume's, skipped the broadcast that follows the save,
+    and from then on the ranks' collectives were out of step: the job hung until SLURM's time limit."""
+    npz = make_npz(tmp_path / "d.npz")
+    args = ["fit", "-c", "experiments/lenet.yaml", *DDP_CPU, f"--data.npz={npz}", *SMALL, "--test_after_fit=false"]
+    try:
+        out = run_cli(
+            [*args, f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=tests.probes.LateRank"], timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two ranks hung: their collectives were out of step")
+    assert out.returncode == 0, out.stderr[-4000:]
+    (run,) = run_dirs(tmp_path, "lenet")
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml"]
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
 
 
 def test_ddp_spawn_fit(tmp_path):

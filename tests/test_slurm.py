@@ -22,10 +22,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from project.classifier import ImageClassifier
 from project.data import CIFAR10DataModule
+from project.errors import UserError
 from project.models import LeNet
+from project.run import directory
 from project.run.callbacks import LastCheckpoint
 from project.run.cli import ProjectCLI
-from project.run.cluster import SLURMRequeue, requeue_job, slurm_job_id
+from project.run.cluster import Requeue, SLURMRequeue, requeue_job, slurm_job_id
 from tests.conftest import QUIET, REPO, kill_group, run_cli
 
 SLURM_SCRIPTS = sorted((REPO / "experiments" / "slurm").glob("*.sbatch"))
@@ -122,6 +124,40 @@ def test_requeue_job_runs_scontrol_and_explains_every_failure(tmp_path, monkeypa
     assert requeue_job("42; rm -rf /") == "'42; rm -rf /' is not a SLURM job id"  # never reaches a shell anyway
 
 
+@pytest.mark.parametrize(
+    "job, restart, folder",
+    [
+        ({"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "train"}, "SLURM_RESTART_COUNT", "slurm-77"),
+        ({"TORCHELASTIC_RUN_ID": "exp-a", "WORLD_SIZE": "2"}, "TORCHELASTIC_RESTART_COUNT", "torchrun-exp-a"),
+    ],
+    ids=["slurm", "torchrun"],
+)
+def test_a_job_with_a_used_id_refuses_the_earlier_run_and_its_own_restart_resumes_it(
+    tmp_path, monkeypatch, job, restart, folder
+):
+    """The run directory is named after the job's id, and ids come back (a controller's state reset, clusters
+    sharing a file system, a reused --rdzv-id): the first start of a job never adopts a run it finds there."""
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "WANDB_SWEEP_ID", "PROJECT_RUN_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in job.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(restart, raising=False)
+    run_dir = tmp_path / "lenet" / folder
+    assert directory.choose_run_dir(tmp_path, "lenet", None, resume_last=False, fit=True) == run_dir  # none yet
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed_everything: 1\n")  # an earlier job's run
+    with pytest.raises(UserError, match=f"{restart} is (unset|0)"):
+        directory.choose_run_dir(tmp_path, "lenet", None, resume_last=False, fit=True)
+    monkeypatch.setenv(restart, "0")
+    with pytest.raises(UserError, match="holds the run of an earlier job"):
+        directory.choose_run_dir(tmp_path, "lenet", None, resume_last=False, fit=True)
+    # On purpose (--ckpt_path last), or evaluating it, or a restart of this job: that run.
+    assert directory.choose_run_dir(tmp_path, "lenet", None, resume_last=True, fit=True) == run_dir
+    assert directory.choose_run_dir(tmp_path, "lenet", None, resume_last=False, fit=False) == run_dir
+    monkeypatch.setenv(restart, "1")
+    assert directory.choose_run_dir(tmp_path, "lenet", None, resume_last=False, fit=True) == run_dir
+
+
 def test_array_task_is_requeued_by_its_own_id(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "1001")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1000")
@@ -169,9 +205,9 @@ def test_requeue_signal_mid_epoch_saves_explains_and_resumes_exactly(tmp_path, t
     for key, value in job_step_env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PATH", str(tmp_path / "no-scontrol-here"))
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(Requeue) as stopped:
         _fit(tmp_path / "job", tiny_npz, SignalAtStep(17), SLURMRequeue())  # signal first: handled at the same step
-    message = str(stopped.value.code)
+    message = stopped.value.finish()  # after Lightning's teardown, as the CLI calls it
     ckpt = tmp_path / "job" / "checkpoints" / "last.ckpt"
     assert message == (
         f"Saved {ckpt} at step 17, but the job was not requeued: `scontrol` is not on PATH on this node "
@@ -253,7 +289,17 @@ def test_requeued_job_resumes_in_its_own_run_directory_with_identical_weights(tm
     stopped_at = int(re.search(r"at step (\d+) and requeued SLURM job 4242", err).group(1))
     assert stopped_at < 5 * 12 and not (run_dir / "net.pt").exists()  # it stopped early, and exported nothing
 
-    requeued = subprocess.run(job, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
+    # A new job that got the same id (SLURM_RESTART_COUNT unset) refuses the earlier job's run, touching nothing.
+    reused = subprocess.run(job, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert reused.returncode == 2 and "holds the run of an earlier job with the same id" in reused.stderr
+    assert "Traceback" not in reused.stderr and "Run directory" not in reused.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == before
+
+    # SLURM sets SLURM_RESTART_COUNT in a requeued job.
+    requeued = subprocess.run(
+        job, cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert f"Resuming from {run_dir / 'checkpoints'}" in requeued.stderr
     (reference,) = (tmp_path / "uninterrupted" / "lenet").glob("*/net.pt")

@@ -182,6 +182,43 @@ def test_a_stopped_worker_s_trial_is_resumed_by_the_next_worker_in_its_run_direc
     assert sorted(p.name for p in (directory / "trials").iterdir()) == [trial["id"]]
 
 
+def test_a_worker_stopped_mid_epoch_stops_its_trial_with_dataloader_workers_at_a_batch_boundary(tmp_path, tiny_npz):
+    """A worker stopped (SIGTERM: a time limit, scancel, pre-emption) while its trial's DataLoader workers
+    are alive: the trial saves last.ckpt at that batch boundary and exits 143, no "DataLoader worker ...
+    killed by signal" crash, and is marked interrupted; the next worker resumes it to the end, every epoch
+    once. (Sent to the trial's whole process group, the stop killed the DataLoader workers first.)"""
+    marker = tmp_path / "signalled"
+    sweep = sweep_file(
+        tmp_path,
+        tiny_npz,
+        {"seed_everything": {"value": 3}},
+        "--data.pipeline=dataloader",
+        "--data.num_workers=2",
+        "--data.batch_size=8",
+        "--trainer.limit_train_batches=4",
+        "--trainer.callbacks+=tests.probes.SignalSweepWorker",
+        f"--trainer.callbacks.marker={marker}",
+        "--trainer.callbacks.signal=SIGTERM",
+        "--trainer.callbacks.batch=1",
+        epochs=2,
+    )
+    directory = tmp_path / "sweep"
+    first = run_worker(sweep, directory)
+    assert marker.exists() and first.returncode == 143, first.stderr[-3000:]
+    (trial,) = trials(directory)
+    log = (directory / "logs" / f"{trial['id']}.log").read_text()
+    assert trial["state"] == "interrupted", log[-3000:]
+    assert "killed by signal" not in log and "Traceback" not in log, log[-3000:]
+    assert "SIGTERM received: saved" in log and "at step 6" in log  # epoch 1, batch 1 (4 batches an epoch)
+
+    second = run_worker(sweep, directory)
+    assert second.returncode == 0, second.stderr[-3000:]
+    (trial,) = trials(directory)
+    assert trial["state"] == "finished" and trial["starts"] == 2
+    with open(directory / "trials" / trial["id"] / "metrics.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc")] == [0, 1]
+
+
 def test_failed_trials_are_recorded_and_three_in_a_row_stop_the_sweep(tmp_path, tiny_npz):
     """A trial the CLI refuses (exit 2) is recorded failed and the next one runs; after three failures
     in a row the worker stops with one sentence naming the last reason, and exit status 2."""

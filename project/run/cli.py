@@ -50,7 +50,7 @@ from project.run.callbacks import (
 )
 from project.run.callbacks.checkpointing import LAST, AtomicCheckpointIO, BestCheckpoint
 from project.run.callbacks.learning_rates import LearningRates
-from project.run.cluster import SLURMRequeue
+from project.run.cluster import Requeue, SLURMRequeue
 from project.run.data_contract import DataPluginParser, declared
 
 # Lightning 2.6's CombinedLoader (every fit, validate and test) builds torch's LeafSpec, which torch 2.10+
@@ -325,6 +325,10 @@ class RunConfigSaver(SaveConfigCallback):
         # not the process-wide run.
         run = directory.current()
         self.run = (run.directory, run.name) if run is not None else None
+        #: Whether the fit continues a run that has its config already. Looked at here, as the CLI builds the
+        #: callback: before any rank can have saved it, so every rank agrees (a rank that looked in setup, after
+        #: rank zero saved, skipped save()'s collective and left the ranks out of step: a hang, seen under SLURM).
+        self.resuming = run is not None and (run.directory / self.config_filename).exists()
         #: A resume's config-<time>.yaml waits for training to start (see setup).
         self.save_at_train_start = False
 
@@ -336,11 +340,11 @@ class RunConfigSaver(SaveConfigCallback):
             self.config = self.config.clone()
             self.config.name, self.config.run_dir = name, None
             portable_logger_paths(self.config, run_dir)
-            if (run_dir / self.config_filename).exists():
-                if stage != "fit":
-                    # The test after fit, in the fit's run and with its config (under ddp_spawn through a
-                    # fresh copy of this callback, which does not know that the fit saved it already).
-                    return
+            if stage != "fit" and (run_dir / self.config_filename).exists():
+                # The test after fit, in the fit's run and with its config (under ddp_spawn through a
+                # fresh copy of this callback, which does not know that the fit saved it already).
+                return
+            if stage == "fit" and self.resuming:
                 self.config_filename = f"config-{directory.new_run_name()}.yaml"
                 # A resume: saved once training starts, so that a resume refused while Lightning
                 # loads the checkpoint (a plan shorter than the steps done) leaves no file behind.
@@ -834,6 +838,8 @@ def main(args=None) -> ProjectCLI:
         return ProjectCLI(args=args)
     except SIGTERMException:
         sys.exit(130 if directory.stop_signals.pending(signal.SIGINT) else 143)
+    except Requeue as stop:  # the fit is torn down: now SLURM may stop the job
+        sys.exit(stop.finish())
     except SystemExit as err:
         # Lightning ends a KeyboardInterrupt (a second Ctrl-C, or one outside training) with exit(1).
         if err.code == 1 and directory.stop_signals.pending(signal.SIGINT):

@@ -1,10 +1,13 @@
 """SLURM jobs that survive their time limit and pre-emption: checkpoint, requeue, resume.
 
-``#SBATCH --signal=USR1@90`` makes SLURM send SIGUSR1 to every task 90 seconds before the job
-ends. :class:`SLURMRequeue` then lets the current training batch finish, saves
-``<run dir>/checkpoints/last.ckpt`` (all ranks agree on the step), asks SLURM to put the job
-back in the queue (``scontrol requeue <job id>``) and exits. A requeued job keeps its job id, so
-the CLI gives it the same run directory (``<root>/<name>/slurm-<job id>``) and, because that
+``#SBATCH --signal=USR1@90`` makes SLURM send SIGUSR1 to every task about 90 seconds before the job
+ends (90 to 120: the controller looks every 30 s). :class:`SLURMRequeue` notes it; at the next
+training batch end, or at the epoch's end when it came during validation (where an epoch-end
+checkpoint resumes exactly), every rank stops at the same step and ``<run dir>/checkpoints/last.ckpt``
+is saved. Lightning then tears the fit down (DataLoader workers joined), and only then
+:meth:`Requeue.finish` asks SLURM to put the job back in the queue (``scontrol requeue <job id>``,
+which sends SIGTERM to the whole job at once) and the process exits. A requeued job keeps its job
+id, so the CLI gives it the same run directory (``<root>/<name>/slurm-<job id>``) and, because that
 directory holds checkpoints, resumes ``fit`` from the newest of them (see :mod:`project.run.cli`).
 
 Lightning's own auto-requeue is switched off while this callback is active: it saves from inside
@@ -16,9 +19,11 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import lightning as L
+import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -38,16 +43,52 @@ def requeue_job(job_id: str) -> str | None:
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         return "`scontrol` is not on PATH on this node (is this really a SLURM compute node?)"
+    # A requeue has SLURM send SIGTERM to the whole job at once: this process is on its way out already.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
     try:
         result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
-        return f"`scontrol requeue {job_id}` could not run ({type(err).__name__}: {err})"
+        result = err
+    if main_thread and not (isinstance(result, subprocess.CompletedProcess) and result.returncode == 0):
+        signal.signal(signal.SIGTERM, previous)  # not requeued: SIGTERM means what it meant before
+    if not isinstance(result, subprocess.CompletedProcess):
+        return f"`scontrol requeue {job_id}` could not run ({type(result).__name__}: {result})"
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip()
         return f"`scontrol requeue {job_id}` failed with exit code {result.returncode}" + (
             f": {detail}" if detail else ""
         )
     return None
+
+
+class Requeue(SystemExit):
+    """Raised on every rank where :class:`SLURMRequeue` stops the fit: Lightning tears the fit down on its way
+    out, then :meth:`finish` requeues the job (the CLI calls it; from Python,
+    ``except Requeue as stop: sys.exit(stop.finish())`` around ``trainer.fit``)."""
+
+    def __init__(self, message: str, rank: int, saved: Path | None) -> None:
+        super().__init__(message)
+        self.message, self.rank, self.saved = message, rank, saved
+
+    def finish(self) -> int | str:
+        """Once every rank is here (no DataLoader worker left for the requeue's SIGTERM to kill), global
+        rank zero requeues the job; 0, or the sentence saying why not and how to resume."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        problem = [None]
+        if self.rank == 0:
+            job_id = slurm_job_id()
+            problem[0] = requeue_job(job_id) if job_id else "SLURM_JOB_ID is not set"
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0] is None:
+            rank_zero_info(f"{self.message} and requeued SLURM job {slurm_job_id()}; exiting.")
+            return 0
+        return (
+            f"{self.message}, but the job was not requeued: {problem[0]}. "
+            f"To resume, run the same command with --ckpt_path {self.saved or 'last'}."
+        )
 
 
 class SLURMRequeue(L.Callback):
@@ -65,10 +106,10 @@ class SLURMRequeue(L.Callback):
     ``plugins=[SLURMEnvironment(auto_requeue=False)]`` (the CLI does): with a single device,
     Lightning's own auto-requeue cannot be switched off later.
 
-    After a successful requeue the process exits with status 0 and the job starts again later in
-    the same run directory; when the job cannot be requeued (no ``scontrol`` on the node, or it
-    fails) the checkpoint is still written and the process exits with status 1 and a message
-    saying how to resume by hand.
+    The stop is :class:`Requeue`, raised on every rank at the same step. After a successful requeue
+    the process exits with status 0 and the job starts again later in the same run directory; when
+    the job cannot be requeued (no ``scontrol`` on the node, or it fails) the checkpoint is still
+    written and the process exits with status 1 and a message saying how to resume by hand.
     """
 
     def __init__(self, signal: str = "SIGUSR1", enabled: bool = True) -> None:
@@ -117,9 +158,17 @@ class SLURMRequeue(L.Callback):
             stop_signals.install(self.signum)  # does nothing when already installed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._save_and_stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        # After the epoch's validation: a signal that came during it stops here, at the epoch-end
+        # checkpoint a resume continues from exactly, not one batch into the next epoch.
+        self._save_and_stop_if_signalled(trainer)
+
+    def _save_and_stop_if_signalled(self, trainer: L.Trainer) -> None:
         if self._active and self._stop_decided(trainer):
             self._save(trainer)
-            self._requeue_and_exit(trainer, saved=self.checkpoint_path)
+            self._stop(trainer, saved=self.checkpoint_path)
 
     def _stop_decided(self, trainer: L.Trainer) -> bool:
         # Every rank must stop at the same step, also when the signal reached them at different times.
@@ -129,27 +178,17 @@ class SLURMRequeue(L.Callback):
             else self.requested
         )
 
-    def _requeue_and_exit(self, trainer: L.Trainer, saved: Path | None) -> None:
-        problem = None
+    def _stop(self, trainer: L.Trainer, saved: Path | None) -> None:
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger) and hasattr(logger.experiment, "mark_preempting"):
                     logger.experiment.mark_preempting()  # a wandb sweep then hands this run out again
-            job_id = slurm_job_id()
-            problem = requeue_job(job_id) if job_id else "SLURM_JOB_ID is not set"
-        problem = trainer.strategy.broadcast(problem)
         done = (
             f"Saved {saved} at step {trainer.global_step}"
             if saved
             else f"Training was complete (step {trainer.global_step})"
         )
-        if problem is None:
-            rank_zero_info(f"{done} and requeued SLURM job {slurm_job_id()}; exiting.")
-            raise SystemExit(0)
-        resume = f"--ckpt_path {saved}" if saved else "--ckpt_path last"
-        raise SystemExit(
-            f"{done}, but the job was not requeued: {problem}. To resume, run the same command with {resume}."
-        )
+        raise Requeue(done, trainer.global_rank, saved)
 
     def _save(self, trainer: L.Trainer) -> None:
         """Write the resume checkpoint through LastCheckpoint when the trainer has one (as the CLI's does)."""
@@ -166,7 +205,7 @@ class SLURMRequeue(L.Callback):
         # The test after fit (--test_after_fit): training is over and its checkpoints are written;
         # requeue, and the requeued job resumes the finished fit and tests again.
         if self._active and self._stop_decided(trainer):
-            self._requeue_and_exit(trainer, saved=None)
+            self._stop(trainer, saved=None)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.keep_after_fit:

@@ -96,7 +96,7 @@ def is_primary_process() -> bool:
     return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
-def choose_run_dir(root: Path, name: str, explicit: str | Path | None, resume_last: bool) -> Path:
+def choose_run_dir(root: Path, name: str, explicit: str | Path | None, resume_last: bool, fit: bool = False) -> Path:
     """Where this run writes; see the README's "Run directories" for the policy."""
     if explicit:
         return Path(explicit)
@@ -110,7 +110,10 @@ def choose_run_dir(root: Path, name: str, explicit: str | Path | None, resume_la
     job_id = slurm_job_id()
     if job_id and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
         # Stable across requeues of the same job, so a requeued job finds its own checkpoints.
-        return experiment / f"slurm-{job_id}"
+        run_dir = experiment / f"slurm-{job_id}"
+        if fit and not resume_last:
+            refuse_earlier_job(run_dir, "SLURM_RESTART_COUNT", f"SLURM job {job_id}", "SLURM reuses ids")
+        return run_dir
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
         run_id = os.environ["TORCHELASTIC_RUN_ID"]
         if run_id == "none":
@@ -118,12 +121,29 @@ def choose_run_dir(root: Path, name: str, explicit: str | Path | None, resume_la
                 "Under torchrun every rank must agree on the run directory: pass torchrun --rdzv-id=<unique id> "
                 f"or give --run_dir (or set {RUN_DIR_ENV})."
             )
-        return experiment / f"torchrun-{run_id}"
+        run_dir = experiment / f"torchrun-{run_id}"
+        if fit and not resume_last:
+            refuse_earlier_job(run_dir, "TORCHELASTIC_RESTART_COUNT", f"torchrun --rdzv-id {run_id}", "ids are reused")
+        return run_dir
     if resume_last:
         newest = newest_run_with(experiment, NAMED_CHECKPOINTS["last"])
         if newest is not None:
             return newest
     return experiment / new_run_name()
+
+
+def refuse_earlier_job(run_dir: Path, restart_count: str, job: str, why: str) -> None:
+    """One sentence, before anything is written, when the first start of a job finds a run in the directory
+    named after its id: that run is an earlier job's ({why}), never this one's to resume. Every rank of the job
+    decides alike: its own config.yaml is written only after all ranks joined. A requeue or an elastic restart
+    (``restart_count`` > 0) is this job again and resumes."""
+    if int(os.environ.get(restart_count) or 0) > 0 or not (run_dir / "config.yaml").exists():
+        return
+    raise UserError(
+        f"{run_dir} holds the run of an earlier job with the same id ({why}); this fit is the first start of "
+        f"{job}, not a restart of that one ({restart_count} is {os.environ.get(restart_count) or 'unset'}): give --name or --run_dir to start a run of "
+        "its own, or --ckpt_path last to continue that run on purpose."
+    )
 
 
 def newest_run_with(experiment: Path, pattern: str) -> Path | None:
@@ -415,7 +435,9 @@ class Run:
             if explicit is not None:
                 check_writable_dir(Path(explicit), "--run_dir")
         check_writable_dir(root, "--trainer.default_root_dir")
-        directory = choose_run_dir(root, name, explicit, resume_last=subcommand == "fit" and ckpt_path == "last")
+        directory = choose_run_dir(
+            root, name, explicit, resume_last=subcommand == "fit" and ckpt_path == "last", fit=subcommand == "fit"
+        )
         if directory.exists() and not directory.is_dir():
             raise UserError(f"The run directory {directory} is a file; remove it or choose another --run_dir.")
         run = cls(directory.resolve(), name=name)

@@ -399,8 +399,11 @@ class Worker:
         return 0
 
     def stop(self, signum: int, announce: bool = True) -> None:
-        """Forward a stop to every running trial (its whole process group): the CLI saves last.ckpt and exits;
-        the trial is marked interrupted so the next worker resumes it. A second signal stops them at once."""
+        """Forward a stop to every running trial: SIGTERM to its main process, which saves last.ckpt at a batch
+        boundary, shuts its DataLoader workers down itself and exits (sent to the whole process group, it
+        would kill those workers first: PyTorch's workers die on a SIGTERM that is not their parent's, and
+        the trial with them, unsaved). The trial is marked interrupted so the next worker resumes it. A
+        second signal stops them at once (SIGKILL to the whole group)."""
         again = self.stopping is not None
         self.stopping = self.stopping or signum
         if announce:
@@ -413,7 +416,10 @@ class Worker:
         for running in self.slots:
             if running is not None and running.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(running.process.pid, signal.SIGKILL if again else signal.SIGTERM)
+                    if again:
+                        os.killpg(running.process.pid, signal.SIGKILL)
+                    else:
+                        running.process.send_signal(signal.SIGTERM)
 
     def terminate_early(self) -> None:
         """The sweep's ``early_terminate`` (hyperband), decided by the ``sweeps`` package from every trial's
@@ -437,8 +443,7 @@ class Worker:
                         file=sys.stderr,
                         flush=True,
                     )
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(mine[stop.name].process.pid, signal.SIGTERM)
+                    mine[stop.name].process.send_signal(signal.SIGTERM)  # its main process: see stop()
 
 
 def _last_line(log: Path) -> str:
