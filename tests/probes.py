@@ -194,3 +194,24 @@ class LateRank(L.Callback):
         deadline = time.monotonic() + 60
         while trainer.global_rank != 0 and not config.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+class WaitInValidation(L.Callback):
+    """In the first start of a job only (``SLURM_RESTART_COUNT`` unset), when validation batch ``batch`` of
+    epoch ``epoch`` starts: write ``<marker>.<global rank>`` and wait there (60 s at most) until this process has
+    noted SIGUSR1, so that a test's ``scancel --signal=USR1`` lands while every rank is validating."""
+
+    def __init__(self, marker: str, epoch: int = 1, batch: int = 0) -> None:
+        self.marker, self.epoch, self.batch = marker, epoch, batch
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch, batch_idx) != (self.epoch, self.batch):
+            return
+        if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+            return
+        from project.run.directory import stop_signals  # noqa: PLC0415 (the probe observes the run layer)
+
+        Path(f"{self.marker}.{trainer.global_rank}").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 60
+        while not stop_signals.pending(signal.SIGUSR1) and time.monotonic() < deadline:
+            time.sleep(0.01)

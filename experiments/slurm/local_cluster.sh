@@ -55,7 +55,7 @@ mkdir -p "$conf_dir" "$state" /var/spool/slurmd "$log_dir"
 cat > "$conf_dir/slurm.conf" <<EOF
 # Written by experiments/slurm/local_cluster.sh: a single-node cluster for trying sbatch scripts.
 ClusterName=local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -79,7 +79,7 @@ SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 # Debian's packages read /etc/slurm; some builds look in /etc/slurm-llnl.

@@ -40,6 +40,7 @@ from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier, keyword_argum
 from project.errors import UserError
 from project.run import checkpoints, directory, option_checks, tracking
 from project.run.callbacks import (
+    EpochLines,
     ExportNet,
     LastCheckpoint,
     LeaveProcessGroup,
@@ -721,8 +722,9 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("plugins", self.default_plugins(config.get("plugins")))
         callbacks = as_list(config.get("callbacks"))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, AnyProgressBar) for c in callbacks):
-            # Lightning's default bar redraws after every batch; ours at most twice a second.
-            kwargs.setdefault("callbacks", [*callbacks, ProgressBar()])
+            # Lightning's default bar redraws after every batch; ours at most twice a second; a batch job's log gets lines.
+            batch_log = SLURMEnvironment.detect() and not sys.stderr.isatty()
+            kwargs.setdefault("callbacks", [*callbacks, EpochLines() if batch_log else ProgressBar()])
         checkpointing = config.get("enable_checkpointing")
         if checkpointing is False:
             # Lightning refuses checkpoint callbacks with enable_checkpointing=False, and the CLI always

@@ -43,23 +43,23 @@ def requeue_job(job_id: str) -> str | None:
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         return "`scontrol` is not on PATH on this node (is this really a SLURM compute node?)"
-    # A requeue has SLURM send SIGTERM to the whole job at once: this process is on its way out already.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
     try:
         result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
-        result = err
-    if main_thread and not (isinstance(result, subprocess.CompletedProcess) and result.returncode == 0):
-        signal.signal(signal.SIGTERM, previous)  # not requeued: SIGTERM means what it meant before
-    if not isinstance(result, subprocess.CompletedProcess):
-        return f"`scontrol requeue {job_id}` could not run ({type(result).__name__}: {result})"
+        return f"`scontrol requeue {job_id}` could not run ({type(err).__name__}: {err})"
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip()
         return f"`scontrol requeue {job_id}` failed with exit code {result.returncode}" + (
             f": {detail}" if detail else ""
         )
     return None
+
+
+def ignore_sigterm() -> None:
+    """For a process on its way out that requeues its job: ``scontrol requeue`` has SLURM send SIGTERM to the
+    whole job at once, which would otherwise end this process (and fill the log) before it exits by itself."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Requeue(SystemExit):
@@ -74,6 +74,7 @@ class Requeue(SystemExit):
     def finish(self) -> int | str:
         """Once every rank is here (no DataLoader worker left for the requeue's SIGTERM to kill), global
         rank zero requeues the job; 0, or the sentence saying why not and how to resume."""
+        ignore_sigterm()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         problem = [None]

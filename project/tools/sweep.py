@@ -520,8 +520,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def requeue(job_id: str) -> int:
     """Put this SLURM job back in the queue: it starts again as a worker and resumes its interrupted trials."""
-    from project.run.cluster import requeue_job  # noqa: PLC0415 (Lightning is imported only by a worker that needs it)
+    from project.run.cluster import ignore_sigterm, requeue_job  # noqa: PLC0415 (Lightning only where needed)
 
+    ignore_sigterm()
     problem = requeue_job(job_id)
     if problem is None:
         print(f"Requeued SLURM job {job_id}; its trials resume when it starts again.", file=sys.stderr)

@@ -8,12 +8,13 @@ from project.run.callbacks.learning_rates import LearningRates
 from project.run.callbacks.plots import PredictionPlots
 from project.run.callbacks.predictions import PredictionWriter
 from project.run.callbacks.process_group import LeaveProcessGroup
-from project.run.callbacks.progress import ProgressBar
+from project.run.callbacks.progress import EpochLines, ProgressBar
 from project.run.callbacks.random_state import RandomState
 
 __all__ = [
     "AtomicCheckpointIO",
     "BestCheckpoint",
+    "EpochLines",
     "ExportNet",
     "LastCheckpoint",
     "LearningRates",
