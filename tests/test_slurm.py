@@ -28,7 +28,7 @@ from project.run import directory
 from project.run.callbacks import LastCheckpoint
 from project.run.cli import ProjectCLI
 from project.run.cluster import Requeue, SLURMRequeue, requeue_job, slurm_job_id
-from tests.conftest import QUIET, REPO, kill_group, run_cli
+from tests.conftest import QUIET, REPO, kill_group, lenet_fit_args, run_cli
 
 SLURM_SCRIPTS = sorted((REPO / "experiments" / "slurm").glob("*.sbatch"))
 
@@ -348,3 +348,16 @@ def unquoted_expansions(line: str) -> list[str]:
         elif ch == "$" and quote is None:
             found.append(line[i : i + 20])
     return found
+
+
+def test_a_batch_job_logs_one_line_an_epoch_instead_of_a_progress_bar(tmp_path, tiny_npz):
+    """Inside a SLURM job with stderr not a terminal (a batch log), the fit prints one line per epoch, and no
+    carriage-return redraws (a bar filled 207 KB of log for 80 LeNet epochs)."""
+    args = lenet_fit_args(
+        tmp_path, tiny_npz, "--trainer.max_epochs=2", "--test_after_fit=false", "--plots.enabled=false"
+    )
+    args.remove("--trainer.enable_progress_bar=false")
+    out = run_cli(args, env=job_step_env(job_id="31"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = re.findall(r"^epoch (\d)/2 \(step (\d+), [\d.]+ s\): .*val/acc=", out.stderr, re.M)
+    assert [epoch for epoch, _ in lines] == ["1", "2"] and "\r" not in out.stderr + out.stdout

@@ -130,7 +130,7 @@ def test_a_signal_during_validation_stops_at_that_epoch_s_end_and_the_requeued_j
     job = sbatch(
         "single_node.sbatch",
         *CPU,
-        "--time=00:10:00",
+        "--time=00:05:00",
         args=["experiments/lenet.yaml", *ARGS, "--data.npz", str(npz), "--trainer.max_epochs", "4"]
         + ["--data.num_workers", "2", "--trainer.default_root_dir", str(tmp_path / "runs")]
         + ["--trainer.callbacks+=tests.probes.WaitInValidation", "--trainer.callbacks.marker", str(marker)],

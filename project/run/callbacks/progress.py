@@ -62,6 +62,9 @@ class EpochLines(LightningProgressBar):
     def enable(self) -> None:
         self._enabled = True
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = time.monotonic()  # a fit resumed mid-epoch starts no epoch
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._started = time.monotonic()
 
