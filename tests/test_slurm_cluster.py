@@ -2,7 +2,7 @@
 
 No simulation here: slurmctld and slurmd schedule the jobs, send the time-limit signal, requeue and restart
 them; the scripts run ``srun python -m project ...`` with the CPU recipe of docs/slurm.md (sbatch options
-override the scripts' GPU lines). The tests need a running controller (``.ci/setup`` starts one as root on
+override the scripts' GPU lines). The tests need a running controller (CI's ``.ci/run`` starts one as root on
 Debian/Ubuntu, with a requeue hold of 10 s instead of SLURM's 120 s) and the repository's ``.venv``, which the
 scripts activate; elsewhere they skip with the reason. Every job is cancelled when its test ends.
 """
