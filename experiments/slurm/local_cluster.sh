@@ -5,7 +5,7 @@
 #   sbatch --partition=local --gpus-per-node=0 ... experiments/slurm/single_node.sbatch   # see docs/slurm.md
 #   sudo bash experiments/slurm/local_cluster.sh stop     # stop the daemons
 #
-# Debian's or Ubuntu's own packages (slurm-wlm 22.05 on Debian 12, 23.11 on Ubuntu 24.04): munge, slurmctld
+# Debian's or Ubuntu's own packages (tried: slurm-wlm 22.05 on Debian 12): munge, slurmctld
 # and slurmd started directly (no systemd, no cgroups: proctrack/linuxproc, task/none), one node holding
 # every core of this machine, one partition `local`, requeue allowed (JobRequeue=1), array tasks
 # sharing the node (select/cons_tres, CR_Core). Needs root. Running it again restarts the daemons with
