@@ -6,6 +6,7 @@ mid-fit, run FSDP on CPU processes. None of them is part of the template.
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -214,4 +215,23 @@ class WaitInValidation(L.Callback):
         Path(f"{self.marker}.{trainer.global_rank}").write_text(str(os.getpid()))
         deadline = time.monotonic() + 60
         while not stop_signals.pending(signal.SIGUSR1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class SignalJob(L.Callback):
+    """At training batch ``batch`` of epoch ``epoch`` (this epoch's DataLoader workers alive), send ``signal`` to this
+    process's whole process group, as a scheduler signals every process of a job (``scancel``, pre-emption); then
+    wait (60 s at most) until Lightning has noted it, so it is handled at this batch boundary."""
+
+    def __init__(self, signal: str = "SIGTERM", epoch: int = 1, batch: int = 1) -> None:
+        self.signum, self.epoch, self.batch, self.sent = getattr(signal_module, signal), epoch, batch, False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.sent or (trainer.current_epoch, batch_idx) != (self.epoch, self.batch):
+            return
+        self.sent = True
+        # From another process, as slurmstepd sends it (a worker takes a SIGTERM from its parent for a shutdown).
+        subprocess.run(["kill", "-s", str(self.signum.name[3:]), "--", f"-{os.getpgrp()}"], start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not trainer.received_sigterm and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -20,7 +20,7 @@ from project.models import LeNet
 from project.run.callbacks.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from project.run.checkpoints import CheckpointError
 from project.run.cli import main as cli_main
-from tests.conftest import QUIET, REPO, kill_group, make_npz, run_cli, run_dirs, start_cli
+from tests.conftest import QUIET, REPO, kill_group, lenet_fit_args, make_npz, run_cli, run_dirs, start_cli
 
 KILL_MID_WRITE = textwrap.dedent(
     """
@@ -156,6 +156,25 @@ class _SigtermAfterStep(ImageClassifier):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler runs in this thread, before the next line
+
+
+def test_sigterm_to_every_process_of_the_job_saves_although_dataloader_workers_get_it_too(tmp_path, tiny_npz):
+    """A scheduler's SIGTERM (``scancel``, pre-emption) reaches every process of the job, DataLoader workers
+    included: the fit still saves at that batch boundary and exits 143 (PyTorch's workers used to die of it
+    first, and the fit with them: "DataLoader worker ... is killed by signal: Terminated", nothing saved)."""
+    args = lenet_fit_args(tmp_path, tiny_npz, "--data.pipeline=dataloader", "--test_after_fit=false")
+    args.remove("--data.num_workers=0")
+    proc = start_cli(
+        [*args, "--data.num_workers=2", "--trainer.max_epochs=3", "--trainer.callbacks+=tests.probes.SignalJob"]
+    )
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 143 and "killed by signal" not in err, err[-3000:]
+    (run,) = run_dirs(tmp_path, "lenet")
+    assert "SIGTERM received: saved" in err
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6 + 2  # epoch 1, batch 1
 
 
 def test_sigterm_right_after_a_periodic_save_says_where_it_saved(tmp_path, caplog):

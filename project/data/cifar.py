@@ -2,6 +2,7 @@
 official archive or offline npz in, seeded splits and loaders out."""
 
 import os
+import signal
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -17,6 +18,14 @@ from project.data.device_loader import DeviceLoader
 from project.errors import UserError
 
 Pipeline = Literal["auto", "dataloader", "device"]
+
+
+def leave_stops_to_the_parent(worker_id: int) -> None:
+    """A DataLoader worker ignores the signals that ask a run to stop. A scheduler sends them to every process
+    of a job (``scancel``, pre-emption, the time-limit warning), and PyTorch's workers die of a SIGTERM their
+    parent did not send, which ends the fit before it can save; their parent saves and shuts them down."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class TensorImageDataset(Dataset):
@@ -249,6 +258,7 @@ class CIFARDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            worker_init_fn=leave_stops_to_the_parent if self.num_workers else None,
         )
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
