@@ -207,7 +207,10 @@ def test_requeue_signal_mid_epoch_saves_explains_and_resumes_exactly(tmp_path, t
     monkeypatch.setenv("PATH", str(tmp_path / "no-scontrol-here"))
     with pytest.raises(Requeue) as stopped:
         _fit(tmp_path / "job", tiny_npz, SignalAtStep(17), SLURMRequeue())  # signal first: handled at the same step
+    sigterm = signal.getsignal(signal.SIGTERM)
     message = stopped.value.finish()  # after Lightning's teardown, as the CLI calls it
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the requeue's SIGTERM finds it on its way out
+    signal.signal(signal.SIGTERM, sigterm)  # pytest's process goes on
     ckpt = tmp_path / "job" / "checkpoints" / "last.ckpt"
     assert message == (
         f"Saved {ckpt} at step 17, but the job was not requeued: `scontrol` is not on PATH on this node "
