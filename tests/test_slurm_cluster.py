@@ -111,7 +111,7 @@ def test_a_ddp_job_requeued_on_its_time_limit_completes_with_every_epoch_once(tm
     assert state["JobState"] == "COMPLETED", log[-4000:]
     starts = re.findall(rf"job {job}, start (\d+)", log)
     assert int(state["Restarts"]) >= 1 and starts == [str(i + 1) for i in range(int(state["Restarts"]) + 1)]
-    assert log.count(f"requeued SLURM job {job}; exiting.") == int(state["Restarts"])
+    assert len(re.findall(rf"requeued SLURM job {job} at [\d:]+; exiting\.", log)) == int(state["Restarts"])
     assert "Traceback" not in log and "Error" not in log, log[-4000:]
     run_dir = tmp_path / "runs" / "lenet" / f"slurm-{job}"
     assert epochs_in(run_dir) == list(range(epochs))

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -84,7 +85,9 @@ class Requeue(SystemExit):
         if dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(problem, src=0)
         if problem[0] is None:
-            rank_zero_info(f"{self.message} and requeued SLURM job {slurm_job_id()}; exiting.")
+            rank_zero_info(
+                f"{self.message} and requeued SLURM job {slurm_job_id()} at {time.strftime('%H:%M:%S')}; exiting."
+            )
             return 0
         return (
             f"{self.message}, but the job was not requeued: {problem[0]}. "

@@ -610,7 +610,7 @@ class StopSignals:
         self.received.add(signum)
         if signum != signal.SIGINT:
             print(
-                f"Received {signal.Signals(signum).name}: stopping at the next batch boundary.",
+                f"Received {signal.Signals(signum).name} at {time.strftime('%H:%M:%S')}: stopping at the next batch boundary.",
                 file=sys.stderr,
                 flush=True,
             )
