@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import QUIET, REPO, make_npz, run_cli
@@ -215,3 +216,32 @@ def test_a_local_sweep_runs_as_an_array_job_on_one_sweep_directory(tmp_path, sba
     assert all(t["state"] == "finished" and t["starts"] == 1 for t in trials)
     with open(directory / "sweep.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_scancel_of_a_ddp_job_saves_on_every_rank_at_one_batch_boundary(tmp_path, sbatch):
+    """``scancel`` (as a pre-emption or the time limit itself) sends SIGTERM to every process of the job, each
+    rank and its DataLoader workers: the ranks agree on one batch boundary, save there and exit within SLURM's
+    kill wait. (Lightning's own SIGTERM handler broadcasts inside the handler; under srun those broadcasts met
+    the wrong collectives and the job hung until SLURM killed it, unsaved.)"""
+    npz = make_npz(tmp_path / "data.npz", n_train=1600)
+    job = sbatch(
+        "single_node.sbatch",
+        *CPU,
+        "--time=00:05:00",
+        args=["experiments/lenet.yaml", *ARGS, "--data.npz", str(npz), "--trainer.max_epochs", "40"]
+        + ["--trainer.default_root_dir", str(tmp_path / "runs")],
+    )
+    deadline = time.monotonic() + 300
+    while not re.search(
+        r"^epoch 2/40 ", log_of(tmp_path, job) if (tmp_path / f"slurm-{job}.out").exists() else "", re.M
+    ):
+        assert time.monotonic() < deadline and job_state(job).get("JobState") not in FINAL
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], check=True, timeout=60)
+    state = wait_until_done(job, timeout=300)
+    log = log_of(tmp_path, job)
+    assert state["JobState"] == "CANCELLED", log[-4000:]
+    assert "Killed" not in log and "Traceback" not in log and "killed by signal" not in log, log[-4000:]
+    saved = int(re.search(r"SIGTERM received: saved \S+last\.ckpt at step (\d+)", log).group(1))
+    run_dir = tmp_path / "runs" / "lenet" / f"slurm-{job}"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved > 0

@@ -511,7 +511,9 @@ class Run:
             self.created = []
         if failed:
             self.remove_if_unused()
-        stop_signals.restore()
+        # Only where ours is still the handler: Lightning's teardown already put back what it found (for SIGTERM,
+        # which LastCheckpoint took over from Lightning's own handler, the handler from before the command).
+        stop_signals.restore(if_current=True)
 
 
 #: The run of the command running in this process (see :func:`current`).

@@ -120,6 +120,19 @@ class LastCheckpoint(Checkpoint):
         if self.dirpath is None:  # a Trainer without the CLI: where Lightning's ModelCheckpoint would write
             self.dirpath = directory.run_directory(trainer) / "checkpoints"
 
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._note_sigterm()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._note_sigterm()
+
+    def _note_sigterm(self) -> None:
+        # Under the CLI SIGTERM is noted like Ctrl-C, in place of Lightning's handler (registered just before),
+        # which broadcasts inside the signal handler: under srun, where every rank gets SIGTERM itself (scancel,
+        # pre-emption, the time limit), those broadcasts met the wrong collectives and the job hung until SIGKILL.
+        if stop_signals.listening(signal.SIGINT):
+            stop_signals.install(signal.SIGTERM)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.stop_requested(trainer):
             self.save_now(trainer, stop_reason())
@@ -129,6 +142,10 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # After the epoch's validation (and the model's own epoch-end hook): what ModelCheckpoint does too.
+        # A stop asked for during validation lands here, at the epoch-end checkpoint.
+        if self.stop_requested(trainer):
+            self.save_now(trainer, stop_reason())
+            raise SIGTERMException
         if (
             not self.every_n_train_steps
             and self.every_n_epochs
@@ -138,16 +155,16 @@ class LastCheckpoint(Checkpoint):
 
     def stop_requested(self, trainer) -> bool:
         """Whether to save and stop at this batch boundary: the same answer on every rank."""
-        ctrl_c = stop_signals.listening(signal.SIGINT) and stop_signals.pending(signal.SIGINT)
+        noted = any(stop_signals.listening(s) and stop_signals.pending(s) for s in (signal.SIGINT, signal.SIGTERM))
         if trainer.world_size == 1:
             # Lightning would stop only at the end of the epoch on SIGTERM; stop now.
-            return ctrl_c or trainer.received_sigterm
-        # Under DDP Lightning stops every rank at the same step on SIGTERM (rank 0 broadcasts it before
-        # each batch). Ctrl-C reaches every rank of the process group by itself, possibly a step apart:
-        # they agree here, where every rank calls this collective at the same step (only where the
-        # CLI listens for Ctrl-C, which it does on every rank).
+            return noted or trainer.received_sigterm
+        # Ctrl-C and a scheduler's SIGTERM reach every rank by themselves, possibly a step apart: the ranks
+        # agree here, where every rank calls this collective at the same step (only where the CLI listens,
+        # which it does on every rank). Without the CLI, Lightning stops every rank at the same step on
+        # SIGTERM (rank 0 broadcasts it before each batch).
         if stop_signals.listening(signal.SIGINT):
-            return trainer.strategy.reduce_boolean_decision(ctrl_c, all=False)
+            return trainer.strategy.reduce_boolean_decision(noted, all=False)
         return False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
