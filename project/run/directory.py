@@ -566,8 +566,8 @@ def _never_logged_by_fit(row: dict) -> bool:
 class StopSignals:
     """Signals that ask a command to stop at a safe point: the handler only notes them (saving
     inside it could catch the model in the middle of an optimiser step, and a collective inside it
-    deadlocks DDP); callbacks act at the next batch boundary (LastCheckpoint for Ctrl-C,
-    project.run.cluster.SLURMRequeue for the requeue signal).
+    deadlocks DDP); callbacks act at the next batch boundary (LastCheckpoint for Ctrl-C and, during
+    training under the CLI, SIGTERM; project.run.cluster.SLURMRequeue for the requeue signal).
 
     Ctrl-C (SIGINT) while ``save_on_sigint`` (during a fit): noted; LastCheckpoint saves ``last.ckpt``
     at the next training batch boundary and the CLI exits with status 130. A terminal sends Ctrl-C to

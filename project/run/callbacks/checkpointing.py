@@ -92,8 +92,9 @@ class LastCheckpoint(Checkpoint):
     atomically with the CLI's AtomicCheckpointIO); the best-by-metric checkpoint is the separate
     ``checkpoint`` callback. A step that left the weights NaN or infinite never replaces the last
     good file. When the process receives SIGTERM (what schedulers send before killing a job) or
-    SIGINT (Ctrl-C, noted by project.run.directory.stop_signals under the CLI) it saves at the next training
-    batch boundary and stops the run (exit status 143 or 130).
+    SIGINT (Ctrl-C; both noted by project.run.directory.stop_signals under the CLI, every rank agreeing on
+    the step) it saves at the next training batch boundary, or at the epoch's end when the signal came
+    during validation, and stops the run (exit status 143 or 130).
 
     Args:
         every_n_train_steps: save every N optimiser steps instead of at epoch ends, so a killed
