@@ -94,18 +94,21 @@ def val_steps(run_dir: Path) -> list[int]:
 
 
 def test_a_ddp_job_requeued_on_its_time_limit_completes_with_every_epoch_once(tmp_path, sbatch):
-    """single_node.sbatch, 2 ranks, ``--time=2`` with the warning 60 s ahead: SLURM signals the job 60 to 90 s
-    before its limit, the fit saves and requeues it, the restart resumes in the same run directory; after as
-    many starts as it takes the job completes, every epoch once in metrics.csv, no traceback in its log."""
+    """single_node.sbatch, 2 ranks, ``--time=3`` with the warning 60 s ahead: SLURM signals the job 60 to 90 s
+    before its limit, the fit saves and requeues it, the restart resumes in the same run directory and completes,
+    every epoch once in metrics.csv, no traceback in its log. The fit is 150 s of training (``max_time``, which a
+    resume continues): more than a first start can do before its signal on any machine, less than a second can."""
     npz = make_npz(tmp_path / "data.npz", n_train=1600)
-    epochs = 40  # about 100 s of training here: more than one start can do before its signal
     job = sbatch(
         "single_node.sbatch",
         *CPU,
-        "--time=00:02:00",
+        "--time=00:03:00",
         "--signal=SIGUSR1@60",
-        args=["experiments/lenet.yaml", *ARGS, "--data.npz", str(npz), "--trainer.max_epochs", str(epochs)]
-        + ["--trainer.default_root_dir", str(tmp_path / "runs")],
+        args=["experiments/lenet.yaml", *ARGS, "--data.npz", str(npz), "--trainer.max_epochs", "10000"]
+        + ["--trainer.max_time", "00:00:02:30", "--trainer.default_root_dir", str(tmp_path / "runs")]
+        # No DataLoader workers here: a worker that stays inside fork() (seen a few times: docs/slurm.md) would
+        # hang this long job; the validation and scancel tests below keep them.
+        + ["--data.num_workers", "0"],
     )
     state = wait_until_done(job, timeout=900)
     log = log_of(tmp_path, job)
@@ -115,10 +118,11 @@ def test_a_ddp_job_requeued_on_its_time_limit_completes_with_every_epoch_once(tm
     assert len(re.findall(rf"requeued SLURM job {job} at [\d:]+; exiting\.", log)) == int(state["Restarts"])
     assert "Traceback" not in log and "Error" not in log, log[-4000:]
     run_dir = tmp_path / "runs" / "lenet" / f"slurm-{job}"
-    assert epochs_in(run_dir) == list(range(epochs))
+    epochs = epochs_in(run_dir)
+    assert len(epochs) >= 10 and epochs == list(range(len(epochs)))
     assert (run_dir / "net.pt").is_file()
     assert "\r" not in log  # no progress bar in a batch log: one line an epoch
-    assert len(re.findall(rf"^epoch \d+/{epochs} ", log, re.M)) >= epochs
+    assert len(re.findall(r"^epoch \d+/10000 ", log, re.M)) >= len(epochs)
 
 
 def test_a_signal_during_validation_stops_at_that_epoch_s_end_and_the_requeued_job_completes(tmp_path, sbatch):
