@@ -135,24 +135,25 @@ class LastCheckpoint(Checkpoint):
             stop_signals.install(signal.SIGTERM)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.stop_requested(trainer):
-            self.save_now(trainer, stop_reason())
-            raise SIGTERMException
+        self._save_and_stop_if_requested(trainer)
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # After the epoch's validation (and the model's own epoch-end hook): what ModelCheckpoint does too.
         # A stop asked for during validation lands here, at the epoch-end checkpoint.
-        if self.stop_requested(trainer):
-            self.save_now(trainer, stop_reason())
-            raise SIGTERMException
+        self._save_and_stop_if_requested(trainer)
         if (
             not self.every_n_train_steps
             and self.every_n_epochs
             and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         ):
             self.save(trainer)
+
+    def _save_and_stop_if_requested(self, trainer) -> None:
+        if self.stop_requested(trainer):
+            self.save_now(trainer, stop_reason())
+            raise SIGTERMException
 
     def stop_requested(self, trainer) -> bool:
         """Whether to save and stop at this batch boundary: the same answer on every rank."""
