@@ -116,6 +116,9 @@ class ImageClassifier(L.LightningModule):
             put in ``eval()`` at every training epoch's start). See :func:`project.param_groups.freeze`.
     """
 
+    #: Settings a resumed fit may change: how the model runs, not what it learnt (project/run/model_contract.py).
+    RESUME_MAY_CHANGE = ("compile", "channels_last", "tta_flip", "on_nonfinite_loss", "max_nonfinite_skips")
+
     def __init__(
         self,
         net: nn.Module,

@@ -223,7 +223,7 @@ def test_enable_autolog_hparams_is_honoured(tmp_path, tiny_npz, autolog):
         )
     )
     hparams = (cli.run_dir / "hparams.yaml").read_text()
-    assert "model.optimizer.init_args.lr: 0.05" in hparams  # the resolved config, always
+    assert "model.optimizer.lr: 0.05" in hparams  # the resolved config, always, as the command line names it
     assert ("\noptimizer:\n  class_path: torch.optim.SGD\n" in hparams) == autolog  # the model's own hparams
 
 
@@ -363,12 +363,12 @@ def test_fit_help_is_a_page_without_every_torch_class(capsys):
     assert exit_.value.code == 0
     assert len(out.splitlines()) < 500, len(out.splitlines())
     assert "torch.nn.Bilinear" not in out and "torch.ao.nn" not in out
-    assert "--model.net.help CLASS shows one's arguments" in " ".join(out.split())  # argparse wraps lines
+    assert "--model.help" in out  # model: any LightningModule; --model.help CLASS shows one's arguments
     assert out.startswith("usage: python -m project [options] fit [-h] [-c CONFIG]") and out.count("[--trainer") == 0
     with pytest.raises(SystemExit):
         main(["fit", "--model.net.help", "project.models.ResNet20"])
-    # A class's own arguments stay there, in jsonargparse 4.53's spelling (init_args. may be left out).
-    assert "--model.net.num_classes NUM_CLASSES" in capsys.readouterr().out
+    # A class's own arguments stay there (jsonargparse 4.53 prints them relative to the net).
+    assert "--net.num_classes NUM_CLASSES" in capsys.readouterr().out
 
 
 def test_a_short_model_name_resolves_without_a_config(tmp_path):
@@ -378,20 +378,14 @@ def test_a_short_model_name_resolves_without_a_config(tmp_path):
     assert "class_path: project.models.ResNet20" in out.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "right"),
-    [
-        (["--optimizer", "Adam"], "give --model.optimizer Adam"),
-        (["--optimizer=torch.optim.AdamW"], "give --model.optimizer torch.optim.AdamW"),
-        (["--lr_scheduler", "StepLR"], "give --model.scheduler StepLR"),
-    ],
-)
-def test_lightnings_top_level_optimizer_spelling_names_ours(capsys, args, right):
+@pytest.mark.parametrize("args", [["--optimizer", "Adam"], ["--lr_scheduler=StepLR"]])
+def test_lightnings_top_level_optimizer_spelling_is_refused_by_name(capsys, args):
+    """Here the optimiser and schedule are the model's arguments (--model.optimizer): jsonargparse names the option."""
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--model.net=LeNet", *args])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_.value.code == 2 and err.startswith(f"error: --{args[0].lstrip('-').split('=')[0]} is LightningCLI's")
-    assert right in err, err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert f"unrecognized arguments: {args[0]}" in err, err
 
 
 def test_an_inline_config_names_the_run_like_no_config(tmp_path, capsys):
@@ -440,9 +434,6 @@ def test_a_class_refused_for_its_own_reason_keeps_that_reason(tmp_path, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--model.net=LeNet", "--trainer.logger=mylogs.NeedsDir", f"--trainer.default_root_dir={tmp_path}"])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_.value.code == 2 and "Namespace(" not in err, err
-    assert err == (
-        "error: trainer.logger mylogs.NeedsDir: the following arguments are required: where; "
-        "give them as --trainer.logger.init_args.<argument> <value> (or in YAML)."
-    )
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert "mylogs.NeedsDir" in err and "the following arguments are required: where" in err, err

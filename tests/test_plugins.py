@@ -197,7 +197,7 @@ def test_a_wrong_data_argument_keeps_the_parsers_message(tmp_path, capsys):
         main(["fit", "-c", str(REPO / "experiments/resnet18_cifar100.yaml"), "--data.batch_size=many"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "cannot be imported" not in err and "not a LightningDataModule" not in err
-    assert "data.batch_size must be a whole number, got 'many'." in err
+    assert 'Parser key "batch_size"' in err and "Got value: many" in err  # jsonargparse's report, let through
 
 
 def test_a_value_the_data_module_refuses_keeps_its_own_sentence(tmp_path, capsys):

@@ -179,7 +179,7 @@ def test_speed_presets_combine_with_a_base_config(name, capsys):
         for key, value in values.items():
             resolved = config[section].get("init_args", config[section])  # data: {class_path, init_args}
             assert resolved[key] == value, f"{preset.name} did not set {section}.{key}"
-    assert config["model"]["net"]["class_path"] == "project.models.LeNet"  # the base config survives
+    assert config["model"]["init_args"]["net"]["class_path"] == "project.models.LeNet"  # the base config survives
 
 
 def test_gpu_speed_preset_runs_on_cpu(tiny_npz, tmp_path):

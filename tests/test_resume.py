@@ -142,8 +142,8 @@ def test_changed_model_settings_are_refused(runs, capsys, checkpoint):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert (
-        "model.optimizer.init_args.lr (checkpoint 0.05, now 0.1)" in err
-        and "model.net.init_args.init (checkpoint 'default', now 'xavier_uniform')" in err
+        "model.optimizer.lr (checkpoint 0.05, now 0.1)" in err
+        and "model.net.init (checkpoint 'default', now 'xavier_uniform')" in err
     )
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "nothing written"
     assert "PROJECT_RUN_DIR" not in os.environ, "a refused run must not hand its directory to the next one"

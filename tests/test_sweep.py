@@ -118,7 +118,7 @@ def test_two_workers_started_together_run_every_trial_once_and_compare_recompute
         run_dir = directory / row["run_dir"]
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert saved["seed_everything"] == int(row["seed_everything"])
-        assert saved["model"]["label_smoothing"] == float(row["model.label_smoothing"])
+        assert saved["model"]["init_args"]["label_smoothing"] == float(row["model.label_smoothing"])
         assert float(row["val/acc"]) == val_acc(run_dir)[-1]
 
     printed = compare.compare([directory])

@@ -201,5 +201,10 @@ def test_trials_from_the_sweep_engine_run_end_to_end_and_a_crashing_trial_fails_
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = run_dirs(tmp_path, "resnet20")
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert run.name == "sweep-sw33p-bayes" and saved["model"]["net"]["class_path"] == bayes.config["model.net"]["value"]
-    assert saved["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(bayes.config["model.optimizer.lr"]["value"])
+    assert (
+        run.name == "sweep-sw33p-bayes"
+        and saved["model"]["init_args"]["net"]["class_path"] == bayes.config["model.net"]["value"]
+    )
+    assert saved["model"]["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(
+        bayes.config["model.optimizer.lr"]["value"]
+    )

@@ -203,10 +203,18 @@ def test_wandb_logger_is_named_after_its_run_directory_and_joins_the_sweep_proje
 
 
 def test_flatten_uses_the_command_line_names():
-    nested = {"model": {"lr": 0.1, "net": {"class_path": "LeNet", "init_args": {}}}, "trainer": {"logger": [{"a": 1}]}}
+    nested = {
+        "model": {
+            "class_path": "X",
+            "init_args": {"lr": 0.1, "net": {"class_path": "LeNet", "init_args": {"d": (1,)}}},
+        },
+        "trainer": {"logger": [{"a": 1}], "devices": [0, 1]},
+    }
     assert tracking.flatten(nested) == {
+        "model": "X",
         "model.lr": 0.1,
-        "model.net.class_path": "LeNet",
-        "model.net.init_args": {},
-        "trainer.logger": [{"a": 1}],
+        "model.net": "LeNet",
+        "model.net.d": [1],
+        "trainer.logger.0.a": 1,
+        "trainer.devices": [0, 1],
     }

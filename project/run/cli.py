@@ -25,10 +25,10 @@ import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _InstantiatorFn
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -36,9 +36,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 import project.models  # noqa: F401  (imported, its nets are known subclasses: --model.net ResNet20 resolves without -c)
 from project.callbacks import BufferReport, SyncBuffers
-from project.classifier import DEFAULT_OPTIMIZER, ImageClassifier, keyword_arguments
+from project.classifier import DEFAULT_OPTIMIZER, keyword_arguments
 from project.errors import UserError
-from project.run import checkpoints, directory, option_checks, tracking
+from project.run import checkpoints, directory, model_contract, option_checks, tracking
 from project.run.callbacks import (
     EpochLines,
     ExportNet,
@@ -62,19 +62,17 @@ warnings.filterwarnings(
     module=r"lightning\.pytorch\.utilities\._pytree",
 )
 
-#: Model settings that may differ from the checkpoint when a fit resumes, and then take effect:
-#: they change how the model runs, not what it has learnt or how it is optimised. Every other
-#: difference is refused (see ProjectCLI.check_resume_settings).
-RESUME_HONOURED = ("compile", "channels_last", "tta_flip", "on_nonfinite_loss", "max_nonfinite_skips")
-#: Filled in from the data module by argument links, so never compared.
-LINKED_MODEL_KEYS = ("num_classes", "net.init_args.num_classes", "image_shape")
 
-
-def model_differences(stored: dict, current: dict) -> list[str]:
-    """``model.<key> (checkpoint X, now Y)`` for every setting both define differently, but those
-    in RESUME_HONOURED and those linked from the data module."""
-    old, new = tracking.flatten(stored), tracking.flatten(current)
-    skip = {*RESUME_HONOURED, *LINKED_MODEL_KEYS}
+def model_differences(stored: dict, model) -> list[str]:
+    """``model.<key> (checkpoint X, now Y)`` for every setting both define differently, but those the model
+    declares may change on resume and those linked from the data module (project.run.model_contract)."""
+    if stored.get("_class_path", model.class_path) != model.class_path:
+        return [f"model.class_path (checkpoint {stored['_class_path']!r}, now {model.class_path!r})"]
+    old, new = tracking.flatten(stored), tracking.flatten(model.init_args.as_dict())
+    skip = {
+        *model_contract.resume_may_change(model.class_path),
+        *(k.replace("init_args.", "") for k in model_contract.LINKED),
+    }
     # A key that only one side has counts where the other has its parent (a scheduler given on one side, null on the other).
     old.update({key: None for key in new.keys() - old.keys() if key.rsplit(".", 1)[0] in old})
     new.update({key: None for key in old.keys() - new.keys() if key.rsplit(".", 1)[0] in new})
@@ -86,15 +84,17 @@ def model_differences(stored: dict, current: dict) -> list[str]:
 
 
 def check_net_arguments(config, model) -> None:
-    """Refuse a net that cannot take what the CLI links into it: a ``num_classes`` argument (from the
+    """Refuse a ``model.net`` that cannot take what the CLI links into it: a ``num_classes`` argument (from the
     data module), and an ``in_channels`` that matches the channels of the data module's images.
     Either mistake would otherwise fail at the first batch, deep inside a layer, or train a head of
-    the wrong size."""
-    net_class = type(model.net)
-    arguments = keyword_arguments(net_class)
+    the wrong size. A model without a configured net is not checked."""
+    net = model_contract.net_config(config)
+    if net is None or model_contract.plain_net(model) is None:
+        return
+    arguments = keyword_arguments(type(model.net))
     if arguments is not None and "num_classes" not in arguments and "**" not in arguments:
-        raise UserError(no_num_classes(config.model.net.class_path))
-    in_channels = (config.model.net.get("init_args") or {}).get("in_channels")
+        raise UserError(no_num_classes(net.class_path))
+    in_channels = (net.get("init_args") or {}).get("in_channels")
     shape = model.hparams.get("image_shape")
     if isinstance(in_channels, int) and shape and in_channels != shape[0]:
         raise UserError(
@@ -393,7 +393,7 @@ class ProjectParser(DataPluginParser):
         # on (torchvision.models.mobilenet_v3_small, timm.models.resnet18) would keep its 1000 classes. A
         # placeholder, in a copy (config.yaml keeps what the user gave), lets the link fill it in.
         for prefix in ("", f"{namespace.get('subcommand')}."):
-            net = namespace.get(f"{prefix}model.net")
+            net = namespace.get(f"{prefix}{model_contract.NET_KEY}")
             if (
                 net is not None
                 and hasattr(net, "class_path")
@@ -401,7 +401,7 @@ class ProjectParser(DataPluginParser):
             ):
                 if takes_num_classes(net.class_path):
                     namespace = namespace.clone()
-                    namespace[f"{prefix}model.net.init_args.num_classes"] = None
+                    namespace[f"{prefix}{model_contract.NET_KEY}.init_args.num_classes"] = None
         return super().instantiate(namespace, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
@@ -522,6 +522,25 @@ def short_logger_names(args):
     return args if out == given else out
 
 
+class ModelInstantiator(_InstantiatorFn):
+    """Lightning's instantiator of the model, without the data links jsonargparse skipped (a model whose
+    signature has no ``num_classes``, ``image_shape`` or ``net``): jsonargparse 4.53 reports them applied all
+    the same, and Lightning would write them into the model's hparams (or assert on a missing ``net``)."""
+
+    def __call__(self, class_type, *args, applied_instantiation_links: dict, **kwargs):
+        self.cli._dump_config()
+        links = {k: v for k, v in applied_instantiation_links.items() if in_config(self.cli.config_dump, k)}
+        return super().__call__(class_type, *args, applied_instantiation_links=links, **kwargs)
+
+
+def in_config(config: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
+
+
 class ProjectCLI(LightningCLI):
     """LightningCLI for ImageClassifier + any LightningDataModule (CIFAR-10 by default), one directory per run (project.run.directory)."""
 
@@ -538,12 +557,18 @@ class ProjectCLI(LightningCLI):
         failed = True
         try:
             # data: may name any LightningDataModule (class_path); without one it is CIFAR10DataModule.
-            super().__init__(ImageClassifier, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
+            super().__init__(
+                LightningModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
+            )
             failed = False
         finally:
             # Also when a check or instantiation fails after the directory was chosen: the lock is
             # released, folders left empty are removed, the environment forgets the directory.
             self.close_run(failed)
+
+    def _add_instantiators(self) -> None:
+        super()._add_instantiators()
+        self.parser.add_instantiator(ModelInstantiator(cli=self, key="model"), LightningModule, prepend=True)
 
     @property
     def run_dir(self) -> Path | None:
@@ -608,13 +633,16 @@ class ProjectCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.set_defaults({"data": {"class_path": "project.data.CIFAR10DataModule"}})
         # The optimiser as --print_config and config.yaml show it (and --model.optimizer.lr=... can change it).
-        parser.set_defaults({"model.optimizer": DEFAULT_OPTIMIZER})
-        # The model is built from what the data module declares (project/run/data_contract.py).
-        parser.link_arguments("data", "model.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate")
-        parser.link_arguments(
-            "data", "model.net.init_args.num_classes", compute_fn=declared("num_classes"), apply_on="instantiate"
+        # model: any LightningModule by class_path; ImageClassifier with its optimiser as --print_config and
+        # config.yaml show it (and --model.optimizer.lr=... can change it) when the config names none.
+        parser.set_defaults(
+            {"model": {"class_path": model_contract.DEFAULT, "init_args": {"optimizer": DEFAULT_OPTIMIZER}}}
         )
-        parser.link_arguments("data", "model.image_shape", compute_fn=declared("image_shape"), apply_on="instantiate")
+        # The model is built from what the data module declares (project/run/data_contract.py), where it takes
+        # these arguments (jsonargparse skips a link whose target the model's config lacks).
+        for key in model_contract.LINKED:
+            name = key.rpartition(".")[2]
+            parser.link_arguments("data", f"model.init_args.{key}", compute_fn=declared(name), apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, short_logger_names(args))
@@ -658,7 +686,7 @@ class ProjectCLI(LightningCLI):
 
     def evaluate_the_checkpoints_model(self) -> None:
         """validate/test/predict evaluate the checkpoint's model: its hyperparameters are the model
-        settings, but for those in RESUME_HONOURED (how to run it) that the command line gives.
+        settings, but for those it declares may change (how to run it) that the command line gives.
         (What LightningCLI does with a --ckpt_path it reads itself, from the contents the run read.)"""
         hparams = dict(self.run.contents.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
@@ -670,10 +698,11 @@ class ProjectCLI(LightningCLI):
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         model = self.config[self.subcommand].model
-        given = {key: model.get(key) for key in RESUME_HONOURED if model.get(key) is not None}
+        may_change = model_contract.resume_may_change(model.class_path)
+        given = {key: model.init_args.get(key) for key in may_change if model.init_args.get(key) is not None}
         self.config = self.parser.parse_object({self.subcommand: {"model": hparams}}, self.config)
         for key, value in given.items():
-            self.config[self.subcommand].model[key] = value
+            self.config[self.subcommand].model.init_args[key] = value
 
     def apply_resume_plan(self, config) -> None:
         """Say what the fit resumes from (or that it starts afresh), refusing changed model settings."""
@@ -685,7 +714,7 @@ class ProjectCLI(LightningCLI):
                 )
             return
         rank_zero_info(f"Resuming from {plan.checkpoint}")
-        differences = model_differences(plan.hyper_parameters, config.model.as_dict())
+        differences = model_differences(plan.hyper_parameters, config.model)
         if differences:
             raise UserError(
                 f"Resuming from {plan.checkpoint} with model settings that differ from the checkpoint's: {'; '.join(differences)}. "
@@ -710,8 +739,8 @@ class ProjectCLI(LightningCLI):
             if "net.init_args.num_classes" not in str(err):
                 raise
             # jsonargparse could not apply the data module -> model.net.init_args.num_classes link.
-            model = self.config[self.subcommand].model if self.subcommand else self.config.model
-            raise UserError(no_num_classes(model.net.class_path)) from None
+            net = model_contract.net_config(self.config[self.subcommand] if self.subcommand else self.config)
+            raise UserError(no_num_classes(net.class_path)) from None
 
     def instantiate_trainer(self, **kwargs):
         """The configured Trainer, with our defaults where the configuration leaves them open."""
@@ -760,8 +789,9 @@ class ProjectCLI(LightningCLI):
         """Say where the run writes (once); hand Lightning the checkpoint the run resolved and read, once a checkpoint of another
         architecture is refused (before Lightning half-loads it); Lightning loads the run's contents."""
         rank_zero_info(f"Run directory: {self.run_dir}")
-        if self.run.contents is not None:
-            checkpoints.load_into(self.model.net, self.run.contents, dry_run=True, name=str(self.run.checkpoint))
+        net = model_contract.plain_net(self.model)
+        if self.run.contents is not None and net is not None:
+            checkpoints.load_into(net, self.run.contents, dry_run=True, name=str(self.run.checkpoint))
         if self.run.checkpoint is not None:
             self.trainer.ckpt_path = str(self.run.checkpoint)
 

@@ -3,7 +3,9 @@ cannot run code, and one sentence naming the file (and line) for every way the f
 not text, empty, a syntax error, a key given twice (YAML would keep the last one silently), or not
 a mapping of options."""
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -77,3 +79,26 @@ def read_config_file(path: str | Path) -> dict:
             f"{path} is {kind}; an experiment YAML maps option names to values (e.g. `model:`, `trainer:`)."
         )
     return options
+
+
+def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys as the command line and the sweep files name them: ``{class_path, init_args}`` becomes the
+    key's value (the class) plus its arguments under the key (``model.optimizer.lr``, ``data.batch_size``);
+    lists of such blocks are numbered (``trainer.callbacks.0``); tuples become lists, so a setting read back
+    from a checkpoint compares equal to the config's."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+            value = {str(i): v for i, v in enumerate(value)}
+        if isinstance(value, Mapping) and value:
+            if "class_path" in value:
+                flat[name] = value["class_path"]
+                value = {
+                    **(value.get("init_args") or {}),
+                    **{k: v for k, v in value.items() if k not in ("class_path", "init_args")},
+                }
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat

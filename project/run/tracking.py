@@ -20,7 +20,6 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import lightning.pytorch.loggers
@@ -29,6 +28,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from project.errors import UserError
 from project.run import directory
+from project.run.config_files import flatten
 
 #: ``wandb/run-20250101_120000-<id>`` (online) or ``wandb/offline-run-...-<id>`` (offline).
 _RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
@@ -172,28 +172,10 @@ def wandb_identity(run_dir: Path, experiment: str, name: str | None, id: str | N
     return name or f"{experiment}/{run_dir.name}", id, project
 
 
-def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"lr": 0.1}}`` -> ``{"model.lr": 0.1}``; lists and other values are kept whole
-    (tuples as lists, so a setting read back from a checkpoint compares equal to the config's)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def log_config(trainer: L.Trainer, config: Mapping) -> None:
     """Log ``config`` (flattened) as every logger's hyperparameters. The CLI switches Lightning's
     own hyperparameter logging off (``Trainer(enable_autolog_hparams=False)``), which would log the
     model's and the data module's ``hparams`` (parts of the config, under other names) instead."""
-    data = config.get("data")
-    if isinstance(data, Mapping) and isinstance(data.get("init_args"), Mapping):
-        # data: {class_path, init_args} logs as data.class_path, data.batch_size, ..., the names the
-        # command line and the sweep files use (--data.batch_size).
-        config = {**config, "data": {"class_path": data.get("class_path"), **data["init_args"]}}
     flat = flatten(config)
     for logger in trainer.loggers:
         logger.log_hyperparams(flat)

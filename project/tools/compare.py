@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from project.errors import UserError
 from project.run import figures, metrics_file
+from project.run.config_files import flatten
 from project.run.directory import check_writable_dir
 
 #: Metrics compared when none is given, those present in the runs.
@@ -48,29 +49,6 @@ class RunRecord:
     def final(self, metric: str) -> float | None:
         steps_values = self.series.get(metric)
         return float(steps_values[1][-1]) if steps_values is not None and len(steps_values[1]) else None
-
-
-def flatten_config(config: Mapping, prefix: str = "") -> dict:
-    """Dotted keys as a sweep or the command line names them: ``{class_path, init_args}`` becomes the
-    key's value (the class) plus its arguments under the key (``data.batch_size``, ``model.net``);
-    lists of such blocks are numbered (``trainer.callbacks.0``)."""
-    flat: dict = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
-            value = {str(i): v for i, v in enumerate(value)}
-        if isinstance(value, Mapping) and value:
-            if "class_path" in value:
-                flat[name] = value["class_path"]
-                flat.update(flatten_config(value.get("init_args") or {}, name + "."))
-                flat.update(
-                    flatten_config({k: v for k, v in value.items() if k not in ("class_path", "init_args")}, name + ".")
-                )
-            else:
-                flat.update(flatten_config(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def is_pooled(key: str) -> bool:
@@ -122,7 +100,7 @@ def read_run(run: Path) -> RunRecord:
         raise UserError(f"{run / 'metrics.csv'} is not a metrics file written by the CSVLogger ({err}).") from None
     except OSError as err:
         raise UserError(f"cannot read {run / 'metrics.csv'} ({err}).") from None
-    return RunRecord(run, flatten_config(config), series)
+    return RunRecord(run, flatten(config), series)
 
 
 def grouping_keys(runs: list[RunRecord]) -> list[str]:

@@ -87,7 +87,7 @@ def net_through_cli(path: str, init_args: dict) -> nn.Module:
         ParseOnly(args=["fit", "-c", path, *overrides])
     except _Parsed as parsed:
         config = parsed.config
-    net = config.model.net.as_dict()
+    net = config.model.init_args.net.as_dict()
     if "num_classes" not in init_args and takes_num_classes(net["class_path"]):
         parser = ArgumentParser(exit_on_error=False)
         parser.add_argument("--data", type=LightningDataModule)

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from project.run import directory
+from project.run import directory, model_contract
 from project.run.checkpoints import save_net, strip_prefixes
 
 
@@ -39,6 +39,8 @@ class ExportNet(L.Callback):
         directory.path_in_run(filename, "export.filename")  # inside the run, or refused before anything runs
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if model_contract.plain_net(pl_module) is None:
+            return model_contract.skip("net.pt", pl_module, "has no plain nn.Module under `net`")
         state = full_state_dict(trainer)
         # Without a run, trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking
         # on rank 0 alone deadlocks DDP: rank 0 waits in the broadcast, the others in the barrier below).

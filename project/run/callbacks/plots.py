@@ -12,12 +12,15 @@ import matplotlib.image
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from project.errors import UserError
-from project.run import directory, figures
+from project.run import directory, figures, model_contract
 from project.run.checkpoints import write_atomically
+
+
+def read_num_classes(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    return getattr(pl_module, "num_classes", None) or trainer.datamodule.num_classes
 
 
 class PredictionPlots(L.Callback):
@@ -57,7 +60,9 @@ class PredictionPlots(L.Callback):
             return
         # Without a run, log_dir broadcasts from rank zero, so every rank must ask; only here, never on rank zero alone.
         self._dir = directory.run_directory(trainer) / "plots"
-        self._classes = [str(c) for c in getattr(trainer.datamodule, "classes", None) or range(pl_module.num_classes)]
+        self._classes = [
+            str(c) for c in getattr(trainer.datamodule, "classes", None) or range(read_num_classes(trainer, pl_module))
+        ]
         self._confusion = MulticlassConfusionMatrix(len(self._classes))
 
     def _start(self, pl_module: L.LightningModule) -> None:
@@ -72,8 +77,8 @@ class PredictionPlots(L.Callback):
         images, labels = batch[0], batch[1]
         if not (isinstance(outputs, torch.Tensor) and outputs.ndim == 2 and len(outputs) == len(labels)):
             if not self._warned:
-                rank_zero_warn(
-                    "PredictionPlots needs validation_step/test_step to return the logits; no plots are drawn."
+                model_contract.skip(
+                    "plots", trainer.lightning_module, "returns no logits from validation_step/test_step"
                 )
                 self._warned = True
             return

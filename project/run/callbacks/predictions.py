@@ -12,12 +12,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from project.errors import UserError
-from project.run import directory
+from project.run import directory, model_contract
 from project.run.checkpoints import write_atomically
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Save ``predict_step``'s ``preds`` and ``probs`` (see ImageClassifier) as a CSV file.
+    """Save ``predict_step``'s ``preds`` and ``probs`` (see ImageClassifier), or the softmax of the logits it
+    returns, as a CSV file; skipped with one line for a model whose predict_step returns neither.
 
     Columns: ``index`` (the image's position in the predict dataset), ``pred`` (the class index),
     ``pred_name``, and one ``prob_<class>`` per class; rows are sorted by ``index``. Class names
@@ -59,6 +60,9 @@ class PredictionWriter(BasePredictionWriter):
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         per_loader = predictions if len(loaders) > 1 else [predictions]
         self.paths = []
+        if not all(as_probabilities(out) is not None for batches in per_loader for out in batches):
+            lacks = "has a predict_step that returns neither (N, classes) logits nor a dict with 'probs'"
+            return model_contract.skip("predictions.csv", pl_module, lacks)
         for i, (loader, batches) in enumerate(zip(loaders, per_loader)):
             seen = batch_indices[i] if i < len(batch_indices) else []
             index, preds, probs = _local_rows(batches, seen, loader)
@@ -80,6 +84,13 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier("PredictionWriter")
 
 
+def as_probabilities(out) -> dict | None:
+    """``predict_step``'s output as ``{"probs", "preds"?}``: ImageClassifier's dict, or a module's (N, classes) logits."""
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.is_floating_point():
+        return {"probs": out.float().softmax(-1)}
+    return out if isinstance(out, dict) and "probs" in out else None
+
+
 def class_names(trainer: L.Trainer, num_classes: int | None) -> list[str]:
     """The data module's ``classes``; without them the class indices ``0``, ``1``, ..."""
     names = getattr(trainer.datamodule, "classes", None) if trainer.datamodule is not None else None
@@ -98,11 +109,7 @@ def _local_rows(batches, seen: list, loader) -> tuple[torch.Tensor, torch.Tensor
     pipeline) they are the loader's sampler order, cut into batches of the sizes predicted.
     """
     probs, preds = [], []
-    for out in batches:
-        if not isinstance(out, dict) or "probs" not in out:
-            raise TypeError(
-                f"PredictionWriter needs predict_step to return a dict with 'probs' (as ImageClassifier does), got {type(out).__name__}."
-            )
+    for out in map(as_probabilities, batches):
         probs.append(out["probs"].float().cpu())
         preds.append(out["preds"].cpu() if "preds" in out else out["probs"].argmax(-1).cpu())
     sizes = [len(p) for p in probs]
