@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from project.run import directory
 from project.tools import compare
 from tests.conftest import REPO, run_bounded
 
@@ -61,9 +62,9 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_runs_are_grouped_by_what_differs_and_seeds_and_paths_are_pooled(runs_folder):
-    printed = compare.compare([runs_folder])
-    rows = read_csv(runs_folder / "compare.csv")
+def test_runs_are_grouped_by_what_differs_and_seeds_and_paths_are_pooled(runs_folder, tmp_path):
+    printed = compare.compare([runs_folder], out=tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "compare.csv")
     assert list(rows[0]) == ["model.lr", "n", "val/acc.mean", "val/acc.std", "val/loss.mean", "val/loss.std"]
     assert [(r["model.lr"], r["n"]) for r in rows] == [("0.1", "3"), ("0.01", "2")]  # best val/acc first
     assert float(rows[0]["val/acc.mean"]) == pytest.approx(statistics.fmean([0.5, 0.6, 0.7]))
@@ -72,7 +73,11 @@ def test_runs_are_grouped_by_what_differs_and_seeds_and_paths_are_pooled(runs_fo
     assert float(rows[1]["val/loss.mean"]) == pytest.approx(1 - 0.325)
     header, first, second = printed.splitlines()[:3]
     assert header.split() == list(rows[0]) and first.split()[:3] == ["0.1", "3", "0.6000"]
-    assert (runs_folder / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "out" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(runs_folder.rglob("compare.*")), "a later command never writes into the runs it reads"
+    directory.new_command()
+    with pytest.raises(compare.UserError, match="which this command did not create"):
+        compare.compare([runs_folder], out=tmp_path / "out")  # an earlier command's table stays as it is
 
 
 def test_by_and_metric_choose_the_grouping_and_the_columns(runs_folder, tmp_path):
@@ -85,10 +90,10 @@ def test_by_and_metric_choose_the_grouping_and_the_columns(runs_folder, tmp_path
     assert not (runs_folder / "compare.csv").exists()
 
 
-def test_a_single_run_directory_is_one_group(runs_folder):
+def test_a_single_run_directory_is_one_group(runs_folder, tmp_path):
     run = runs_folder / "lenet" / "run0"
-    compare.compare([run])
-    (row,) = read_csv(run / "compare.csv")
+    compare.compare([run], out=tmp_path)
+    (row,) = read_csv(tmp_path / "compare.csv")
     assert row == {"n": "1", "val/acc.mean": "0.5", "val/acc.std": "", "val/loss.mean": "0.5", "val/loss.std": ""}
 
 
@@ -117,7 +122,7 @@ def test_user_mistakes_end_in_one_sentence(runs_folder, tmp_path):
     assert not (empty / "compare.csv").exists() and not (broken / "compare.csv").exists()
 
 
-def test_unreadable_runs_are_skipped_and_named_and_the_rest_compared(runs_folder):
+def test_unreadable_runs_are_skipped_and_named_and_the_rest_compared(runs_folder, tmp_path):
     """Over many runs, one damaged metrics.csv (a run killed mid-write, a file cut by a full disk) once
     stopped the whole comparison; now each unreadable run is one stderr line and the table holds the rest."""
     cut = write_run(runs_folder / "lenet" / "cut", 0.1, 4, [0.9])
@@ -127,7 +132,7 @@ def test_unreadable_runs_are_skipped_and_named_and_the_rest_compared(runs_folder
     bad_config = write_run(runs_folder / "lenet" / "bad_config", 0.01, 5, [0.9])
     (bad_config / "config.yaml").write_text("model: [unclosed\n")
     done = run_bounded(
-        [sys.executable, "-m", "project", "compare", str(runs_folder)],
+        [sys.executable, "-m", "project", "compare", str(runs_folder), "--out", str(tmp_path / "out")],
         timeout=120,
         cwd=REPO,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
@@ -138,7 +143,7 @@ def test_unreadable_runs_are_skipped_and_named_and_the_rest_compared(runs_folder
     assert any(f"{cut}/metrics.csv, line 3: step '19' or val/acc '0.9x' is not a number" in s for s in skipped)
     assert any(f"{binary}/metrics.csv is not a CSV text file" in s for s in skipped)
     assert any(f"{bad_config}/config.yaml is not valid YAML" in s for s in skipped)
-    rows = read_csv(runs_folder / "compare.csv")
+    rows = read_csv(tmp_path / "out" / "compare.csv")
     assert [(r["model.lr"], r["n"]) for r in rows] == [("0.1", "3"), ("0.01", "2")], "the readable five, as before"
     assert "(5 runs, 3 unreadable left out;" in done.stdout
 

@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import os
 import subprocess
 import sys
 
@@ -91,12 +92,19 @@ def test_learning_curves_from_metrics_csv_by_command(tmp_path):
         and fig.axes[2].get_yscale() == "log"
     )
 
+    here = tmp_path / "here"
+    here.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "project", "curves", str(run)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "project", "curves", str(run)], cwd=here, capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(run / "learning_curves.png")
-    assert imread(run / "learning_curves.png").shape[2] in (3, 4)
+    assert done.stdout.strip() == f"learning_curves-{run.name}.png", "in the current directory, never into the run"
+    assert imread(here / f"learning_curves-{run.name}.png").shape[2] in (3, 4)
+    again = subprocess.run(
+        [sys.executable, "-m", "project", "curves", str(run)], cwd=here, capture_output=True, text=True, env=env
+    )
+    assert again.returncode == 2 and "which this command did not create" in again.stderr, again.stderr
 
     missing = subprocess.run(
         [sys.executable, "-m", "project", "curves", str(tmp_path)], cwd=REPO, capture_output=True, text=True

@@ -1,106 +1,24 @@
-"""One writer for every file of a run (project.run.directory.check_claims, project.run.cli.run_file_claims):
-every option in the registry (directory.FILE_OPTIONS), aimed at every file or folder another writer owns,
-and every two options aimed at one file, are refused in one sentence before anything is written; and
-Lightning's own loggers write into the run directory by default."""
+"""The one rule of every file a command writes (project.run.directory.check_write, called by the one place the
+template writes, project.run.checkpoints.write_atomically): inside the run; never a file the command did not
+create, but in a run it continues; one writer per file. And Lightning's own loggers write into the run directory
+by default."""
 
-import itertools
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from project.errors import UserError
 from project.run import directory
+from project.run.checkpoints import write_atomically
 from project.run.cli import main
 from tests.conftest import REPO, lenet_fit_args, make_npz, run_cli
 from tests.test_runs import copy_run, snapshot
 
-#: How a test gives each option of the registry a value; an option added to FILE_OPTIONS without a row here fails
-#: test_every_option_of_the_registry_is_tested.
-GIVE = {
-    "export.filename": lambda v: [f"--export.filename={v}"],
-    "predictions.filename": lambda v: [f"--predictions.filename={v}"],
-    "predictions.output_dir": lambda v: [f"--predictions.output_dir={v}"],
-    "checkpoint.dirpath": lambda v: [f"--checkpoint.dirpath={v}"],
-    "checkpoint.filename": lambda v: [f"--checkpoint.filename={v}"],
-    "last_checkpoint.dirpath": lambda v: [f"--last_checkpoint.dirpath={v}"],
-    "trainer.logger.save_dir": lambda v: [f"--trainer.logger.save_dir={v}"],
-    "trainer.profiler.dirpath": lambda v: [
-        "--trainer.profiler="
-        + json.dumps({"class_path": "SimpleProfiler", "init_args": {"dirpath": v, "filename": "p"}})
-    ],
-    "BufferReport.filename": lambda v: [
-        "--trainer.callbacks+="
-        + json.dumps({"class_path": "project.callbacks.BufferReport", "init_args": {"filename": v}})
-    ],
-}
-#: What the refusal of each option names it by.
-NAMED = {"trainer.logger.save_dir": "trainer.logger", "trainer.profiler.dirpath": "trainer.profiler"}
-
-#: The files and folders a default fit's writers own (beside the registry's FIXED_FILES), with the option that
-#: moves each (its own writer may of course name it), and whether it is a folder.
-DEFAULT_FILES = {
-    "metrics.csv": ("trainer.logger.save_dir", False),
-    "hparams.yaml": ("trainer.logger.save_dir", False),
-    "checkpoints/last.ckpt": ("last_checkpoint.dirpath", False),
-    "net.pt": ("export.filename", False),
-    "predictions.csv": ("predictions.filename", False),
-    "plots": (None, True),
-}
-TARGETS = {**{name: (None, False) for name in directory.FIXED_FILES}, **DEFAULT_FILES}
-
-
-def aim(option: str, target: str, folder: bool) -> str | None:
-    """The value that makes ``option`` write at ``target`` (a file, or inside a folder); None: it cannot."""
-    target = target.replace("*", "20260101-000000")
-    kind = directory.FILE_OPTIONS[option]
-    if kind == "folder":
-        return target
-    if kind == "file":
-        return f"{target}/x" if folder else target
-    # A checkpoint name, relative to the checkpoint folder, .ckpt added.
-    if folder:
-        return os.path.relpath(f"{target}/x", "checkpoints")
-    return os.path.relpath(target.removesuffix(".ckpt"), "checkpoints") if target.endswith(".ckpt") else None
-
-
-#: Options of one writer (a callback's folder and its file name), and the checkpoint folder the best and last
-#: checkpoints share by design.
-SAME_WRITER = {
-    ("checkpoint.dirpath", "checkpoint.filename"),
-    ("predictions.filename", "predictions.output_dir"),
-    ("checkpoint.dirpath", "last_checkpoint.dirpath"),
-}
-COLLISIONS = [
-    (option, target)
-    for option in directory.FILE_OPTIONS
-    for target, (owner_option, folder) in TARGETS.items()
-    if owner_option != option
-    and tuple(sorted((option, owner_option or ""))) not in SAME_WRITER
-    and aim(option, target, folder) is not None
-]
-#: Folders two writers share, each writing its own file names there (our CSVLogger's metrics.csv and
-#: hparams.yaml, predictions.csv, BufferReport's file below the logger's folder): no file collides.
-SHARED_FOLDER = {
-    ("predictions.output_dir", "trainer.logger.save_dir"),
-    ("BufferReport.filename", "trainer.logger.save_dir"),
-}
-PAIRS = [
-    pair
-    for pair in itertools.combinations(directory.FILE_OPTIONS, 2)
-    if tuple(sorted(pair)) not in SAME_WRITER | SHARED_FOLDER
-]
-
 
 def fit_args(root: Path, npz: Path, *extra: str) -> list[str]:
-    return lenet_fit_args(
-        root,
-        npz,
-        "--trainer.max_epochs=1",
-        "--plots.num_samples=4",
-        *extra,
-    )
+    return lenet_fit_args(root, npz, "--trainer.max_epochs=1", "--plots.num_samples=4", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -123,34 +41,82 @@ def refused(capsys, args: list[str]) -> str:
     return err[-1]
 
 
-def test_every_option_of_the_registry_is_tested():
-    assert set(GIVE) == set(directory.FILE_OPTIONS)
+@pytest.fixture
+def fresh_command():
+    """A command of its own: what earlier writes of this test process created is not its business."""
+    directory.new_command()
+    yield
+    directory.new_command()
 
 
-@pytest.mark.parametrize(("option", "target"), COLLISIONS, ids=[f"{o}={t}" for o, t in COLLISIONS])
-def test_an_option_naming_a_file_another_writer_owns_is_refused_and_the_run_is_untouched(
-    tmp_path, npz, finished, capsys, option, target
-):
-    """`--export.filename config.yaml` (or metrics.csv, run.lock, ...) once replaced that file of the run it
-    resumed; each option of the registry aimed at each file another writer owns is now one sentence naming
-    the option and the file, exit status 2, and every byte of the run is as it was."""
+def test_the_rule_a_file_the_command_did_not_create_is_never_replaced(tmp_path, fresh_command):
+    theirs = tmp_path / "theirs.csv"
+    theirs.write_text("a file of an earlier command\n")
+    with pytest.raises(UserError, match="which this command did not create"):
+        write_atomically(b"x", theirs, "compare")
+    assert theirs.read_text() == "a file of an earlier command\n"
+    write_atomically(b"1", tmp_path / "mine.csv", "compare")
+    write_atomically(b"2", tmp_path / "mine.csv", "compare")  # its own file, again: fine
+    assert (tmp_path / "mine.csv").read_bytes() == b"2"
+
+
+def test_the_rule_one_writer_a_file(tmp_path, fresh_command):
+    write_atomically(b"config", tmp_path / "config.yaml", "the saved config")
+    with pytest.raises(UserError, match="net.pt export would replace .*config.yaml, which the saved config wrote"):
+        write_atomically(b"weights", tmp_path / "config.yaml", "net.pt export")
+    assert (tmp_path / "config.yaml").read_bytes() == b"config"
+
+
+def test_the_rule_a_continued_folder_is_the_commands_own(tmp_path, fresh_command):
+    (tmp_path / "metrics.csv").write_text("step\n0\n")
+    directory.own(tmp_path)  # a resumed fit's run, a joined sweep
+    write_atomically(b"step\n", tmp_path / "metrics.csv", "metrics.csv")
+    assert (tmp_path / "metrics.csv").read_bytes() == b"step\n"
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--export.filename=config.yaml",  # a file this fit wrote itself, by another writer
+        "--export.filename=metrics.csv",  # written by the logger, not through the template's one place
+        "--export.filename=checkpoints/last.ckpt",
+        "--checkpoint.dirpath=.",  # the best checkpoint beside config.yaml: its own name, no collision, allowed
+    ],
+)
+def test_a_fit_never_changes_a_file_another_writer_wrote(tmp_path, npz, capsys, option):
+    """`--export.filename config.yaml` once replaced the run's config; now the export is refused in one sentence
+    and config.yaml is as the saver wrote it."""
+    root = tmp_path / "runs"
+    if option.startswith("--checkpoint.dirpath"):
+        run = main(fit_args(root, npz, option)).run_dir
+        assert list(run.glob("best-*.ckpt")) and (run / "config.yaml").is_file()
+        return
+    line = refused(capsys, fit_args(root, npz, option, "--test_after_fit=false"))
+    assert "would replace" in line and option.split("=")[1] in line, line
+    (run,) = (root / "lenet").iterdir()
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"], "config.yaml is the saved config still"
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--checkpoint.dirpath", "--last_checkpoint.dirpath", "--trainer.logger.save_dir", "--predictions.output_dir"],
+)
+def test_a_folder_outside_the_run_is_refused_before_anything_is_written(tmp_path, npz, capsys, option):
+    root = tmp_path / "runs"
+    line = refused(capsys, fit_args(root, npz, f"{option}={tmp_path / 'elsewhere'}"))
+    assert "outside the run directory" in line, line
+    assert not (tmp_path / "elsewhere").exists() and not any(root.rglob("*.*"))
+
+
+def test_a_finished_run_is_never_changed_by_an_evaluation_or_a_tool(tmp_path, npz, finished, capsys):
+    from project.tools import compare, curves
+
     run = copy_run(finished, tmp_path / "runs")
     before = snapshot(run)
-    value = aim(option, target, TARGETS[target][1])
-    line = refused(capsys, fit_args(tmp_path / "runs", npz, f"--run_dir={run}", *GIVE[option](value)))
-    assert NAMED.get(option, option) in line, line
-    assert Path(target).name in line or "last.ckpt" in line, line
+    main(["test", "-c", str(run / "config.yaml"), f"--data.npz={npz}", f"--ckpt_path={run}/checkpoints/last.ckpt"])
+    compare.main([str(run)])
+    curves.main([str(run), "--out", str(tmp_path / "curves.png")])
     assert snapshot(run) == before
-
-
-@pytest.mark.parametrize(("first", "second"), PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
-def test_two_options_naming_one_file_are_refused_before_anything_is_written(tmp_path, npz, capsys, first, second):
-    root = tmp_path / "runs"
-    target = "shared/f.ckpt"
-    args = [*GIVE[first](aim(first, target, False)), *GIVE[second](aim(second, target, False))]
-    line = refused(capsys, fit_args(root, npz, *args))
-    assert NAMED.get(first, first) in line and NAMED.get(second, second) in line, line
-    assert not root.exists() or not any(root.rglob("*.*")), sorted(root.rglob("*"))
 
 
 # ---- Lightning's own loggers, by their usual names ---------------------------------------------------------
@@ -199,7 +165,7 @@ def test_a_loggers_save_dir_inside_the_run_is_kept_and_outside_it_refused(tmp_pa
     assert list(run.glob("tb/lightning_logs/version_0/events.out.tfevents.*"))
     root = tmp_path / "other"
     line = refused(capsys, fit_args(root, npz, *tensorboard, f"--trainer.logger.save_dir={tmp_path / 'elsewhere'}"))
-    assert "trainer.logger (TensorBoardLogger) save_dir" in line and "outside the run directory" in line, line
+    assert "TensorBoardLogger's save_dir" in line and "outside the run directory" in line, line
     assert not (tmp_path / "elsewhere").exists() and not any(root.rglob("*.*"))
 
 
@@ -235,13 +201,3 @@ def test_a_logger_added_by_name_alone_and_a_missing_save_dir_said_in_one_sentenc
     line = refused(capsys, fit_args(tmp_path / "other", npz, f"--trainer.logger+={null}"))
     assert line.startswith("error: trainer.logger lightning.pytorch.loggers.TensorBoardLogger needs a save_dir"), line
     assert not (tmp_path / "other").exists()
-
-
-def test_a_run_directory_whose_name_looks_like_a_pattern_is_still_checked(tmp_path):
-    """Claims match with `*` as their only wildcard: under `runs[1]/` two writers of one file still collide."""
-    run = tmp_path / "runs[1]" / "run"
-    same = [directory.Claim(run / "net.pt", "ExportNet", "export.filename")]
-    same.append(directory.Claim(run / "net.pt", "PredictionWriter", "predictions.filename"))
-    with pytest.raises(directory.UserError, match="predictions.filename .* export.filename"):
-        directory.check_claims(same, run)
-    directory.check_claims([same[0], directory.Claim(run / "n.pt", "PredictionWriter", "predictions.filename")], run)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from project.run import directory
 from project.state_dicts import WRAPPER_PREFIXES, clean_name, differences
 
 
@@ -151,27 +152,29 @@ def _unwrapped_state(checkpoint: Mapping) -> dict[str, torch.Tensor] | None:
     return {clean_name(k): v for k, v in checkpoint.items()}
 
 
-def save_net(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+def save_net(state_dict: Mapping[str, torch.Tensor], path: str | Path, writer: str = "net.pt export") -> Path:
     """Write a plain state_dict (tensors only, on CPU) so ``torch.load(path, weights_only=True)`` reads it.
 
     The write is atomic (see :func:`save_atomically`).
     """
-    return save_atomically({k: v.detach().cpu().clone() for k, v in state_dict.items()}, path)
+    return save_atomically({k: v.detach().cpu().clone() for k, v in state_dict.items()}, path, writer)
 
 
-def save_atomically(obj: object, path: str | Path) -> Path:
+def save_atomically(obj: object, path: str | Path, writer: str = "this command") -> Path:
     """``torch.save`` ``obj`` to ``path`` through :func:`write_atomically`."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise fully before touching the disk
-    return write_atomically(buffer.getbuffer(), path)
+    return write_atomically(buffer.getbuffer(), path, writer)
 
 
 # Not torch.save (no atomic mode) nor Lightning's _atomic_save (an fsspec rename without any fsync).
-def write_atomically(data: bytes | memoryview, path: str | Path) -> Path:
+def write_atomically(data: bytes | memoryview, path: str | Path, writer: str = "this command") -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path`` and
     fsync the directory: a process killed at any moment leaves either the old file or the new
-    one, complete, under ``path`` (at worst a stray ``.<name>.<pid>.tmp`` beside it)."""
+    one, complete, under ``path`` (at worst a stray ``.<name>.<pid>.tmp`` beside it). Every file the
+    template writes comes through here, and meets the one rule of project.run.directory.check_write first."""
     path = Path(path)
+    directory.check_write(path, writer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -398,7 +401,7 @@ def convert(source: str | Path, out: str | Path, weights_only: bool = True) -> d
     if not state:
         raise CheckpointError(f"{source} holds no tensors to export.")
     try:
-        save_net(state, out)
+        save_net(state, out, "convert")
     except OSError as err:
         raise CheckpointError(f"Cannot write {out} ({err.strerror or err}); choose another output path.") from err
     return state

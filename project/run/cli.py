@@ -26,16 +26,15 @@ import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _InstantiatorFn
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import project.models  # noqa: F401  (imported, its nets are known subclasses: --model.net ResNet20 resolves without -c)
-from project.callbacks import BufferReport, SyncBuffers
+from project.callbacks import SyncBuffers
 from project.classifier import DEFAULT_OPTIMIZER, keyword_arguments
 from project.errors import UserError
 from project.run import checkpoints, directory, model_contract, option_checks, tracking
@@ -49,7 +48,7 @@ from project.run.callbacks import (
     ProgressBar,
     RandomState,
 )
-from project.run.callbacks.checkpointing import LAST, AtomicCheckpointIO, BestCheckpoint
+from project.run.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint
 from project.run.callbacks.learning_rates import LearningRates
 from project.run.cluster import Requeue, SLURMRequeue
 from project.run.data_contract import DataPluginParser, declared
@@ -121,84 +120,6 @@ def takes_num_classes(class_path: str) -> bool:
     return arguments is None or "num_classes" in arguments or "**" in arguments  # None: nothing to check against
 
 
-#: The folder the best and last checkpoints (and any ModelCheckpoint added) share, each with its own file names.
-CHECKPOINTS_FOLDER = "the checkpoint callbacks"
-
-
-def checkpoint_pattern(filename: str | None) -> str:
-    """A ModelCheckpoint ``filename`` template (``best-{epoch:03d}``) as a glob of the files it writes."""
-    return re.sub(r"\{[^}]*\}", "*", filename or "{epoch}-{step}") + "*.ckpt"
-
-
-def logger_claims(logger, run_dir: Path, option: str) -> list[directory.Claim]:
-    """The files a logger writes: our CSVLogger its metrics.csv and hparams.yaml; Lightning's loggers their
-    folder (``<save_dir>/<name>/<version>``, or ``<save_dir>/wandb``), or, where that folder is the run
-    directory itself, the files they write there."""
-    writer = type(logger).__name__
-    save_dir = getattr(logger, "save_dir", None)
-    if save_dir is None:
-        return []  # a remote tracker (MLflow on a server): no file of the run
-    if isinstance(logger, tracking.CSVLogger):
-        log_dir = Path(logger.log_dir).resolve()
-        return [directory.Claim(log_dir / name, writer, option) for name in ("metrics.csv", "hparams.yaml")]
-    if isinstance(logger, WandbLogger):
-        return [directory.Claim(Path(save_dir).resolve() / "wandb", writer, option, folder=True)]
-    log_dir = Path(getattr(logger, "log_dir", None) or save_dir).resolve()
-    if log_dir != run_dir:
-        return [directory.Claim(log_dir, writer, option, folder=True)]
-    names = ("metrics.csv", "hparams.yaml", "events.out.tfevents.*")
-    return [directory.Claim(log_dir / name, writer, option) for name in names]
-
-
-def run_file_claims(trainer, run_dir: Path) -> list[directory.Claim]:
-    """Every file and folder this trainer's loggers, callbacks and profiler will write, with the option
-    that placed it: the run's registry of writers (see project.run.directory.check_claims)."""
-    run_dir = Path(run_dir).resolve()
-    claims = directory.fixed_claims(run_dir)
-    for logger in trainer.loggers:
-        claims += logger_claims(logger, run_dir, f"trainer.logger ({type(logger).__name__}) save_dir")
-    log_dir = Path(trainer.default_root_dir).resolve()
-    if trainer.loggers and getattr(trainer.loggers[0], "save_dir", None) is not None:
-        # Where Lightning puts what it writes beside the first logger (trainer.log_dir, without its broadcast).
-        first = trainer.loggers[0]
-        log_dir = Path(first.log_dir if isinstance(first, TensorBoardLogger) else first.save_dir).resolve()
-    for cb in trainer.callbacks:
-        name = type(cb).__name__
-        if isinstance(cb, ModelCheckpoint | LastCheckpoint):  # BestCheckpoint is a ModelCheckpoint
-            folder = Path(cb.dirpath or log_dir / "checkpoints").resolve()
-            ours = isinstance(cb, BestCheckpoint | LastCheckpoint)
-            option = ("checkpoint" if isinstance(cb, BestCheckpoint) else "last_checkpoint") if ours else name
-            if folder != run_dir:
-                claims.append(directory.Claim(folder, CHECKPOINTS_FOLDER, f"{option}.dirpath", folder=True))
-            if isinstance(cb, LastCheckpoint):
-                files = [LAST]
-            else:
-                files = [checkpoint_pattern(cb.filename)] + ([LAST] if cb.save_last else [])
-            named_by = f"{option}.dirpath" if isinstance(cb, LastCheckpoint) else f"{option}.filename"
-            for file in files:
-                claims.append(directory.Claim(folder / file, f"{option} ({name})", named_by, within=CHECKPOINTS_FOLDER))
-        elif isinstance(cb, ExportNet):
-            claims.append(directory.Claim(run_dir / cb.filename, name, "export.filename"))
-        elif isinstance(cb, PredictionWriter) and cb.enabled:
-            folder = Path(cb.output_dir or run_dir)
-            option = "predictions.filename" if folder.resolve() == run_dir else "predictions.output_dir"
-            claims.append(directory.Claim((folder / cb.filename).resolve(), name, option))
-        elif isinstance(cb, PredictionPlots) and cb.enabled:
-            claims.append(directory.Claim(run_dir / "plots", name, folder=True))
-        elif isinstance(cb, BufferReport) and cb.filename is not None:
-            claims.append(directory.Claim((log_dir / cb.filename).resolve(), name, "BufferReport.filename"))
-    profiler = trainer.profiler
-    if profiler is not None and (getattr(profiler, "dirpath", None) or getattr(profiler, "filename", None)):
-        name = type(profiler).__name__
-        folder = Path(profiler.dirpath or log_dir).resolve()
-        option = f"trainer.profiler ({name}) dirpath"
-        if profiler.dirpath is not None and folder != run_dir:
-            claims.append(directory.Claim(folder, name, option, folder=True))
-        else:
-            claims.append(directory.Claim(folder / f"*-{profiler.filename}.txt", name, option))
-    return claims
-
-
 def with_num_classes(net: dict, num_classes: int) -> dict:
     """``model.net`` (a class_path/init_args dict) building ``num_classes`` classes, ready for jsonargparse to
     parse: given as dict_kwargs, which jsonargparse moves into init_args where the net's signature names it and
@@ -219,11 +140,18 @@ def _accepts(cls, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def check_trainer_writes_inside(trainer, run_dir: Path) -> None:
-    """Refuse a logger, callback or profiler that the configuration points outside the run directory, or
-    at a file (or folder) another writer of the run owns, before anything is written: every file a run
-    writes stays in the run and has one writer (project.run.directory.check_claims)."""
-    directory.check_claims(run_file_claims(trainer, run_dir), run_dir)
+def check_folders_inside(trainer, run_dir: Path) -> None:
+    """Refuse, before anything is written, a logger, callback or profiler whose folder (Lightning's names for it:
+    ``save_dir``, ``dirpath``, ``output_dir``) lies outside the run directory; the files themselves meet the one
+    rule of project.run.directory.check_write as they are written."""
+    for part in [*trainer.loggers, *trainer.callbacks, trainer.profiler]:
+        for name in ("save_dir", "dirpath", "output_dir"):
+            folder = getattr(part, name, None)
+            if isinstance(folder, str | Path) and not Path(folder).resolve().is_relative_to(run_dir):
+                raise UserError(
+                    f"{type(part).__name__}'s {name} {folder} lies outside the run directory {run_dir}; every file a "
+                    "run writes stays inside its own directory: give a path relative to it (or leave it empty)."
+                )
 
 
 def place_loggers(trainer_config, run_dir: Path) -> None:
@@ -371,7 +299,7 @@ class RunConfigSaver(SaveConfigCallback):
         if trainer.is_global_zero:
             if self.save_to_log_dir:
                 text = self.parser.dump(self.config, skip_none=False)
-                checkpoints.write_atomically(text.encode(), self.run[0] / self.config_filename)
+                checkpoints.write_atomically(text.encode(), self.run[0] / self.config_filename, "the saved config")
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         # So that every rank agrees on later calls to setup (the test after fit).
@@ -764,7 +692,7 @@ class ProjectCLI(LightningCLI):
             trainer.callbacks = [callback for callback in trainer.callbacks if not isinstance(callback, Checkpoint)]
         trainer.callbacks.append(LeaveProcessGroup())
         if self.run is not None:
-            check_trainer_writes_inside(trainer, self.run.directory)
+            check_folders_inside(trainer, self.run.directory)
         return trainer
 
     def default_plugins(self, configured) -> list:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from project.errors import UserError
@@ -223,105 +223,46 @@ def check_writable_dir(path: Path, option: str) -> None:
         raise UserError(f"{option} {path}: this user cannot write to {existing}; choose a directory you can write to.")
 
 
-# ---- the files a run writes: one writer each -----------------------------------------------------
+# ---- the one rule of every file a command writes ------------------------------------------------
 
-#: The files and folders every run holds, whatever its options, and who writes each (relative to the
-#: run directory; ``*`` matches any name). The writers that options place add their own claims
-#: (project.run.cli.run_file_claims); every claim of a run must be inside it and no claim may name
-#: a file or folder another writer claims (:func:`check_claims`).
-FIXED_FILES = {
-    LOCK_FILE: "the run's lock",
-    "learning_curves.png": "python -m project curves",
-    "config.yaml": "the saved config (RunConfigSaver)",
-    "config-*.yaml": "a resumed fit's saved config (RunConfigSaver)",
-}
-
-#: Every option that names a file or folder of the run, and what its value names: ``file`` (the file
-#: itself), ``folder`` (a folder whose files the writer owns), ``checkpoint`` (a checkpoint name, ``.ckpt``
-#: added). The claims, refusals and tests (tests/test_run_files.py) all go by this table.
-FILE_OPTIONS = {
-    "export.filename": "file",
-    "predictions.filename": "file",
-    "predictions.output_dir": "folder",
-    "checkpoint.dirpath": "folder",
-    "checkpoint.filename": "checkpoint",
-    "last_checkpoint.dirpath": "folder",
-    "trainer.logger.save_dir": "folder",
-    "trainer.profiler.dirpath": "folder",
-    "BufferReport.filename": "file",
-}
+#: The files this command wrote through checkpoints.write_atomically (the one place the template writes), by writer.
+_written: dict[Path, str] = {}
+#: Folders whose existing files this command continues: a fit's own run when it resumes (or is requeued) there.
+_owned: set[Path] = set()
 
 
-@dataclass(frozen=True)
-class Claim:
-    """One writer's file (or folder, or pattern of files) in a run.
-
-    ``option``: the option that placed it, as refusals name it (``None``: the run's own file); ``writer``:
-    who writes it. Claims of the same ``writer`` never conflict. ``within``: the folder owner (a
-    folder claim's ``writer``) this claim may lie inside, for writers that share a folder by design
-    (the best and last checkpoints share ``checkpoints/``)."""
-
-    path: Path
-    writer: str
-    option: str | None = None
-    folder: bool = False
-    within: str | None = None
-
-    def label(self) -> str:
-        if self.option and self.writer not in self.option:
-            return f"{self.option} ({self.writer})"
-        return self.option or self.writer
-
-    def covers(self, other: "Claim") -> bool:
-        """Whether ``other`` names this claim's file (a pattern matches it), or lies inside it, or holds
-        it: a file inside another's file is as broken as the same file, and a folder belongs to its
-        writer, but for claims ``within`` it."""
-        mine, theirs = str(self.path), str(other.path)
-        if _matches(mine, theirs) or _matches(theirs, mine):
-            return True
-        for outer, inner in ((self, other), (other, self)):
-            # inside: one of inner's folders is (or matches the pattern of) outer's path
-            inside = any(_matches(str(p), str(outer.path)) for p in inner.path.parents)
-            if inside and not (outer.folder and inner.within == outer.writer):
-                return True
-        return False
+def new_command() -> None:
+    """What an earlier command of this process wrote is not the next one's (tests, notebooks run many)."""
+    _written.clear()
+    _owned.clear()
 
 
-def _matches(path: str, pattern: str) -> bool:
-    """Whether ``path`` is ``pattern``, whose only wildcard is ``*`` (any name part): a folder named
-    ``runs[1]`` is a name, not a character class."""
-    return re.fullmatch("[^/]*".join(re.escape(part) for part in pattern.split("*")), path) is not None
+def own(folder: Path) -> None:
+    """This command continues the files in ``folder`` (a run it resumes, a sweep it joins)."""
+    _owned.add(Path(folder).resolve())
 
 
-def check_claims(claims: list[Claim], run_dir: Path) -> None:
-    """Refuse, in one sentence, a claim outside ``run_dir`` or one that names a file or folder another
-    writer claims, so that no option replaces a file of the run (before anything is written)."""
-    run_dir = Path(run_dir).resolve()
-    # ``checkpoints/../plots/x*.ckpt``: a pattern is not resolved, so its ``..`` is taken out here.
-    claims = [replace(c, path=Path(os.path.normpath(c.path))) for c in claims if c.path is not None]
-    for claim in claims:
-        if not claim.path.is_relative_to(run_dir):
-            raise UserError(
-                f"{claim.label()} writes {claim.path}, which lies outside the run directory {run_dir}; every file a "
-                "run writes stays inside its own directory: give a path relative to it (or leave the option empty)."
-            )
-    for i, claim in enumerate(claims):
-        for other in claims[i + 1 :]:
-            if claim.writer == other.writer or not claim.covers(other):
-                continue
-            # The later claim first: the run's own files come first and never move, loggers before callbacks.
-            first, second = other, claim
-            what = "the folder" if first.folder else "the file"
-            fix = f"give {first.option} another path" if second.option is None else "give one of them another path"
-            raise UserError(
-                f"{first.label()} names {what} {first.path.relative_to(run_dir)}, which collides with "
-                f"{second.path.relative_to(run_dir)} written by {second.label()}; every file of a run has one writer "
-                f"and no option replaces it: {fix} inside the run."
-            )
-
-
-def fixed_claims(run_dir: Path) -> list[Claim]:
-    return [Claim(Path(run_dir).resolve() / name, writer) for name, writer in FIXED_FILES.items()]
+def check_write(path: Path, writer: str) -> None:
+    """The rule every write meets (checkpoints.write_atomically calls it): inside the open run's directory; never
+    a file this command did not create (but in a run it continues); one writer per file. One sentence otherwise,
+    before the write: what was there stays as it was."""
+    path = path.parent.resolve() / path.name
+    if _open_run is not None and not path.is_relative_to(_open_run.directory):
+        raise UserError(
+            f"{writer} would write {path}, outside the run directory {_open_run.directory}; every file a run writes "
+            "stays inside its own directory: give a path relative to it."
+        )
+    first = _written.get(path)
+    if first is None and path.exists() and not any(path.is_relative_to(folder) for folder in _owned):
+        raise UserError(
+            f"{writer} would replace {path}, which this command did not create; no command replaces another's file "
+            "(a finished run stays as it is): give another path, or move that file away yourself."
+        )
+    if first not in (None, writer):
+        raise UserError(
+            f"{writer} would replace {path}, which {first} wrote; every file has one writer: give one of them another path."
+        )
+    _written[path] = writer
 
 
 @dataclass(frozen=True)
@@ -415,6 +356,7 @@ class Run:
         so that a trial run leaves nothing under the runs folder."""
         global _open_run
         check_name(name)
+        new_command()
         if scratch:
             if is_primary_process() and not os.environ.get(RUN_DIR_ENV):
                 directory = Path(tempfile.mkdtemp(prefix=f"{name}-fast_dev_run-")).resolve()
@@ -463,6 +405,8 @@ class Run:
                     )
                 run.resume = ResumePlan.read(resume_from) if resume_from is not None else None
                 run.checkpoint = resume_from
+                if run.resume is not None or (run.directory / "config.yaml").exists():
+                    own(run.directory)  # a fit that continues its run (resumed, requeued) continues its files
                 if resume_from is not None and resume_from.is_file():
                     run.contents = run.resume.contents
             except BaseException:
@@ -551,7 +495,7 @@ def keep_metrics_before(path: Path, step: int | None) -> list[str]:
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    checkpoints.write_atomically(buffer.getvalue().encode(), path)
+    checkpoints.write_atomically(buffer.getvalue().encode(), path, "metrics.csv")
     return keys
 
 

@@ -116,8 +116,8 @@ def learning_curves_figure(metrics: dict[str, tuple[np.ndarray, np.ndarray]], ti
     return fig
 
 
-def save(fig: Figure, path: Path) -> Path:
+def save(fig: Figure, path: Path, writer: str = "plots") -> Path:
     """``fig`` as a PNG at ``path``, written atomically (project.run.checkpoints.write_atomically)."""
     image = io.BytesIO()
     fig.savefig(image, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
-    return write_atomically(image.getbuffer(), path)
+    return write_atomically(image.getbuffer(), path, writer)

@@ -14,6 +14,7 @@ cannot be read is left out and named on stderr; only when no run is readable is 
 
 import argparse
 import csv
+import io
 import math
 import statistics
 import sys
@@ -26,7 +27,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from project.errors import UserError
-from project.run import figures, metrics_file
+from project.run import directory, figures, metrics_file
+from project.run.checkpoints import write_atomically
 from project.run.config_files import flatten
 from project.run.directory import check_writable_dir
 
@@ -224,14 +226,14 @@ def compare(paths: Sequence[Path], metrics: Sequence[str] = (), by: Sequence[str
                 row.append((max if sweep[1] == "maximize" else min)(finals) if finals else math.nan)
         rows.append(row)
 
-    out = out or paths[0]
-    check_writable_dir(out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "compare.csv", "w", newline="") as file:
-        writer = csv.writer(file)
+    if out is not None:  # a later command never writes into the runs it reads
+        check_writable_dir(out, "--out")
+        table = io.StringIO()
+        writer = csv.writer(table)
         writer.writerow(header)
         writer.writerows([["" if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows])
-    figures.save(curve_figure(groups, keys, first), out / "compare.png")
+        write_atomically(table.getvalue().encode(), out / "compare.csv", "compare")
+        figures.save(curve_figure(groups, keys, first), out / "compare.png", "compare")
 
     cells = [header] + [[str(v) for v in row[: len(keys)]] + [_cell(v) for v in row[len(keys) :]] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -240,7 +242,8 @@ def compare(paths: Sequence[Path], metrics: Sequence[str] = (), by: Sequence[str
         for row in cells
     ]
     left_out = f", {len(skipped)} unreadable left out" if skipped else ""
-    return "\n".join([*lines, f"({len(runs)} runs{left_out}; {out / 'compare.csv'}, {out / 'compare.png'})"])
+    written = f"; {out / 'compare.csv'}, {out / 'compare.png'}" if out is not None else ""
+    return "\n".join([*lines, f"({len(runs)} runs{left_out}{written})"])
 
 
 def _cell(value) -> str:
@@ -256,6 +259,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    directory.new_command()  # a command of its own: what earlier ones wrote is not its to replace
     parser = _Parser(prog="python -m project compare", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "paths", type=Path, nargs="+", metavar="PATH", help="run directories, sweep directories or folders of runs"
@@ -274,7 +278,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "default: the keys on which the runs differ, seeds and paths pooled)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="folder for compare.csv and compare.png (default: the first PATH)"
+        "--out",
+        type=Path,
+        default=None,
+        help="write compare.csv and compare.png into this folder (default: print the table only)",
     )
     args = parser.parse_args(argv)
     try:

@@ -5,11 +5,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from project.errors import UserError
+from project.run import directory
 from project.run.checkpoints import CheckpointError, convert
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """``python -m project convert SOURCE OUT``: convert a checkpoint into a plain ``net.pt``."""
+    directory.new_command()  # a command of its own: what earlier ones wrote is not its to replace
     parser = argparse.ArgumentParser(
         prog="python -m project convert",
         description="Convert a training checkpoint (file or sharded directory) into the plain network's state_dict.",
@@ -26,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     try:
         state = convert(args.source, args.out, weights_only=not args.unsafe)
-    except CheckpointError as err:
+    except (CheckpointError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     values = sum(t.numel() for t in state.values())

@@ -461,6 +461,7 @@ def open_sweep_dir(path: Path, config: dict, sweep_file: Path) -> SweepDir:
         raise UserError(f"--dir {path} is not empty and holds no sweep.yaml; choose a new or empty directory.")
     path.mkdir(parents=True, exist_ok=True)
     sweep_dir = SweepDir(path.resolve())
+    directory.own(sweep_dir.path)  # every worker of the sweep rewrites its files
     with sweep_dir.locked():
         if saved.is_file():
             if yaml.safe_load(saved.read_text()) != config:
@@ -487,6 +488,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    directory.new_command()  # a command of its own: what earlier ones wrote is not its to replace
     parser = _Parser(prog="python -m project sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file", type=Path, help="a wandb sweep file, e.g. experiments/sweeps/lenet_seeds.yaml")
     parser.add_argument(

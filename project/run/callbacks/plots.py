@@ -148,7 +148,7 @@ class PredictionPlots(L.Callback):
         # The counts as numbers too: rows are true classes, columns predicted ones.
         counts = io.StringIO()
         np.savetxt(counts, matrix, fmt="%d", delimiter=",", header=",".join(self._classes), comments="")
-        write_atomically(counts.getvalue().encode(), self._dir / f"{stem}-confusion.csv")
+        write_atomically(counts.getvalue().encode(), self._dir / f"{stem}-confusion.csv", "plots")
         if samples:
             images, labels, preds = (torch.cat(parts) for parts in zip(*samples))
             written["predictions"] = figures.save(

@@ -157,4 +157,4 @@ def write_csv(path: Path, index: torch.Tensor, preds: torch.Tensor, probs: torch
     writer.writerow(["index", "pred", "pred_name", *(f"prob_{n}" for n in names)])
     for i, p, row in zip(index.tolist(), preds.tolist(), probs.tolist()):
         writer.writerow([i, p, names[p], *(f"{v:.6g}" for v in row)])
-    return write_atomically(buffer.getvalue().encode(), path)
+    return write_atomically(buffer.getvalue().encode(), path, "predictions")
