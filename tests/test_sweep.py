@@ -121,9 +121,9 @@ def test_two_workers_started_together_run_every_trial_once_and_compare_recompute
         assert saved["model"]["init_args"]["label_smoothing"] == float(row["model.label_smoothing"])
         assert float(row["val/acc"]) == val_acc(run_dir)[-1]
 
-    printed = compare.compare([directory])
+    printed = compare.compare([directory], out=tmp_path / "table")
     assert "model.label_smoothing" in printed.splitlines()[0]
-    with open(directory / "compare.csv", newline="") as f:
+    with open(tmp_path / "table" / "compare.csv", newline="") as f:
         groups = {float(g["model.label_smoothing"]): g for g in csv.DictReader(f)}
     for smoothing, group in groups.items():
         finals = [
@@ -133,7 +133,7 @@ def test_two_workers_started_together_run_every_trial_once_and_compare_recompute
         assert float(group["val/acc.mean"]) == pytest.approx(sum(finals) / 2)
         assert float(group["val/acc.std"]) == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
         assert float(group["val/acc.best"]) == max(finals)
-    assert (directory / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "table" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("signal", ["SIGKILL", "SIGTERM"])

@@ -7,6 +7,7 @@ on its own. See the README's "Run directories" for what a user sees.
 """
 
 import csv
+import errno
 import io
 import os
 import re
@@ -60,6 +61,17 @@ def path_in_run(value: str | Path | None, option: str, default: str = ".") -> Pa
             f"inside its own directory: give a path relative to it (e.g. {default})."
         )
     return path
+
+
+def experiment_name(config) -> str:
+    """``--name``, else the stem of the last --config file (presets never name a run), else ``run``."""
+    if config.get("name") is not None:
+        return config.name
+    # An inline --config '{...}' is recorded as None: it names no run.
+    sources = [source for source in config.get("config") or [] if source is not None]
+    # Presets (experiments/presets/*.yaml: strategy, precision, compile) never name a run.
+    named = [s for s in sources if Path(str(s)).parent.name != "presets"] or sources
+    return Path(str(named[-1])).stem if named else "run"
 
 
 def check_name(name: str, option: str = "--name") -> str:
@@ -587,3 +599,40 @@ class StopSignals:
 
 #: The one set of stop signals of this process.
 stop_signals = StopSignals()
+
+
+#: OSErrors about a named path or the disk: the user's to fix (a full disk, a read-only folder,
+#: a file where a folder should be), so one sentence too. Any other OSError keeps its traceback.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+USER_OS_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+}
+
+
+def describe_os_error(err: OSError) -> str | None:
+    """One sentence for an OSError that is the user's to fix, else None (it keeps its traceback)."""
+    if err.errno not in USER_OS_ERRORS or (err.filename is None and err.errno not in DISK_FULL):
+        return None
+    if err.errno in DISK_FULL:
+        # A failed write() names no file; only open() and the like do.
+        writing = f"while writing {err.filename}" if err.filename else "while writing the run's files"
+        return (
+            f"No space left on the device {writing}; free some space (or choose another "
+            "--trainer.default_root_dir) and run again: checkpoints written before are intact."
+        )
+    if err.errno == errno.EEXIST:
+        return f"{err.filename} exists but is not a directory; remove it or choose another path."
+    if err.errno == errno.ENOTDIR:
+        return f"A part of {err.filename} is a file, not a directory; remove it or choose another path."
+    if err.errno == errno.EISDIR:
+        return f"{err.filename} is a directory where a file is needed; remove it or choose another path."
+    return f"{err.strerror}: {err.filename}; check that path (and its permissions), or choose another one."

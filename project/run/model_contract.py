@@ -15,8 +15,13 @@ feature that needs more is skipped with one line (:func:`skip`), never a traceba
 
 import importlib
 
+from lightning.pytorch.cli import _InstantiatorFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from project.classifier import keyword_arguments
+from project.errors import UserError
+from project.run.config_files import flatten
 
 #: The LightningModule ``model:`` builds when the config names no class_path.
 DEFAULT = "project.classifier.ImageClassifier"
@@ -49,3 +54,121 @@ def net_config(config):
 def skip(feature: str, model, lacks: str) -> None:
     """The one line a feature prints when the model does not offer what it needs."""
     rank_zero_info(f"{feature}: skipped, {type(model).__name__} {lacks} (project/run/model_contract.py).")
+
+
+def model_differences(stored: dict, model) -> list[str]:
+    """``model.<key> (checkpoint X, now Y)`` for every setting both define differently, but those the model
+    declares may change on resume and those linked from the data module (project.run.model_contract)."""
+    if stored.get("_class_path", model.class_path) != model.class_path:
+        return [f"model.class_path (checkpoint {stored['_class_path']!r}, now {model.class_path!r})"]
+    old, new = flatten(stored), flatten(model.init_args.as_dict())
+    skip = {
+        *resume_may_change(model.class_path),
+        *(k.replace("init_args.", "") for k in LINKED),
+    }
+    # A key that only one side has counts where the other has its parent (a scheduler given on one side, null on the other).
+    old.update({key: None for key in new.keys() - old.keys() if key.rsplit(".", 1)[0] in old})
+    new.update({key: None for key in old.keys() - new.keys() if key.rsplit(".", 1)[0] in new})
+    return [
+        f"model.{key} (checkpoint {old[key]!r}, now {new[key]!r})"
+        for key in sorted(old.keys() & new.keys())
+        if key not in skip and not key.startswith("_") and old[key] != new[key]
+    ]
+
+
+def check_net_arguments(config, model) -> None:
+    """Refuse a ``model.net`` that cannot take what the CLI links into it: a ``num_classes`` argument (from the
+    data module), and an ``in_channels`` that matches the channels of the data module's images.
+    Either mistake would otherwise fail at the first batch, deep inside a layer, or train a head of
+    the wrong size. A model without a configured net is not checked."""
+    net = net_config(config)
+    if net is None or plain_net(model) is None:
+        return
+    arguments = keyword_arguments(type(model.net))
+    if arguments is not None and "num_classes" not in arguments and "**" not in arguments:
+        raise UserError(no_num_classes(net.class_path))
+    in_channels = (net.get("init_args") or {}).get("in_channels")
+    shape = model.hparams.get("image_shape")
+    if isinstance(in_channels, int) and shape and in_channels != shape[0]:
+        raise UserError(
+            f"model.net.init_args.in_channels is {in_channels}, but the data module's images have {shape[0]} channels "
+            f"(image_shape {tuple(shape)}): give --model.net.init_args.in_channels {shape[0]} (README: Add a model)."
+        )
+
+
+def no_num_classes(class_path: str) -> str:
+    return (
+        f"model.net {class_path} takes no num_classes argument, which the CLI fills in from the data module: "
+        "give the net's __init__ a num_classes argument (README: Add a model)."
+    )
+
+
+def takes_num_classes(class_path: str) -> bool:
+    """Whether what ``model.net``'s class_path names takes a ``num_classes`` argument, by name or through
+    ``**kwargs`` (torchvision's and timm's model functions hand those to the model class)."""
+    try:
+        module, _, name = class_path.rpartition(".")
+        arguments = keyword_arguments(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError):
+        return False  # jsonargparse reports a class_path it cannot import
+    return arguments is None or "num_classes" in arguments or "**" in arguments  # None: nothing to check against
+
+
+def with_num_classes(net: dict, num_classes: int) -> dict:
+    """``model.net`` (a class_path/init_args dict) building ``num_classes`` classes, ready for jsonargparse to
+    parse: given as dict_kwargs, which jsonargparse moves into init_args where the net's signature names it and
+    passes on otherwise (a timm function's ``**kwargs``; in init_args, "Option 'num_classes' is not accepted")."""
+    init_args = {key: value for key, value in (net.get("init_args") or {}).items() if key != "num_classes"}
+    return {
+        **net,
+        "init_args": init_args,
+        "dict_kwargs": {**(net.get("dict_kwargs") or {}), "num_classes": num_classes},
+    }
+
+
+def check_monitor(trainer, model) -> None:
+    """Refuse a checkpoint ``monitor`` the model never logs before training starts (Lightning notices
+    it only after the first validation)."""
+    names = getattr(model, "metric_names", None)
+    if names is None:
+        return
+    valid = [*names("train"), *names("val")]
+    for callback in trainer.checkpoint_callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if monitor is None or monitor in valid or monitor in ("epoch", "step") or monitor.startswith("lr-"):
+            continue
+        raise UserError(
+            f"checkpoint.monitor {monitor!r} is not a metric this model logs; give one of "
+            f"{', '.join(valid)} (or null to keep the newest checkpoint)."
+        )
+
+
+class ModelInstantiator(_InstantiatorFn):
+    """Lightning's instantiator of the model, without the data links jsonargparse skipped (a model whose
+    signature has no ``num_classes``, ``image_shape`` or ``net``): jsonargparse 4.53 reports them applied all
+    the same, and Lightning would write them into the model's hparams (or assert on a missing ``net``)."""
+
+    def __call__(self, class_type, *args, applied_instantiation_links: dict, **kwargs):
+        self.cli._dump_config()
+        links = {k: v for k, v in applied_instantiation_links.items() if in_config(self.cli.config_dump, k)}
+        return super().__call__(class_type, *args, applied_instantiation_links=links, **kwargs)
+
+
+def in_config(config: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
+
+
+def check_resume(checkpoint, stored: dict, model) -> None:
+    """Refuse a resume whose model settings differ from the checkpoint's (see :func:`model_differences`)."""
+    differences = model_differences(stored, model)
+    if differences:
+        raise UserError(
+            f"Resuming from {checkpoint} with model settings that differ from the checkpoint's: {'; '.join(differences)}. "
+            "A resumed fit continues the checkpoint's model, optimiser state and schedule, so these would be ignored "
+            "or break loading: give the checkpoint's values (or drop the overrides) to resume, or start a new run "
+            "without --ckpt_path to change them."
+        )

@@ -15,8 +15,12 @@ that a resumed fit continues.
   (``model.optimizer.init_args.lr``, ``data.batch_size``, ...).
 """
 
+import importlib
+import inspect
+import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +30,7 @@ import lightning.pytorch.loggers
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from project.classifier import keyword_arguments
 from project.errors import UserError
 from project.run import directory
 from project.run.config_files import flatten
@@ -179,3 +184,119 @@ def log_config(trainer: L.Trainer, config: Mapping) -> None:
     flat = flatten(config)
     for logger in trainer.loggers:
         logger.log_hyperparams(flat)
+
+
+def check_folders_inside(trainer, run_dir: Path) -> None:
+    """Refuse, before anything is written, a logger, callback or profiler whose folder (Lightning's names for it:
+    ``save_dir``, ``dirpath``, ``output_dir``) lies outside the run directory; the files themselves meet the one
+    rule of project.run.directory.check_write as they are written."""
+    for part in [*trainer.loggers, *trainer.callbacks, trainer.profiler]:
+        for name in ("save_dir", "dirpath", "output_dir"):
+            folder = getattr(part, name, None)
+            if isinstance(folder, str | Path) and not Path(folder).resolve().is_relative_to(run_dir):
+                raise UserError(
+                    f"{type(part).__name__}'s {name} {folder} lies outside the run directory {run_dir}; every file a "
+                    "run writes stays inside its own directory: give a path relative to it (or leave it empty)."
+                )
+
+
+def place_loggers(trainer_config, run_dir: Path) -> None:
+    """Lightning's own loggers (TensorBoardLogger, CSVLogger, WandbLogger, MLFlowLogger, ...) write into the
+    run directory: a save_dir left empty or relative is taken relative to it (ours do that themselves);
+    the ``""`` name and version carried over from our CSVLogger's defaults give way to the class's own."""
+    for logger in as_list(trainer_config.get("logger")):
+        class_path = str(getattr(logger, "class_path", "") or "")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if not class_path or class_path.startswith("project.run.tracking.") or init is None:
+            continue
+        module, _, name = class_path.rpartition(".")
+        try:
+            parameters = keyword_arguments(getattr(importlib.import_module(module), name)) or {}
+        except (ImportError, AttributeError):
+            continue  # instantiation says what is wrong with it
+        for key in ("name", "version"):
+            if init.get(key) == "" and key in parameters and parameters[key] is not inspect.Parameter.empty:
+                init[key] = parameters[key]
+        if "save_dir" in parameters:
+            given = init.get("save_dir")
+            default = parameters["save_dir"]
+            value = given if given is not None else (default if isinstance(default, str) else ".")
+            init["save_dir"] = str(run_dir / value)  # an absolute path stays as it is
+        uri = init.get("tracking_uri")
+        if isinstance(uri, str) and uri.startswith("file:") and not uri.startswith("file:/"):
+            init["tracking_uri"] = f"file:{run_dir / uri[len('file:') :]}"
+
+
+def place_profiler(trainer_config, run_dir: Path) -> None:
+    """A profiler's relative ``dirpath`` is relative to the run directory, as every other path of a run."""
+    profiler = trainer_config.get("profiler")
+    init = profiler.get("init_args") if hasattr(profiler, "get") else None
+    dirpath = init.get("dirpath") if init is not None else None
+    if isinstance(dirpath, str) and not Path(dirpath).is_absolute():
+        init["dirpath"] = str(run_dir / dirpath)
+
+
+def portable_logger_paths(config, run_dir: Path) -> None:
+    """The loggers' save_dir and the profiler's dirpath in a saved config as the user gave them, relative to
+    the run directory (the run filled its own directory in), so that re-running the config writes into a new run."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    if not hasattr(trainer, "get"):
+        return
+    for place, key in [
+        *((logger, "save_dir") for logger in as_list(trainer.get("logger"))),
+        (trainer.get("profiler"), "dirpath"),
+    ]:
+        init = place.get("init_args") if hasattr(place, "get") else None
+        path = init.get(key) if init is not None else None
+        if isinstance(path, str) and Path(path).is_absolute() and Path(path).is_relative_to(run_dir):
+            init[key] = os.path.relpath(path, run_dir)
+
+
+#: Short logger names that Lightning and project.run.tracking both define (jsonargparse refuses an ambiguous
+#: short name, and says nothing of why): ours, Lightning's class that keeps the run's files in the run.
+SHORT_LOGGER_NAMES = {name: f"project.run.tracking.{name}" for name in ("CSVLogger", "WandbLogger")}
+
+
+def logger_argument(value: str) -> str:
+    """``CSVLogger`` as ours; a Lightning logger by name alone with its own ``save_dir`` default spelled out,
+    ``.`` (the run directory, see place_loggers) where it has none: else jsonargparse would keep the ``.`` of
+    the CSVLogger it replaces (MLflow's ``./mlruns`` lost), or refuse a required save_dir as missing."""
+    if value in SHORT_LOGGER_NAMES:
+        return SHORT_LOGGER_NAMES[value]
+    name = value.rpartition(".")[2]
+    parameters = keyword_arguments(getattr(lightning.pytorch.loggers, name, None)) or {}
+    if value in (name, f"lightning.pytorch.loggers.{name}") and "save_dir" in parameters:
+        default = parameters["save_dir"]
+        save_dir = "." if default is inspect.Parameter.empty else default
+        return json.dumps({"class_path": f"lightning.pytorch.loggers.{name}", "init_args": {"save_dir": save_dir}})
+    return value
+
+
+def short_logger_names(args):
+    """``--trainer.logger[+]=NAME`` (or ``--trainer.logger NAME``) through :func:`logger_argument`; the
+    arguments as given when none changes (LightningCLI warns about args given beside sys.argv)."""
+    given = sys.argv[1:] if args is None else args
+    if not isinstance(given, list):
+        return args
+    out, previous = [], None
+    for arg in given:
+        if isinstance(arg, str):
+            option, eq, value = arg.partition("=")
+            if eq and option.rstrip("+") == "--trainer.logger":
+                arg = f"{option}={logger_argument(value)}"
+            elif previous in ("--trainer.logger", "--trainer.logger+"):
+                arg = logger_argument(arg)
+        out.append(arg)
+        previous = arg
+    return args if out == given else out
+
+
+def as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def check_wandb_loggers(trainer_config) -> None:
+    """The API key of every WandbLogger configured online, before anything is written (see check_wandb_api_key)."""
+    for logger in as_list(trainer_config.get("logger")):
+        if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+            check_wandb_api_key(offline=bool((logger.get("init_args") or {}).get("offline")))

@@ -7,8 +7,8 @@ PATH is a run directory, a sweep directory (python -m project.tools.sweep) or an
 folder holding a ``config.yaml`` and a ``metrics.csv``. Runs are grouped by the config keys on
 which they differ (``seed_everything`` and each run's own paths and names are pooled over), or by
 ``--by``. Each group gets ``n`` and, per metric, the mean and sample standard deviation (n-1) of
-its runs' final values. Writes ``compare.csv`` and ``compare.png`` (each group's learning curve of
-the first metric: mean line, min-max band) into the first PATH, or ``--out``. A run whose files
+its runs' final values. With ``--out DIR`` writes ``compare.csv`` and ``compare.png`` (each group's learning
+curve of the first metric: mean line, min-max band) there; it never writes into the runs it reads. A run whose files
 cannot be read is left out and named on stderr; only when no run is readable is it an error.
 """
 

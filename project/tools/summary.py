@@ -75,8 +75,9 @@ def net_through_cli(path: str, init_args: dict) -> nn.Module:
     from jsonargparse import ArgumentParser  # imports Lightning: only for -c
     from lightning.pytorch import LightningDataModule
 
-    from project.run.cli import ProjectCLI, takes_num_classes, with_num_classes
+    from project.run.cli import ProjectCLI
     from project.run.data_contract import read_declared
+    from project.run.model_contract import takes_num_classes, with_num_classes
 
     class ParseOnly(ProjectCLI):
         def before_instantiate_classes(self) -> None:  # before any run directory or object exists
