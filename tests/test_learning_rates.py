@@ -159,4 +159,4 @@ def test_resumed_one_cycle_refuses_another_plan_length(tmp_path, npz, capsys):
                 '--model.param_groups=[{"match": "fc*", "lr_scale": 3}]',
             )
         )
-    assert exit_info.value.code == 2 and "model.param_groups (checkpoint" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "model.param_groups.0.lr_scale (checkpoint" in capsys.readouterr().err

@@ -150,7 +150,7 @@ def test_cifar100_trains_through_the_cli(tmp_path):
     assert any(row.get("test/acc") for row in rows) and any(row.get("val/acc_top5") for row in rows)
     # Logged under the names the command line uses (--data.batch_size), as for CIFAR-10.
     hparams = yaml.safe_load((run / "hparams.yaml").read_text())
-    assert hparams["data.class_path"] == "project.data.CIFAR100DataModule" and hparams["data.batch_size"] == 16
+    assert hparams["data"] == "project.data.CIFAR100DataModule" and hparams["data.batch_size"] == 16
 
 
 @pytest.mark.parametrize(

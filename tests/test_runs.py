@@ -179,12 +179,12 @@ ESCAPES = [
     (
         "profiler report elsewhere",
         '--trainer.profiler={{"class_path": "SimpleProfiler", "init_args": {{"dirpath": "{tmp}/prof", "filename": "p"}}}}',
-        "trainer.profiler (SimpleProfiler) dirpath",
+        "SimpleProfiler's dirpath",
     ),
     (
         "an added ModelCheckpoint elsewhere",
         '--trainer.callbacks+={{"class_path": "ModelCheckpoint", "init_args": {{"dirpath": "{tmp}/mc"}}}}',
-        "ModelCheckpoint.dirpath",
+        "ModelCheckpoint's dirpath",
     ),
 ]
 

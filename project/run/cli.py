@@ -85,7 +85,7 @@ class ProjectCLI(LightningCLI):
             # released, folders left empty are removed, the environment forgets the directory.
             self.close_run(failed)
 
-    def _add_instantiators(self) -> None:
+    def _add_instantiators(self) -> None:  # private Lightning API: see tests/test_lightning_api.py ALLOWED
         super()._add_instantiators()
         self.parser.add_instantiator(
             model_contract.ModelInstantiator(cli=self, key="model"), LightningModule, prepend=True

@@ -15,7 +15,7 @@ feature that needs more is skipped with one line (:func:`skip`), never a traceba
 
 import importlib
 
-from lightning.pytorch.cli import _InstantiatorFn
+from lightning.pytorch.cli import _InstantiatorFn  # private: see tests/test_lightning_api.py ALLOWED
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -143,7 +143,7 @@ def check_monitor(trainer, model) -> None:
         )
 
 
-class ModelInstantiator(_InstantiatorFn):
+class ModelInstantiator(_InstantiatorFn):  # private Lightning API: see tests/test_lightning_api.py ALLOWED
     """Lightning's instantiator of the model, without the data links jsonargparse skipped (a model whose
     signature has no ``num_classes``, ``image_shape`` or ``net``): jsonargparse 4.53 reports them applied all
     the same, and Lightning would write them into the model's hparams (or assert on a missing ``net``)."""

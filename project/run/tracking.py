@@ -54,6 +54,7 @@ class ContinuingExperimentWriter(ExperimentWriter):
         kept = path.with_name(path.name + ".continued")
         keys: list[str] = []
         if path.is_file():
+            directory.own(path)  # the run's own metrics.csv, continued by every writer of the run
             keys = directory.keep_metrics_before(path, continue_at)
             os.replace(path, kept)  # out of the way of Lightning's writer, which deletes an existing file
         with warnings.catch_warnings():

@@ -369,7 +369,9 @@ def model_section(path: str) -> dict:
         raise UserError(
             f"{path}: model is a {type(model).__name__}, not a mapping of model options (e.g. `net:`, `optimizer:`)."
         )
-    return model or {}
+    model = model or {}
+    # A saved config.yaml names the model's class: its arguments are under init_args.
+    return model.get("init_args") or {} if "class_path" in model else model
 
 
 def format_param_groups(
