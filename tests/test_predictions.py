@@ -1,6 +1,7 @@
 """`predict` writes <run>/predictions.csv: one row per predict image, in dataset order, also under DDP."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from project.data import CIFAR10_CLASSES as CLASSES
 from project.data import CIFAR10DataModule
 from project.run.cli import main
-from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
+from tests.conftest import QUIET, REPO, make_npz, run_cli
 
 N_PREDICT = 37  # not a multiple of the batch size nor of 2 processes: uneven last batch and shares
 COMMON = [*QUIET, "--data.val_size=16", "--data.eval_batch_size=8", "--plots.enabled=false"]
@@ -114,7 +115,8 @@ def test_predictions_can_be_switched_off_or_sent_elsewhere_in_the_run(trained, t
 def test_ddp_predict_gathers_both_processes_shares_in_dataset_order(trained, pipeline):
     """2 CPU processes (gloo): Lightning's predict sampler gives them 19 and 18 images, the device
     pipeline pads both shares to 19 (one image twice); the file has each image once, in order."""
-    before = set(run_dirs(trained["root"], "lenet"))
+    evaluations = Path(trained["ckpt"]).parent.parent / "eval"  # the trained run's: its checkpoint is evaluated
+    before = set(evaluations.glob("*-predict"))
     out = run_cli(
         [
             "predict",
@@ -131,5 +133,5 @@ def test_ddp_predict_gathers_both_processes_shares_in_dataset_order(trained, pip
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    (run,) = set(run_dirs(trained["root"], "lenet")) - before
+    (run,) = set(evaluations.glob("*-predict")) - before  # both processes wrote into one folder
     check_csv(run / "predictions.csv", expected_probs(trained))

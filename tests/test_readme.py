@@ -177,9 +177,10 @@ def test_the_running_experiments_commands_evaluate_and_predict_as_described(offl
     for args in evaluate:
         args = [a.replace("runs/lenet/<run>", str(run)).replace("best-<...>.ckpt", best.name) for a in args]
         main([*args, *TINY, f"--trainer.default_root_dir={tmp_path / 'runs'}", f"--data.npz={SUBSET}"])
-    # A saved config keeps its experiment's name: the evaluations are runs of lenet too.
-    predictions = [r for r in run_dirs(tmp_path / "runs", "lenet") if (r / "predictions.csv").exists()]
-    (predicted,) = predictions
+    # "An evaluation of a run's checkpoint belongs to that run": a folder of its own inside it, no sibling run.
+    assert run_dirs(tmp_path / "runs", "lenet") == [run]  # the fit's own, and no other
+    (predicted,) = [p.parent for p in run.glob("eval/*-predict/predictions.csv")]
+    assert {p.name.rsplit("-", 1)[1] for p in (run / "eval").iterdir()} >= {"validate", "test", "predict"}
     rows = list(csv.reader((predicted / "predictions.csv").open()))
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert rows[0] == ["index", "pred", "pred_name", *[f"prob_{c}" for c in classes]]  # the header the README shows

@@ -113,10 +113,45 @@ def test_a_finished_run_is_never_changed_by_an_evaluation_or_a_tool(tmp_path, np
 
     run = copy_run(finished, tmp_path / "runs")
     before = snapshot(run)
-    main(["test", "-c", str(run / "config.yaml"), f"--data.npz={npz}", f"--ckpt_path={run}/checkpoints/last.ckpt"])
+    for command in ("validate", "test", "predict"):
+        main([command, "-c", str(run / "config.yaml"), f"--data.npz={npz}", f"--ckpt_path={run}/checkpoints/last.ckpt"])
     compare.main([str(run)])
     curves.main([str(run), "--out", str(tmp_path / "curves.png")])
-    assert snapshot(run) == before
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if not k.startswith("eval")} == before, "the fit's files are as they were"
+    folders = sorted((run / "eval").iterdir())  # each evaluation in a folder of its own inside the run
+    assert [f.name.rsplit("-", 1)[1] for f in folders] == ["validate", "test", "predict"]
+    assert all((f / "config.yaml").is_file() for f in folders) and (folders[2] / "predictions.csv").is_file()
+    assert [p.name for p in (tmp_path / "runs" / "lenet").iterdir()] == [run.name], "no sibling run"
+
+
+def test_an_evaluation_takes_run_dir_and_a_checkpoint_from_elsewhere_gets_a_run_of_its_own(tmp_path, npz, finished):
+    elsewhere = tmp_path / "ckpt" / "model.ckpt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes((finished / "checkpoints/last.ckpt").read_bytes())
+    cli = main(
+        [
+            "test",
+            "-c",
+            str(finished / "config.yaml"),
+            f"--data.npz={npz}",
+            f"--ckpt_path={elsewhere}",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        ]
+    )
+    assert cli.run_dir.parent == tmp_path / "runs" / "lenet" and (cli.run_dir / "metrics.csv").is_file()
+    chosen = tmp_path / "my-eval"
+    cli = main(
+        [
+            "test",
+            "-c",
+            str(finished / "config.yaml"),
+            f"--data.npz={npz}",
+            f"--ckpt_path={elsewhere}",
+            f"--run_dir={chosen}",
+        ]
+    )
+    assert cli.run_dir == chosen.resolve() and (chosen / "metrics.csv").is_file()
 
 
 # ---- Lightning's own loggers, by their usual names ---------------------------------------------------------

@@ -383,11 +383,17 @@ class Run:
         if names_a_path(ckpt_path):
             if check_checkpoint_path(ckpt_path).is_file() and subcommand != "fit":
                 contents = checkpoints.load_file(ckpt_path, mmap=True)  # before anything is created
-        explicit = None
+        evaluated = run_dir_of_checkpoint(ckpt_path)
         if subcommand == "fit":
-            explicit = run_dir or run_dir_of_checkpoint(ckpt_path)
-            if explicit is not None:
-                check_writable_dir(Path(explicit), "--run_dir")
+            explicit = run_dir or evaluated
+        else:
+            # An evaluation of a run's checkpoint writes into a folder of its own inside that run (the rule of
+            # check_write keeps the fit's files as they are); --run_dir, a folder of its own anywhere.
+            # (DDP's other processes take the primary's, from the environment.)
+            own_folder = evaluated and not os.environ.get(RUN_DIR_ENV)
+            explicit = run_dir or (evaluated / "eval" / f"{new_run_name()}-{subcommand}" if own_folder else None)
+        if explicit is not None:
+            check_writable_dir(Path(explicit), "--run_dir")
         check_writable_dir(root, "--trainer.default_root_dir")
         directory = choose_run_dir(
             root, name, explicit, resume_last=subcommand == "fit" and ckpt_path == "last", fit=subcommand == "fit"

@@ -67,7 +67,8 @@ def find_runs(paths: Sequence[Path]) -> tuple[list[RunRecord], list[str]]:
             raise UserError(f"{path} does not exist; give a run directory, a sweep directory or a folder of runs.")
         candidates = [path] if (path / "config.yaml").is_file() else sorted(p.parent for p in path.rglob("config.yaml"))
         for run in candidates:
-            if (run / "metrics.csv").is_file():
+            # A run's evaluations (<run>/eval/<time>-<command>/) belong to it: not runs of their own.
+            if (run / "metrics.csv").is_file() and run.parent.name != "eval":
                 found[run.resolve()] = None
     if not found:
         raise UserError(
