@@ -162,3 +162,22 @@ def test_nothing_readable_is_one_error_naming_the_first_and_counting_the_rest(tm
     assert done.stderr.startswith(f"error: {tmp_path / 'a' / 'metrics.csv'} is not a metrics file"), done.stderr
     assert "(and 1 more runs could not be read)" in done.stderr
     assert not (tmp_path / "compare.csv").exists()
+
+
+def test_lists_nulls_and_logger_settings_neither_break_nor_split_the_groups(runs_folder, tmp_path):
+    """compare once ended in `TypeError: unhashable type: 'list'` for a run made with the wandb preset (its tags
+    list) or `callbacks: []`, and split groups on logger settings; loggers, bars and tags are pooled now."""
+    for i, run in enumerate(sorted((runs_folder / "lenet").iterdir())):
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["trainer"]["logger"] = [
+            {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"tags": ["cifar10", f"r{i}"]}}
+        ]
+        config["trainer"]["callbacks"] = [] if i % 2 else None
+        config["trainer"]["enable_progress_bar"] = bool(i % 2)
+        config["model"]["param_groups"] = [0.1, 0.2] if i < 3 else [0.3]  # a list that does split the groups
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    compare.compare([runs_folder], out=tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "compare.csv")
+    assert list(rows[0])[:3] == ["model.lr", "model.param_groups", "n"], "no logger, bar or empty-callbacks column"
+    groups = {(r["model.lr"], r["model.param_groups"], r["n"]) for r in rows}
+    assert groups == {("0.1", "[0.1, 0.2]", "3"), ("0.01", "[0.3]", "2")}, rows

@@ -44,6 +44,7 @@ def fit(root, npz, *options, config=None):
 
 
 def evaluate(command, run, npz, *options):
+    """``command`` with the run's own config.yaml: a resume (fit), an evaluation."""
     return main([command, "-c", str(run / "config.yaml"), f"--data.npz={npz}", *QUIET, *options])
 
 
@@ -70,30 +71,10 @@ def test_an_imageclassifier_subclass_with_its_own_argument_fits_resumes_validate
 
     # A changed argument of its own is refused on resume, like any other model setting.
     with pytest.raises(SystemExit) as refused:
-        main(
-            [
-                "fit",
-                "-c",
-                str(run / "config.yaml"),
-                f"--data.npz={data}",
-                *QUIET,
-                "--ckpt_path=last",
-                "--model.alpha=0.1",
-            ]
-        )
+        evaluate("fit", run, data, "--ckpt_path=last", "--model.alpha=0.1")
     assert refused.value.code == 2
 
-    resumed = main(
-        [
-            "fit",
-            "-c",
-            str(run / "config.yaml"),
-            f"--data.npz={data}",
-            *QUIET,
-            "--ckpt_path=last",
-            "--trainer.max_epochs=2",
-        ]
-    )
+    resumed = evaluate("fit", run, data, "--ckpt_path=last", "--trainer.max_epochs=2")
     assert resumed.run_dir == run and resumed.trainer.global_step == 2 * steps
     assert type(resumed.model).__name__ == "MixupClassifier"
 
@@ -131,17 +112,7 @@ def test_a_lightningmodule_that_is_not_ours_fits_resumes_validates_and_predicts(
     assert sorted(set(skipped(caplog))) == ["net.pt", "plots"], caplog.text[-2000:]
     steps = cli.trainer.global_step
 
-    resumed = main(
-        [
-            "fit",
-            "-c",
-            str(run / "config.yaml"),
-            f"--data.npz={data}",
-            *QUIET,
-            "--ckpt_path=last",
-            "--trainer.max_epochs=2",
-        ]
-    )
+    resumed = evaluate("fit", run, data, "--ckpt_path=last", "--trainer.max_epochs=2")
     assert resumed.run_dir == run and resumed.trainer.global_step == 2 * steps
 
     validated = evaluate("validate", run, data, "--ckpt_path=best")

@@ -125,32 +125,18 @@ def test_a_finished_run_is_never_changed_by_an_evaluation_or_a_tool(tmp_path, np
     assert [p.name for p in (tmp_path / "runs" / "lenet").iterdir()] == [run.name], "no sibling run"
 
 
+def evaluate_checkpoint(run: Path, npz: Path, checkpoint: Path, *options: str):
+    return main(["test", "-c", str(run / "config.yaml"), f"--data.npz={npz}", f"--ckpt_path={checkpoint}", *options])
+
+
 def test_an_evaluation_takes_run_dir_and_a_checkpoint_from_elsewhere_gets_a_run_of_its_own(tmp_path, npz, finished):
     elsewhere = tmp_path / "ckpt" / "model.ckpt"
     elsewhere.parent.mkdir()
     elsewhere.write_bytes((finished / "checkpoints/last.ckpt").read_bytes())
-    cli = main(
-        [
-            "test",
-            "-c",
-            str(finished / "config.yaml"),
-            f"--data.npz={npz}",
-            f"--ckpt_path={elsewhere}",
-            f"--trainer.default_root_dir={tmp_path / 'runs'}",
-        ]
-    )
+    cli = evaluate_checkpoint(finished, npz, elsewhere, f"--trainer.default_root_dir={tmp_path / 'runs'}")
     assert cli.run_dir.parent == tmp_path / "runs" / "lenet" and (cli.run_dir / "metrics.csv").is_file()
     chosen = tmp_path / "my-eval"
-    cli = main(
-        [
-            "test",
-            "-c",
-            str(finished / "config.yaml"),
-            f"--data.npz={npz}",
-            f"--ckpt_path={elsewhere}",
-            f"--run_dir={chosen}",
-        ]
-    )
+    cli = evaluate_checkpoint(finished, npz, elsewhere, f"--run_dir={chosen}")
     assert cli.run_dir == chosen.resolve() and (chosen / "metrics.csv").is_file()
 
 

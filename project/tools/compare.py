@@ -34,8 +34,18 @@ from project.run.directory import check_writable_dir
 
 #: Metrics compared when none is given, those present in the runs.
 DEFAULT_METRICS = ("val/acc", "val/loss", "test/acc")
-#: Config keys that differ between runs of one experiment without making them a different experiment.
+#: Config keys that differ between runs of one experiment without making them a different experiment: the seed,
+#: and (by prefix) what records, shows or exports a run without changing its training.
 POOLED_KEYS = {"seed_everything"}
+POOLED_PREFIXES = (
+    "trainer.logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.profiler",
+    "plots.",
+    "predictions.",
+    "export.",
+)
 #: Last parts of config keys that name a run's own files or identity (its directory, checkpoints, logger names).
 POOLED_LEAVES = {"run_dir", "ckpt_path", "dirpath", "save_dir", "default_root_dir", "name", "version", "id", "log_dir"}
 
@@ -54,7 +64,7 @@ class RunRecord:
 
 
 def is_pooled(key: str) -> bool:
-    return key in POOLED_KEYS or key.rsplit(".", 1)[-1] in POOLED_LEAVES
+    return key in POOLED_KEYS or key.startswith(POOLED_PREFIXES) or key.rsplit(".", 1)[-1] in POOLED_LEAVES
 
 
 def find_runs(paths: Sequence[Path]) -> tuple[list[RunRecord], list[str]]:
@@ -103,7 +113,8 @@ def read_run(run: Path) -> RunRecord:
         raise UserError(f"{run / 'metrics.csv'} is not a metrics file written by the CSVLogger ({err}).") from None
     except OSError as err:
         raise UserError(f"cannot read {run / 'metrics.csv'} ({err}).") from None
-    return RunRecord(run, flatten(config), series)
+    # An empty list means what null means (`callbacks: []`, `callbacks: null`: none).
+    return RunRecord(run, {k: None if v == [] else v for k, v in flatten(config).items()}, series)
 
 
 def grouping_keys(runs: list[RunRecord]) -> list[str]:
@@ -122,10 +133,11 @@ class Group:
 
 
 def group_runs(runs: list[RunRecord], keys: list[str]) -> list[Group]:
-    groups: dict[tuple, list[RunRecord]] = {}
+    groups: dict[str, Group] = {}
     for run in runs:
-        groups.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
-    return [Group(key, members) for key, members in groups.items()]
+        values = tuple(run.config.get(k) for k in keys)  # any config value: lists and null too
+        groups.setdefault(repr(values), Group(values, [])).runs.append(run)
+    return list(groups.values())
 
 
 def summarise(group: Group, metric: str) -> tuple[float, float]:
