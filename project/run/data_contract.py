@@ -8,7 +8,6 @@ and ``mean`` and ``std`` (the per-channel normalisation the module applied; the 
 
 import functools
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -45,42 +44,16 @@ def read_declared(name: str, data: LightningDataModule) -> Any:
     return value
 
 
-_NOT_A_DATAMODULE = re.compile(r"Import path (\S+) does not correspond to a subclass of LightningDataModule")
-_NOT_IMPORTABLE = re.compile(
-    r"Problem with given class_path '([^']+)':\s*(No module named \S+|module '[^']+' has no attribute '[^']+')"
-)
-
-
-def data_class_problem(message: str) -> str | None:
-    """One sentence for jsonargparse's report on a ``data`` class_path it refused, or None for other errors."""
-    if not message.startswith('Parser key "data":'):
-        return None
-    found = _NOT_A_DATAMODULE.search(message)
-    if found is None and "does not correspond to a subclass of LightningDataModule" in message:
-        found = re.search(r"Given value: (\S+)", message)  # --data os.system: the import path is only echoed
-    if found:
-        return (
-            f"data.class_path {found[1]} is not a LightningDataModule subclass, so it was not called; "
-            f"name a LightningDataModule such as project.data.CIFAR100DataModule, {RECIPE}."
-        )
-    if found := _NOT_IMPORTABLE.search(message):
-        return (
-            f"data.class_path {found[1]} cannot be imported ({found[2]}); check the spelling and that its package "
-            f"is importable (installed, or on PYTHONPATH), {RECIPE}."
-        )
-    return None  # e.g. a wrong init_args value: jsonargparse's message names the key
-
-
 class DataPluginParser(LightningArgumentParser):
-    """LightningCLI's parser, with one sentence (and exit status 2) for a bad ``data:`` class and for a
-    data module that lacks a required attribute or refuses its arguments, instead of a wrapped
-    traceback; every parse error is printed without the usage screen."""
+    """LightningCLI's parser: a data module's own error (a required attribute missing, arguments it refuses)
+    instead of jsonargparse's wrapped one, every parse error without the usage screen (exit status 2), and
+    each -c file read strictly first."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # raises instead of exiting
         # The message without jsonargparse's usage screen (a hundred lines of options before it).
-        sentence = data_class_problem(message) or message.rstrip()
+        sentence = message.rstrip()
         sys.stderr.write(f"error: {sentence}\n")
         sys.exit(2)
 
