@@ -114,6 +114,10 @@ class ImageClassifier(L.LightningModule):
         freeze: globs over the net's parameter names (as in ``param_groups``) that do not train: left
             out of the optimiser, and their normalisation layers keep their running statistics (they are
             put in ``eval()`` at every training epoch's start). See :func:`project.param_groups.freeze`.
+        batch_transform: mixes each training batch, ``(images, labels) -> (images, targets)``, e.g.
+            ``torchvision.transforms.v2.CutMix`` or ``MixUp`` (their ``num_classes`` is filled in), a
+            ``RandomChoice`` of both, or your own callable. The targets (soft, for those) reach the loss;
+            training accuracy is measured on the batch's own labels. Validation and test are unchanged.
     """
 
     #: Settings a resumed fit may change: how the model runs, not what it learnt (project/run/model_contract.py).
@@ -136,6 +140,7 @@ class ImageClassifier(L.LightningModule):
         image_shape: tuple[int, int, int] | None = None,
         init_from: str | None = None,
         freeze: list[str] | None = None,
+        batch_transform: Callable | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -160,7 +165,7 @@ class ImageClassifier(L.LightningModule):
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters()
         self.remove_ignored_hparams(
-            [key for key in ("net", "optimizer", "scheduler") if callable(self.hparams.get(key))]
+            [key for key in ("net", "optimizer", "scheduler", "batch_transform") if callable(self.hparams.get(key))]
         )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -168,6 +173,11 @@ class ImageClassifier(L.LightningModule):
         self.planned_schedule_length: int | None = None
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.num_classes = num_classes
+        #: Mixes each training batch: images, labels -> images, targets (soft targets reach the loss).
+        self.batch_transform = batch_transform
+        for transform in [batch_transform, *getattr(batch_transform, "transforms", [])]:
+            if getattr(transform, "num_classes", 0) is None:  # torchvision's MixUp/CutMix: the data's classes
+                transform.num_classes = num_classes
         self.nonfinite_skips = 0
         # One torchmetrics collection per stage (state must never mix stages), all from build_metrics;
         # each is updated every step and logged (computed over the epoch and all processes) at its end.
@@ -215,10 +225,13 @@ class ImageClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, return_logits: bool = False) -> torch.Tensor:
         images, labels = batch
+        targets = labels
+        if stage == "train" and self.batch_transform is not None:
+            images, targets = self.batch_transform(images, labels)
         logits = self(images) if stage == "train" else self.evaluate(images)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-        self.metrics[f"{stage}_metrics"].update(logits.detach(), labels)
+        loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        self.metrics[f"{stage}_metrics"].update(logits.detach(), labels)  # accuracy on the hard labels
         if stage == "train":
             # A running sum on the device: self.log every step costs more than a percent of a small net's step.
             batch_loss = loss.detach().float() * len(labels)

@@ -107,6 +107,37 @@ def test_label_smoothing_only_in_training():
     assert train.item() > 1.0 and val.item() < 1e-6
 
 
+def test_a_batch_transform_mixes_training_batches_only_and_its_soft_targets_reach_the_loss():
+    calls = []
+
+    def swap_halves(images, labels):  # a user's own callable: each image its neighbour's, targets 50/50
+        calls.append(len(labels))
+        soft = 0.5 * F.one_hot(labels, 10).float() + 0.5 * F.one_hot(labels.roll(1), 10).float()
+        return images.roll(1, 0), soft
+
+    model = ImageClassifier(LeNet(), batch_transform=swap_halves)
+    model.net = nn.Identity()  # logits in, logits out
+    model.log = model.log_dict = lambda *a, **k: None
+    logits, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    soft = 0.5 * F.one_hot(labels, 10).float() + 0.5 * F.one_hot(labels.roll(1), 10).float()
+    train = model._step((logits, labels), "train")
+    assert torch.allclose(train, F.cross_entropy(logits.roll(1, 0), soft)) and calls == [4]
+    model._step((logits, labels), "val")
+    assert calls == [4], "validation sees the images as they are"
+    # Training accuracy counts the batch's own labels (the mixed image's logits against them).
+    assert model.metrics["train_metrics"]["acc"].compute() == (logits.roll(1, 0).argmax(1) == labels).float().mean()
+
+
+def test_torchvisions_cutmix_and_mixup_get_the_models_number_of_classes():
+    from torchvision.transforms import v2
+
+    either = v2.RandomChoice([v2.CutMix(), v2.MixUp(alpha=0.4)])
+    model = ImageClassifier(LeNet(num_classes=7), num_classes=7, batch_transform=either)
+    assert [t.num_classes for t in model.batch_transform.transforms] == [7, 7]
+    images, targets = model.batch_transform(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 6]))
+    assert targets.shape == (4, 7) and torch.allclose(targets.sum(1), torch.ones(4))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

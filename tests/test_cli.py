@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from project.classifier import ImageClassifier
 from project.models import LeNet
 from project.run.cli import main
-from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs
+from tests.conftest import QUIET, REPO, make_npz, run_cli, run_dirs, subset_fit_args
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 
@@ -437,3 +438,17 @@ def test_a_class_refused_for_its_own_reason_keeps_that_reason(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err, err
     assert "mylogs.NeedsDir" in err and "the following arguments are required: where" in err, err
+
+
+def test_the_cutmix_preset_trains_on_the_subset_and_its_saved_config_re_runs(tmp_path, subset_npz):
+    """model.batch_transform from one preset: torchvision's CutMix, num_classes the data's, soft targets."""
+    preset = str(REPO / "experiments/presets/cutmix.yaml")
+    cli = main(subset_fit_args(tmp_path, subset_npz, "lenet", "-c", preset, "--trainer.max_epochs=1"))
+    assert type(cli.model.batch_transform).__name__ == "CutMix" and cli.model.batch_transform.num_classes == 10
+    (run,) = run_dirs(tmp_path, "lenet")
+    rows = read_metrics(run)
+    assert any(row.get("train/acc") for row in rows) and any(row.get("val/acc") for row in rows)
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["batch_transform"]
+    assert saved["class_path"] == "torchvision.transforms.v2.CutMix"
+    again = main(["fit", "-c", str(run / "config.yaml"), f"--data.npz={subset_npz}", *QUIET, "--trainer.max_steps=2"])
+    assert type(again.model.batch_transform).__name__ == "CutMix" and again.trainer.global_step == 2
