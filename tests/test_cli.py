@@ -107,12 +107,10 @@ def test_cli_subprocess_fit_test_predict(tmp_path, tiny_npz):
     for sub in ("validate", "test", "predict"):
         res = run_cli([sub, "-c", str(run / "config.yaml"), f"--ckpt_path={ckpt}", *common], timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
-    runs = run_dirs(tmp_path, "lenet")
-    assert len(runs) == 4  # each command wrote its own directory; the fit's config.yaml is untouched
-    test_run = next(
-        r for r in runs if r != run and any("test/acc" in row for row in read_metrics(r) if row.get("test/acc"))
-    )
-    assert test_run.is_dir()
+    assert run_dirs(tmp_path, "lenet") == [run], "an evaluation of a run's checkpoint creates no sibling run"
+    evaluations = {e.name.rsplit("-", 1)[1]: e for e in (run / "eval").iterdir()}  # each in a folder of its own
+    assert sorted(evaluations) == ["predict", "test", "validate"]
+    assert any(row.get("test/acc") for row in read_metrics(evaluations["test"]))
 
 
 def test_default_root_dir_and_name(tmp_path, tiny_npz):
