@@ -351,6 +351,11 @@ BAD_INPUT = [
         "Expected a dot import path string: adam",  # jsonargparse's report, under the key "optimizer"
     ),
     ("gpu not available", ["--trainer.accelerator=gpu"], "error: No supported gpu backend found!"),
+    (
+        "more CPU processes than CPUs",
+        ["--trainer.accelerator=cpu", f"--trainer.devices={(os.cpu_count() or 1) + 1}"],
+        f"error: trainer.devices={(os.cpu_count() or 1) + 1} asks for {(os.cpu_count() or 1) + 1} CPU processes, but this machine has",
+    ),
     ("truncated checkpoint", ["--ckpt_path={truncated}"], "is not a PyTorch checkpoint (not a torch.save archive)"),
     ("not a checkpoint", ["--ckpt_path={text}"], "is not a PyTorch checkpoint"),
     (

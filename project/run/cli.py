@@ -172,6 +172,7 @@ class ProjectCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         option_checks.check_seed(config.get("seed_everything"))
         option_checks.check_trainer_numbers(config.trainer)
+        option_checks.check_devices(config.trainer)
         if config.get("checkpoint") is not None and config.checkpoint.get("save_last"):
             # Lightning's spelling for what last_checkpoint always does (a fresh last.ckpt): accepted, a no-op.
             config.checkpoint.save_last = None

@@ -8,7 +8,7 @@ feature that needs more is skipped with one line (:func:`skip`), never a traceba
 - ``RESUME_MAY_CHANGE``: the settings a resumed fit may change (how it runs, not what it learnt); every
   other difference from the checkpoint's hyperparameters is refused. None declared: none may change.
 - ``validation_step``/``test_step`` returning the logits: the plots; ``predict_step`` returning
-  ``{"preds", "probs"}``: ``predictions.csv``.
+  ``(N, classes)`` logits or ``{"probs", "preds"?}``: ``predictions.csv``.
 - Arguments ``num_classes`` and ``image_shape`` (and ``net``'s ``num_classes``) are filled in from the data
   module wherever its signature has them.
 """

@@ -3,6 +3,7 @@ in the middle of a fit, a ValueError after the run directory exists, a negative 
 accepted silently): checked once the command is parsed, before anything is written, one sentence each."""
 
 import math
+import os
 from collections.abc import Mapping
 
 from project.errors import UserError
@@ -50,4 +51,23 @@ def check_trainer_numbers(trainer: Mapping) -> None:
     if _whole(devices) and devices < 1 and devices != -1:
         raise UserError(
             f"trainer.devices must be at least 1, -1 (all), auto or a list of device indices, got {devices}."
+        )
+
+
+def check_devices(trainer: Mapping) -> None:
+    """Refuse more CPU processes than the machine has CPUs when Lightning would start them itself: Lightning
+    starts any number (``--trainer.devices 4096`` forks 4096 trainers); srun's and torchrun's processes are
+    the launcher's business, and Lightning itself checks GPU counts."""
+    if "SLURM_NTASKS" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    import torch  # only here: this module is read before anything heavy is needed
+
+    accelerator, devices = trainer.get("accelerator"), trainer.get("devices")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    available = os.cpu_count() or 1
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices  # "4" parses as a str
+    if on_cpu and _whole(devices) and devices > available:
+        raise UserError(
+            f"trainer.devices={devices} asks for {devices} CPU processes, but this machine has {available} CPUs; "
+            f"give --trainer.devices {available} or fewer (or run on GPUs)."
         )
