@@ -232,8 +232,11 @@ def test_scancel_of_a_ddp_job_saves_on_every_rank_at_one_batch_boundary(tmp_path
         "single_node.sbatch",
         *CPU,
         "--time=00:05:00",
+        # Persistent workers: SIGTERM reaching a worker that is being forked, before its worker_init_fn ignores
+        # the signal, kills it (an open defect, docs/slurm.md); with workers forked anew every epoch, a scancel
+        # just after an epoch's end met that window in 1 of 2 runs.
         args=["experiments/lenet.yaml", *ARGS, "--data.npz", str(npz), "--trainer.max_epochs", "40"]
-        + ["--trainer.default_root_dir", str(tmp_path / "runs")],
+        + ["--data.persistent_workers", "true", "--trainer.default_root_dir", str(tmp_path / "runs")],
     )
     deadline = time.monotonic() + 300
     while not re.search(
