@@ -30,7 +30,6 @@ from project.errors import UserError
 from project.run import directory, figures, metrics_file
 from project.run.checkpoints import write_atomically
 from project.run.config_files import flatten
-from project.run.directory import check_writable_dir
 
 #: Metrics compared when none is given, those present in the runs.
 DEFAULT_METRICS = ("val/acc", "val/loss", "test/acc")
@@ -240,7 +239,7 @@ def compare(paths: Sequence[Path], metrics: Sequence[str] = (), by: Sequence[str
         rows.append(row)
 
     if out is not None:  # a later command never writes into the runs it reads
-        check_writable_dir(out, "--out")
+        directory.check_writable_dir(out, "--out")
         table = io.StringIO()
         writer = csv.writer(table)
         writer.writerow(header)
